@@ -1,0 +1,7 @@
+"""mea: Multi-head Explicit Attention (arXiv 2601.19611) and the cross-head attention family."""
+from .layers.cache import KVCache
+from .models.config import ATTENTION_VARIANTS, PRESETS, ModelConfig
+from .models.transformer import Transformer
+
+__version__ = "0.1.0"
+__all__ = ["ATTENTION_VARIANTS", "PRESETS", "ModelConfig", "Transformer", "KVCache", "__version__"]

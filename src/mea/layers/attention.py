@@ -1,0 +1,188 @@
+"""Attention variants behind one interface.
+
+Every variant maps hidden states (B, L, D) to (B, L, D) given an ``AttnInputs`` (rotary cos/sin,
+mask, optional KV cache). Parameter names follow Hugging Face LLaMA (q_proj, k_proj, v_proj,
+o_proj), plus ``k_mix``/``v_mix`` (MEA), ``pre_mix``/``post_mix`` (talking heads),
+``lambda_*`` (differential) and ``head_norm``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.attention import fold_mix_into_proj, sdpa, talking_heads_attention
+from ..ops.decode import mea_attention_cached
+from .cache import KVCache
+from .norm import HeadNorm
+from .rope import apply_rope
+
+
+@dataclass
+class AttnInputs:
+    """What every attention layer of one forward pass shares."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Optional[Tensor] = None  # bool (B, 1, Lq, T), True = attend; None = plain causal
+    cache: Optional[KVCache] = None
+    positions: Optional[Tensor] = None  # (B, Lq) cache slots of the new tokens
+    kv_len: int = 0  # keys to attend to when a cache is used
+
+
+def mixing_init(n_kv_heads: int, n_heads: int) -> Tensor:
+    """Identity for h' = h, else a GQA-style replication: query head i reads component floor(i h'/h)."""
+    w = torch.zeros(n_kv_heads, n_heads)
+    w[(torch.arange(n_heads) * n_kv_heads) // n_heads, torch.arange(n_heads)] = 1.0
+    return w
+
+
+class Attention(nn.Module):
+    """Multi-head attention; with fewer key/value heads, grouped-query attention (``mha``, ``gqa``)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        D, h, hk, d = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, h * d, bias=False)
+        self.k_proj = nn.Linear(D, hk * d, bias=False)
+        self.v_proj = nn.Linear(D, hk * d, bias=False)
+        self.o_proj = nn.Linear(h * d, D, bias=False)
+        self.head_norm = HeadNorm(h, d, config.head_norm_eps) if config.head_norm else None
+
+    def _heads(self, t: Tensor, n: int) -> Tensor:
+        B, L, _ = t.shape
+        return t.view(B, L, n, -1).transpose(1, 2)
+
+    def _qkv(self, x: Tensor, a: AttnInputs) -> tuple[Tensor, Tensor, Tensor]:
+        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
+        k = apply_rope(self._heads(self.k_proj(x), self.n_kv_heads), a.cos, a.sin)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        if a.cache is not None:
+            k, v = a.cache.update(self.layer_idx, k, v, a.positions, a.kv_len)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, a: AttnInputs) -> Tensor:
+        return sdpa(q, k, v, mask=a.mask, causal=a.mask is None)
+
+    def _output(self, o: Tensor) -> Tensor:
+        o = o.transpose(1, 2)  # (B, L, h, d)
+        if self.head_norm is not None:
+            o = self.head_norm(o)
+        return self.o_proj(o.flatten(2))
+
+    def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
+        q, k, v = self._qkv(x, a)
+        return self._output(self._attend(q, k, v, a))
+
+
+class MEAttention(Attention):
+    """Multi-head Explicit Attention: keys and values are head-level linear compositions (HLC) of
+    h' component heads, ``K_lc = einsum("n j d, j i -> n i d", K_comp, k_mix)``, then a head norm.
+
+    Without a cache the mixing is folded into the projection weights (one SDPA call over h heads,
+    MHA cost); with a cache only the h' component heads are stored.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.k_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
+        self.v_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
+
+    def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
+        if a.cache is None:
+            d = self.head_dim
+            q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
+            k_w = fold_mix_into_proj(self.k_proj.weight, self.k_mix, d)
+            v_w = fold_mix_into_proj(self.v_proj.weight, self.v_mix, d)
+            k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
+            v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
+            return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None))
+        q, k_comp, v_comp = self._qkv(x, a)
+        o = mea_attention_cached(q, k_comp, v_comp, self.k_mix, self.v_mix, mask=a.mask)
+        return self._output(o)
+
+
+class TalkingHeadsAttention(Attention):
+    """Talking-heads attention (Shazeer et al. 2020): (h x h) mixing of logits before the softmax
+    and of weights after it. Needs the materialized score matrix."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.pre_mix = nn.Parameter(torch.eye(self.n_heads))
+        self.post_mix = nn.Parameter(torch.eye(self.n_heads))
+
+    def _attend(self, q, k, v, a):
+        return talking_heads_attention(q, k, v, self.pre_mix, self.post_mix, mask=a.mask, causal=a.mask is None)
+
+
+def lambda_init_fn(layer_idx: int) -> float:
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+class DiffAttention(Attention):
+    """Differential attention (Ye et al. 2024): O = (A1 - lambda A2) V per head.
+
+    Each head's query and key split into halves of d/2 (rotated as heads of d/2) that give the two
+    softmax maps; values keep d. lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init with
+    lambda_init = 0.8 - 0.6 exp(-0.3 layer_idx); the output is head-normed and scaled by
+    (1 - lambda_init). Parameter count equals MHA's plus 4 vectors of d/2.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.lambda_init = lambda_init_fn(layer_idx)
+        half = self.head_dim // 2
+        self.lambda_q1 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
+        self.lambda_k1 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
+        self.lambda_q2 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
+        self.lambda_k2 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
+
+    def lambda_full(self) -> Tensor:
+        l1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
+        l2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
+        return l1 - l2 + self.lambda_init
+
+    def _halves_rope(self, t: Tensor, a: AttnInputs) -> Tensor:
+        B, n, L, d = t.shape
+        t = apply_rope(t.reshape(B, n, L, 2, d // 2).transpose(2, 3).reshape(B, 2 * n, L, d // 2),
+                       a.cos, a.sin)
+        return t.view(B, n, 2, L, d // 2).transpose(2, 3).reshape(B, n, L, d)
+
+    def _qkv(self, x, a):
+        q = self._halves_rope(self._heads(self.q_proj(x), self.n_heads), a)
+        k = self._halves_rope(self._heads(self.k_proj(x), self.n_kv_heads), a)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        if a.cache is not None:
+            k, v = a.cache.update(self.layer_idx, k, v, a.positions, a.kv_len)
+        return q, k, v
+
+    def _attend(self, q, k, v, a):
+        half = self.head_dim // 2
+        causal = a.mask is None
+        o1 = sdpa(q[..., :half], k[..., :half], v, mask=a.mask, causal=causal)
+        o2 = sdpa(q[..., half:], k[..., half:], v, mask=a.mask, causal=causal)
+        return o1 - self.lambda_full().to(o1.dtype) * o2
+
+    def _output(self, o):
+        o = o.transpose(1, 2)
+        if self.head_norm is not None:
+            o = self.head_norm(o)
+        return self.o_proj(o.flatten(2) * (1.0 - self.lambda_init))
+
+
+ATTENTION_CLASSES = {
+    "mha": Attention,
+    "gqa": Attention,
+    "mea": MEAttention,
+    "talking_heads": TalkingHeadsAttention,
+    "diff": DiffAttention,
+}
+
+
+def build_attention(config, layer_idx: int) -> Attention:
+    return ATTENTION_CLASSES[config.attention](config, layer_idx)

@@ -1,0 +1,52 @@
+"""A preallocated KV cache with a length per sequence.
+
+Each layer holds keys and values of shape (B, h_kv, max_len, d): for MEA the h' component heads
+after RoPE, never the h composite heads. New tokens of row b are written at positions
+``seqlens[b], seqlens[b] + 1, ...``, so prompts of different lengths need no padding inside the
+cache: a row's keys are always the prefix ``[0, seqlens[b])``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_len: int, dtype=torch.float32, device=None) -> "KVCache":
+        return cls(config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim, dtype, device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqlens.shape[0]
+
+    def nbytes(self, used_only: bool = True) -> int:
+        """Bytes held by keys and values: of the tokens stored so far, or of the whole buffer."""
+        per_token = sum(t.element_size() * t.shape[1] * t.shape[3] for t in self.k + self.v)
+        if used_only:
+            return int(per_token * self.seqlens.sum().item())
+        return per_token * self.batch_size * self.max_len
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor, positions: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k_new/v_new (B, h_kv, Lq, d) at ``positions`` (B, Lq); return keys/values [0, kv_len)."""
+        b = torch.arange(k_new.shape[0], device=k_new.device)[:, None]
+        k, v = self.k[layer], self.v[layer]
+        k[b, :, positions] = k_new.transpose(1, 2).to(k.dtype)
+        v[b, :, positions] = v_new.transpose(1, 2).to(v.dtype)
+        return k[:, :, :kv_len], v[:, :, :kv_len]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (beam search, dropping finished rows)."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+        self.seqlens = self.seqlens.index_select(0, index)

@@ -1,0 +1,171 @@
+"""Model configuration: one dataclass, named presets, parameter and FLOP counts."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ATTENTION_VARIANTS = ("mha", "gqa", "diff", "talking_heads", "mea")
+
+# Variants whose head norm is on unless the config says otherwise: MEA (the paper's method) and
+# differential attention (the Differential Transformer's per-head RMSNorm is part of its definition).
+_HEAD_NORM_DEFAULT = {"mha": False, "gqa": False, "diff": True, "talking_heads": False, "mea": True}
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder with a choice of attention variant.
+
+    ``n_kv_heads`` is the number of stored key/value heads: for ``gqa`` the number of groups (it must
+    divide ``n_heads``), for ``mea`` the number h' of component heads (any 1 <= h' <= n_heads).
+    ``head_norm=None`` picks the variant's default (on for ``mea`` and ``diff``).
+    """
+
+    vocab_size: int = 50304
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_ff: Optional[int] = None
+    attention: str = "mha"
+    head_norm: Optional[bool] = None
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    head_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_VARIANTS:
+            raise ValueError(
+                f"attention: unknown variant {self.attention!r}; expected one of {', '.join(ATTENTION_VARIANTS)}"
+            )
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"n_heads: {self.n_heads} does not divide d_model={self.d_model}; "
+                    "set head_dim explicitly to use such a head count"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim: must be positive, got {self.head_dim}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        h, hk = self.n_heads, self.n_kv_heads
+        if hk < 1:
+            raise ValueError(f"n_kv_heads: must be >= 1, got {hk}")
+        if hk > h:
+            raise ValueError(f"n_kv_heads: {hk} exceeds n_heads={h} (h' must satisfy 1 <= h' <= h)")
+        if self.attention == "gqa" and h % hk:
+            raise ValueError(f"n_kv_heads: gqa needs n_kv_heads to divide n_heads, got {hk} and {h}")
+        if self.attention in ("mha", "diff", "talking_heads") and hk != h:
+            raise ValueError(
+                f"n_kv_heads: attention={self.attention!r} stores all heads; got n_kv_heads={hk} != n_heads={h} "
+                "(use 'gqa' or 'mea' for fewer stored heads)"
+            )
+        if self.attention == "diff" and self.head_dim % 2:
+            raise ValueError(f"head_dim: diff splits each head into two halves, needs an even head_dim, got {self.head_dim}")
+        if self.head_norm is None:
+            self.head_norm = _HEAD_NORM_DEFAULT[self.attention]
+        if self.d_ff is None:
+            # SwiGLU with 2/3 of the usual 4x width keeps the MLP's parameters at 8 d^2; round to 64.
+            self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+        if self.d_ff < 1:
+            raise ValueError(f"d_ff: must be positive, got {self.d_ff}")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ValueError(f"{bad[0]}: not a ModelConfig field (fields: {', '.join(sorted(fields))})")
+        kw = dict(PRESETS[name])
+        kw.update(name=name)
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - fields)
+        if bad:
+            raise ValueError(f"{bad[0]}: not a ModelConfig field")
+        return cls(**d)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes of K and V cache per token over all layers, in bf16/fp16 (2 bytes per element)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2
+
+    def attention_params(self) -> int:
+        h, hk, d, D = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
+        n = D * h * d + 2 * D * hk * d + h * d * D
+        if self.attention == "mea":
+            n += 2 * hk * h
+        elif self.attention == "talking_heads":
+            n += 2 * h * h
+        elif self.attention == "diff":
+            n += 4 * (d // 2)
+        if self.head_norm:
+            n += h * d
+        return n
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        per_layer = self.attention_params() + 3 * self.d_model * self.d_ff + 2 * self.d_model
+        n = self.n_layers * per_layer + self.d_model
+        if non_embedding:
+            return n
+        emb = self.vocab_size * self.d_model
+        return n + emb * (1 if self.tie_embeddings else 2)
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs (forward + backward) per token, for MFU.
+
+        6 N for every weight matmul (lm head included), plus the attention scores and weighted sums
+        (causal, counted as half the full square as in FlashAttention's accounting), plus the
+        variant's extra work: diff computes two score maps; talking heads mixes the h x T score
+        matrix twice; MEA's mixing folds into the projection weights once per step, which is
+        negligible per token and not counted.
+        """
+        T = seq_len or self.max_seq_len
+        matmul_params = self.num_params(non_embedding=True) + self.vocab_size * self.d_model
+        flops = 6 * matmul_params
+        h, d, L = self.n_heads, self.head_dim, self.n_layers
+        # forward: QK^T and AV each 2*h*d*T/2 per token (causal half); backward 2x forward.
+        attn = 3 * (2 * h * d * T / 2) * 2
+        if self.attention == "diff":
+            attn *= 1.5  # two (d/2)-wide score maps, two weighted sums of V
+        if self.attention == "talking_heads":
+            attn += 3 * 2 * (2 * h * h * T / 2)
+        return flops + L * attn
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: trains for a few minutes on a laptop.
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=256),
+    # ~6M non-embedding parameters.
+    "mini": dict(d_model=256, n_layers=6, n_heads=4, max_seq_len=512),
+    # ~25M non-embedding parameters: the size of the learning-rate study.
+    "small": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=1024),
+    "125m": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "350m": dict(d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    # SmolLM2-135M's shape (the pretrained model that KV-cache compression starts from).
+    "smollm2-135m": dict(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+        attention="gqa", max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+    ),
+}

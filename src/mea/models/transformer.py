@@ -1,0 +1,177 @@
+"""A LLaMA-style decoder (pre-RMSNorm, RoPE, SwiGLU) with a choice of attention variant.
+
+Module names match Hugging Face's LlamaForCausalLM, so weights map onto HF checkpoints as they are.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.attention import AttnInputs, build_attention
+from ..layers.cache import KVCache
+from ..layers.mlp import SwiGLU
+from ..layers.norm import RMSNorm
+from ..layers.rope import RotaryEmbedding
+from .config import ModelConfig
+from .sampling import sample_next_token
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = build_attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), a)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Differential attention rotates each half-head (d/2) as a head of its own.
+        rope_dim = config.head_dim // 2 if config.attention == "diff" else config.head_dim
+        self.rotary = RotaryEmbedding(rope_dim, config.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for weights; residual output projections scaled by 1/sqrt(2 L) (GPT-2).
+        Norms, mixing matrices and lambdas keep their own initialization."""
+        std = self.config.init_std
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.normal_(m.weight, 0.0, s)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+
+    # ------------------------------------------------------------------ forward
+    def _attn_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor],
+                     cache: Optional[KVCache], dtype: torch.dtype) -> AttnInputs:
+        B, L = input_ids.shape
+        dev = input_ids.device
+        mask = positions = None
+        kv_len = 0
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache: holds {cache.batch_size} rows, input has {B}")
+            if attention_mask is not None and (attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any():
+                raise ValueError("attention_mask: with a cache, new tokens must be right-padded (pads last)")
+            positions = cache.seqlens[:, None] + torch.arange(L, device=dev)
+            kv_len = int(positions.max()) + 1
+            if kv_len > cache.max_len:
+                raise ValueError(f"cache: {kv_len} positions needed, the cache holds {cache.max_len}")
+            if position_ids is None:
+                position_ids = positions
+            mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+        elif attention_mask is not None:
+            am = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+            mask = causal[None] & am[:, None, :]
+            # A padding query sees no key; let it see itself so softmax stays finite (its output is unused).
+            mask = mask | torch.eye(L, dtype=torch.bool, device=dev)[None]
+            mask = mask[:, None]
+        if position_ids is None:
+            position_ids = torch.arange(L, device=dev)[None].expand(B, L)
+        cos, sin = self.rotary(position_ids, dtype)
+        return AttnInputs(cos=cos, sin=sin, mask=mask, cache=cache, positions=positions, kv_len=kv_len)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (batch, seq), got shape {tuple(input_ids.shape)}")
+        x = self.model.embed_tokens(input_ids)
+        a = self._attn_inputs(input_ids, attention_mask, position_ids, cache, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, a)
+        if cache is not None:
+            n_new = attention_mask.long().sum(-1) if attention_mask is not None else input_ids.shape[1]
+            cache.seqlens += n_new
+        return self.model.norm(x)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
+        """Logits (B, L, vocab). With ``cache``, the tokens are appended after each row's cached ones."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Mean next-token cross entropy; ``labels`` are the targets aligned with ``input_ids`` (-100 ignored)."""
+        logits = self(input_ids, attention_mask=attention_mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, attention_mask: Optional[Tensor] = None,
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Greedy (temperature 0) or sampled continuation; returns (B, L + new) like HF's generate.
+
+        Prompts may be left- or right-padded (``attention_mask``): each row's real tokens are packed
+        to the front of its cache row, so padding never enters attention. Rows that emit
+        ``eos_token_id`` are filled with ``pad_token_id`` (default: the eos id) afterwards.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        B, L = input_ids.shape
+        dev = input_ids.device
+        am = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        lengths = am.long().sum(-1)
+        if (lengths == 0).any():
+            raise ValueError("input_ids: every prompt needs at least one token (a row is all padding)")
+        # Pack each row's tokens to the front (stable, so order is kept), whatever side was padded.
+        order = torch.argsort((~am).to(torch.int8), dim=1, stable=True)
+        packed = input_ids.gather(1, order)
+        packed_mask = torch.arange(L, device=dev)[None] < lengths[:, None]
+        dtype = next(self.parameters()).dtype
+        cache = KVCache.for_model(self.config, B, L + max_new_tokens, dtype=dtype, device=dev)
+        logits = self(packed, attention_mask=packed_mask, cache=cache)
+        next_logits = logits[torch.arange(B, device=dev), lengths - 1]
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = []
+        for step in range(max_new_tokens):
+            tok = sample_next_token(next_logits, temperature, top_k, top_p, generator)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            out.append(tok)
+            if eos_token_id is not None:
+                finished |= tok == eos_token_id
+                if bool(finished.all()):
+                    break
+            if step + 1 < max_new_tokens:
+                next_logits = self(tok[:, None], cache=cache)[:, -1]
+        new = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+        if new.shape[1] < max_new_tokens:
+            new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=pad)
+        return torch.cat([input_ids, new], dim=1)
+
+    # ------------------------------------------------------------------ sizes
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n

@@ -1,0 +1,124 @@
+"""Attention math in plain PyTorch: the reference every fast path is tested against.
+
+Shapes: queries (B, h, Lq, d); keys/values (B, h_kv, T, d); mixing matrices (h', h) used as in
+the paper, ``HLC(W, T) = einsum("n j d, j i -> n i d", T, W)``. Masks are boolean, True = attend,
+broadcastable to (B, h, Lq, T); ``None`` with ``causal=True`` means a plain causal mask with queries
+aligned to the last keys.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def mix_heads(x: Tensor, mix: Tensor, dim: int = 1) -> Tensor:
+    """Head-level linear composition: out[..., i, ...] = sum_j x[..., j, ...] * mix[j, i] along ``dim``."""
+    x = x.movedim(dim, -1)
+    out = torch.matmul(x, mix.to(x.dtype))
+    return out.movedim(-1, dim)
+
+
+def fold_mix_into_proj(weight: Tensor, mix: Tensor, head_dim: int) -> Tensor:
+    """Effective projection weight W_eff = W (mix (x) I_d), in nn.Linear layout (out, in).
+
+    ``weight`` is (h' * d, D); the result is (h * d, D), so ``x @ W_eff.T`` gives the composite heads
+    directly: HLC is linear in x, so training and prefill need no per-token mixing pass.
+    """
+    hk = mix.shape[0]
+    w = weight.view(hk, head_dim, weight.shape[-1])
+    return torch.einsum("jcD,ji->icD", w, mix.to(w.dtype)).reshape(mix.shape[1] * head_dim, weight.shape[-1])
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False,
+         scale: Optional[float] = None) -> Tensor:
+    """Scaled dot-product attention; keys/values with fewer heads are shared by groups of queries."""
+    h, hk = q.shape[1], k.shape[1]
+    if hk != h:
+        if h % hk:
+            raise ValueError(f"sdpa: {hk} key/value heads do not divide {h} query heads")
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if causal and q.shape[2] > 1:
+        if q.shape[2] != k.shape[2]:
+            mask = causal_mask(q.shape[2], k.shape[2], q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def causal_mask(lq: int, t: int, device=None) -> Tensor:
+    """(Lq, T) boolean mask with the queries aligned to the last Lq keys."""
+    i = torch.arange(lq, device=device)[:, None] + (t - lq)
+    j = torch.arange(t, device=device)[None, :]
+    return j <= i
+
+
+def attention_naive(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False,
+                    scale: Optional[float] = None) -> Tensor:
+    """Materialized softmax(q k^T) v, fp32 softmax. The slowest and most obviously right version."""
+    h, hk = q.shape[1], k.shape[1]
+    if hk != h:
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is None and causal:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def mea_attention_reference(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tensor, v_mix: Tensor,
+                            mask: Optional[Tensor] = None, causal: bool = False) -> Tensor:
+    """MEA over component heads by materializing the composite keys and values (the definition)."""
+    k = mix_heads(k_comp, k_mix)
+    v = mix_heads(v_comp, v_mix)
+    return sdpa(q, k, v, mask=mask, causal=causal)
+
+
+def mea_attention_absorbed(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tensor, v_mix: Tensor,
+                           mask: Optional[Tensor] = None, causal: bool = False) -> Tensor:
+    """MEA with the mixing absorbed: one wide head of size h'*d over the stored component heads.
+
+    q_i . k_lc,i = [W^K[1,i] q_i, ..., W^K[h',i] q_i] . [k_1; ...; k_h'], and the values are
+    attended as concatenated component heads and then contracted with W^V. The cache of h' heads is
+    read once per query head group, never expanded: memory traffic equals GQA with h' KV heads.
+    """
+    B, h, Lq, d = q.shape
+    hk, T = k_comp.shape[1], k_comp.shape[2]
+    # q_wide[b, i, l] = [W^K[0, i] q_i, ..., W^K[h'-1, i] q_i]: (B, h, Lq, h'*d)
+    q_wide = (q.unsqueeze(3) * k_mix.t().to(q.dtype)[None, :, None, :, None]).reshape(B, h, Lq, hk * d)
+    k_wide = k_comp.transpose(1, 2).reshape(B, 1, T, hk * d)
+    v_wide = v_comp.transpose(1, 2).reshape(B, 1, T, hk * d)
+    # One key/value head: fold the h query heads into the query rows (MQA), never copying the cache.
+    if mask is None and causal:
+        mask = causal_mask(Lq, T, q.device)
+    if mask is not None:
+        mask = mask.expand(B, h, Lq, T).reshape(B, 1, h * Lq, T)
+    o_wide = sdpa(q_wide.reshape(B, 1, h * Lq, hk * d), k_wide, v_wide, mask=mask, scale=1.0 / math.sqrt(d))
+    o = o_wide.view(B, h, Lq, hk, d)
+    # o_i = sum_j W^V[j, i] (A_i V_j)
+    return torch.einsum("bhljd,jh->bhld", o, v_mix.to(o.dtype))
+
+
+def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, pre_mix: Tensor, post_mix: Tensor,
+                            mask: Optional[Tensor] = None, causal: bool = False) -> Tensor:
+    """Talking-heads attention: logits mixed across heads before softmax, weights mixed after."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, Lq, T)
+    s = mix_heads(s, pre_mix)
+    if mask is None and causal:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    p = mix_heads(p, post_mix)
+    return torch.matmul(p, v)
