@@ -46,7 +46,7 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads_at(layer_idx), config.head_dim
         D, h, hk, d = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(D, h * d, bias=False)
         self.k_proj = nn.Linear(D, hk * d, bias=False)

@@ -1,7 +1,7 @@
 """A preallocated KV cache with a length per sequence.
 
 Each layer holds keys and values of shape (B, h_kv, max_len, d): for MEA the h' component heads
-after RoPE, never the h composite heads. New tokens of row b are written at positions
+after RoPE, never the h composite heads; h_kv may differ between layers. New tokens of row b are written at positions
 ``seqlens[b], seqlens[b] + 1, ...``, so prompts of different lengths need no padding inside the
 cache: a row's keys are always the prefix ``[0, seqlens[b])``.
 """
@@ -14,17 +14,21 @@ from torch import Tensor
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int | list[int], max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        """``n_kv_heads``: one count for every layer, or one per layer (a partly compressed model)."""
+        heads = [n_kv_heads] * n_layers if isinstance(n_kv_heads, int) else list(n_kv_heads)
+        if len(heads) != n_layers:
+            raise ValueError(f"n_kv_heads: needs one entry per layer ({n_layers}), got {len(heads)}")
+        self.k = [torch.zeros(batch_size, hk, max_len, head_dim, dtype=dtype, device=device) for hk in heads]
+        self.v = [torch.zeros(batch_size, hk, max_len, head_dim, dtype=dtype, device=device) for hk in heads]
         self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int, dtype=torch.float32, device=None) -> "KVCache":
-        return cls(config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim, dtype, device)
+        heads = [config.kv_heads_at(i) for i in range(config.n_layers)]
+        return cls(config.n_layers, batch_size, heads, max_len, config.head_dim, dtype, device)
 
     @property
     def batch_size(self) -> int:

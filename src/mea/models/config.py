@@ -20,6 +20,8 @@ class ModelConfig:
     ``n_kv_heads`` is the number of stored key/value heads: for ``gqa`` the number of groups (it must
     divide ``n_heads``), for ``mea`` the number h' of component heads (any 1 <= h' <= n_heads).
     ``head_norm=None`` picks the variant's default (on for ``mea`` and ``diff``).
+    ``layer_kv_heads`` gives each layer its own stored-head count (KV-cache compression of a subset
+    of layers); ``None`` means every layer has ``n_kv_heads``.
     """
 
     vocab_size: int = 50304
@@ -38,6 +40,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     name: str = "custom"
+    layer_kv_heads: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_VARIANTS:
@@ -58,18 +61,27 @@ class ModelConfig:
             raise ValueError(f"head_dim: must be positive, got {self.head_dim}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        h, hk = self.n_heads, self.n_kv_heads
-        if hk < 1:
-            raise ValueError(f"n_kv_heads: must be >= 1, got {hk}")
-        if hk > h:
-            raise ValueError(f"n_kv_heads: {hk} exceeds n_heads={h} (h' must satisfy 1 <= h' <= h)")
-        if self.attention == "gqa" and h % hk:
-            raise ValueError(f"n_kv_heads: gqa needs n_kv_heads to divide n_heads, got {hk} and {h}")
-        if self.attention in ("mha", "diff", "talking_heads") and hk != h:
-            raise ValueError(
-                f"n_kv_heads: attention={self.attention!r} stores all heads; got n_kv_heads={hk} != n_heads={h} "
-                "(use 'gqa' or 'mea' for fewer stored heads)"
-            )
+        h = self.n_heads
+        counts = [("n_kv_heads", self.n_kv_heads)]
+        if self.layer_kv_heads is not None:
+            self.layer_kv_heads = [int(n) for n in self.layer_kv_heads]
+            if len(self.layer_kv_heads) != self.n_layers:
+                raise ValueError(
+                    f"layer_kv_heads: needs one entry per layer ({self.n_layers}), got {len(self.layer_kv_heads)}"
+                )
+            counts += [(f"layer_kv_heads[{i}]", n) for i, n in enumerate(self.layer_kv_heads)]
+        for key, hk in counts:
+            if hk < 1:
+                raise ValueError(f"{key}: must be >= 1, got {hk}")
+            if hk > h:
+                raise ValueError(f"{key}: {hk} exceeds n_heads={h} (h' must satisfy 1 <= h' <= h)")
+            if self.attention == "gqa" and h % hk:
+                raise ValueError(f"{key}: gqa needs n_kv_heads to divide n_heads, got {hk} and {h}")
+            if self.attention in ("mha", "diff", "talking_heads") and hk != h:
+                raise ValueError(
+                    f"{key}: attention={self.attention!r} stores all heads; got {hk} != n_heads={h} "
+                    "(use 'gqa' or 'mea' for fewer stored heads)"
+                )
         if self.attention == "diff" and self.head_dim % 2:
             raise ValueError(f"head_dim: diff splits each head into two halves, needs an even head_dim, got {self.head_dim}")
         if self.head_norm is None:
@@ -106,13 +118,19 @@ class ModelConfig:
         return cls(**d)
 
     # ------------------------------------------------------------------ sizes
+    def kv_heads_at(self, layer: int) -> int:
+        """Stored key/value heads of layer ``layer``."""
+        return self.n_kv_heads if self.layer_kv_heads is None else self.layer_kv_heads[layer]
+
     @property
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes of K and V cache per token over all layers, in bf16/fp16 (2 bytes per element)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2
+        return 2 * sum(self.kv_heads_at(i) for i in range(self.n_layers)) * self.head_dim * 2
 
-    def attention_params(self) -> int:
-        h, hk, d, D = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
+    def attention_params(self, n_kv_heads: Optional[int] = None) -> int:
+        """Parameters of one attention layer with ``n_kv_heads`` stored heads (default ``n_kv_heads``)."""
+        hk = self.n_kv_heads if n_kv_heads is None else n_kv_heads
+        h, d, D = self.n_heads, self.head_dim, self.d_model
         n = D * h * d + 2 * D * hk * d + h * d * D
         if self.attention == "mea":
             n += 2 * hk * h
@@ -125,8 +143,8 @@ class ModelConfig:
         return n
 
     def num_params(self, non_embedding: bool = False) -> int:
-        per_layer = self.attention_params() + 3 * self.d_model * self.d_ff + 2 * self.d_model
-        n = self.n_layers * per_layer + self.d_model
+        per_layer = 3 * self.d_model * self.d_ff + 2 * self.d_model
+        n = sum(self.attention_params(self.kv_heads_at(i)) + per_layer for i in range(self.n_layers)) + self.d_model
         if non_embedding:
             return n
         emb = self.vocab_size * self.d_model
