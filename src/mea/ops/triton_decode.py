@@ -1,0 +1,318 @@
+"""Flash-decoding for MEA over a cache of h' component heads, with the head mixing absorbed.
+
+One program takes one batch row, one slice of the cached sequence and ALL query rows of that row
+(the h heads times the Lq new tokens), so every cached key/value byte is read from memory once per
+row: the traffic of GQA with h' KV heads, whatever h' is. For each block of keys it loops over the
+h' component heads:
+
+    logits[r, n] = scale * sum_j W^K[j, head(r)] (q_r . k_j[n])       (key mixing = logit mixing)
+    acc[r, :]   += sum_j (p[r, n] W^V[j, head(r)]) v_j[n]             (value mixing on the output)
+
+so neither the h composite heads nor the (h x h'd) absorbed query is ever built; the accumulator
+stays (rows x d). Slices are merged by a second kernel through their log-sum-exp (flash-decoding).
+Query t of a row with ``cache_seqlens[b] = L`` sees keys ``[0, L - Lq + t]`` (queries aligned to
+the end of the row, as in ``flash_attn_with_kvcache``).
+
+The kernels run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["mea_decode_triton", "decode_launch_config"]
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _mea_decode_split_kernel(
+    Q, K, V, WK, WV, SEQLENS, OUT, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_wkj, stride_wki, stride_wvj, stride_wvi,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_pb, stride_ps, stride_pm,
+    stride_lb, stride_ls,
+    n_rows, LQ, HK, T, split_len, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    # Query rows r = head * LQ + t, the order of q (B, h, Lq, d) read row-major.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    head = rows // LQ
+    tok = rows % LQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    seqlen = tl.minimum(tl.load(SEQLENS + b).to(tl.int32), T)
+    # Keys visible to row r: [0, row_len[r]).
+    row_len = seqlen - LQ + 1 + tok
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, seqlen)
+
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_ql
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for j in range(HK):
+            k = tl.load(k_base + j * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
+            s += tl.dot(q, k, input_precision=DOT_PRECISION) * (wk * qk_scale)[:, None]
+        visible = offs_n[None, :] < row_len[:, None]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that sees no key of this block yet keeps m = -inf; shift by 0 so no NaN appears.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        for j in range(HK):
+            v = tl.load(v_base + j * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            wv = tl.load(WV + j * stride_wvj + head * stride_wvi, mask=row_ok, other=0.0).to(tl.float32)
+            acc = tl.dot((p * wv[:, None]).to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Rows with no visible key (empty slice, or a row shorter than its query offset) give 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DIRECT:
+        tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ol
+                 + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        tl.store(O_PART + b * stride_pb + pid_s * stride_ps + rows[:, None] * stride_pm + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + b * stride_lb + pid_s * stride_ls + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _mea_decode_combine_kernel(
+    O_PART, LSE_PART, OUT,
+    stride_pb, stride_ps, stride_pm,
+    stride_lb, stride_ls,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    n_rows, LQ, n_splits,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    # Pass 1: the largest log-sum-exp of each row over all slices.
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(LSE_PART + b * stride_lb + offs_s[None, :] * stride_ls + rows[:, None],
+                      mask=row_ok[:, None] & (offs_s[None, :] < n_splits), other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    # Pass 2: weight each slice's normalized output by its share of the softmax mass.
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(0, n_splits):
+        lse = tl.load(LSE_PART + b * stride_lb + s * stride_ls + rows, mask=row_ok, other=float("-inf"))
+        w = tl.math.exp2(lse - m)
+        o = tl.load(O_PART + b * stride_pb + s * stride_ps + rows[:, None] * stride_pm + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += o * w[:, None]
+        den += w
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    head = rows // LQ
+    tok = rows % LQ
+    tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ol + offs_d[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int, device: torch.device,
+                         num_splits: int = 0, block_n: int = 0, num_warps: int = 0,
+                         num_stages: int = 0) -> dict:
+    """Tile sizes and the number of sequence slices for one launch; a nonzero argument overrides.
+
+    The slices are chosen so that the grid holds a few programs per multiprocessor: enough loads in
+    flight to saturate memory, while the merge pass (which reads rows x d floats per slice) stays a
+    small fraction of the cache traffic.
+    """
+    block_m = min(max(16, triton.next_power_of_2(n_rows)), 64)
+    m_blocks = triton.cdiv(n_rows, block_m)
+    block_n = block_n or 64
+    n_blocks = max(1, triton.cdiv(cache_len, block_n))
+    if not num_splits:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 4
+        num_splits = triton.cdiv(4 * sms, batch * m_blocks)
+    num_splits = max(1, min(num_splits, n_blocks))
+    split_len = triton.cdiv(n_blocks, num_splits) * block_n
+    num_splits = max(1, triton.cdiv(cache_len, split_len))
+    return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, num_splits=num_splits, split_len=split_len,
+                block_d=max(16, triton.next_power_of_2(head_dim)), num_warps=num_warps or 4,
+                num_stages=num_stages or 3)
+
+
+@torch.library.custom_op("mea::decode", mutates_args=())
+def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor, cache_seqlens: Tensor,
+               scale: float, num_splits: int, block_n: int, num_warps: int, num_stages: int) -> Tensor:
+    B, h, Lq, d = q.shape
+    hk, T = k_cache.shape[1], k_cache.shape[2]
+    n_rows = h * Lq
+    cfg = decode_launch_config(B, n_rows, T, d, q.device, num_splits, block_n, num_warps, num_stages)
+    out = torch.empty((B, h, Lq, d), dtype=q.dtype, device=q.device)
+    direct = cfg["num_splits"] == 1
+    if direct:
+        o_part = lse_part = out  # unused
+        sp = (0, 0, 0)
+        sl = (0, 0)
+    else:
+        o_part = torch.empty((B, cfg["num_splits"], n_rows, d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, cfg["num_splits"], n_rows), dtype=torch.float32, device=q.device)
+        sp = o_part.stride()[:3]
+        sl = lse_part.stride()[:2]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (cfg["m_blocks"], cfg["num_splits"], B)
+    _mea_decode_split_kernel[grid](
+        q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, out, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_mix.stride(), *v_mix.stride(), *out.stride(),
+        *sp, *sl,
+        n_rows, Lq, hk, T, cfg["split_len"], scale * _LOG2E,
+        D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], DIRECT=direct,
+        DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not direct:
+        block_m = min(cfg["block_m"], 16)
+        _mea_decode_combine_kernel[(triton.cdiv(n_rows, block_m), B)](
+            o_part, lse_part, out, *sp, *sl, *out.stride(), n_rows, Lq, cfg["num_splits"],
+            D=d, BLOCK_M=block_m, BLOCK_S=min(64, triton.next_power_of_2(cfg["num_splits"])),
+            BLOCK_D=cfg["block_d"], num_warps=4,
+        )
+    return out
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, scale, num_splits, block_n, num_warps, num_stages):
+    return q.new_empty(q.shape)
+
+
+def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor,
+                      cache_seqlens: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                      num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
+    """MEA attention of a few new tokens over a cache of component heads (the ``mea::decode`` op).
+
+    Args:
+        q: queries (B, h, Lq, d), post-RoPE; fp16, bf16 or fp32.
+        k_cache: component keys (B, h', T, d), same dtype; any strides with a contiguous last dim, so
+            a view ``cache.k[layer][:, :, :kv_len]`` of a longer buffer is read in place.
+        v_cache: component values (B, h', T, d).
+        k_mix: key mixing matrix W^K (h', h): composite key i is sum_j W^K[j, i] k_j.
+        v_mix: value mixing matrix W^V (h', h).
+        cache_seqlens: int (B,) keys valid for the LAST query of each row (clamped to T); query t sees
+            keys ``[0, cache_seqlens[b] - Lq + t]``. None: every row holds T keys.
+        scale: softmax scale, default 1/sqrt(d).
+        num_splits, block_n, num_warps, num_stages: launch overrides (0 = chosen by
+            ``decode_launch_config``); for tuning.
+
+    Returns:
+        (B, h, Lq, d) in the dtype of q. A query that sees no key gets zeros.
+    """
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(f"mea_decode_triton: q, k_cache, v_cache must be 4-D (B, heads, len, d), got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, h, Lq, d = q.shape
+    hk = k_cache.shape[1]
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != d:
+        raise ValueError(f"mea_decode_triton: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
+                         f"must both be (B={B}, h', T, d={d})")
+    if tuple(k_mix.shape) != (hk, h) or tuple(v_mix.shape) != (hk, h):
+        raise ValueError(f"mea_decode_triton: k_mix {tuple(k_mix.shape)} and v_mix {tuple(v_mix.shape)} must be "
+                         f"(h'={hk}, h={h})")
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"mea_decode_triton: q, k_cache, v_cache must share one of fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("mea_decode_triton: the last (head_dim) dimension of q, k_cache, v_cache must be contiguous")
+    devices = {t.device for t in (q, k_cache, v_cache, k_mix, v_mix)}
+    if len(devices) != 1:
+        raise ValueError(f"mea_decode_triton: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((B,), k_cache.shape[2], dtype=torch.int32, device=q.device)
+    elif cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"mea_decode_triton: cache_seqlens must be int32/int64 of shape ({B},), got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    return _decode_op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(), scale,
+                      num_splits, block_n, num_warps, num_stages)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def mea_decode_fast(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tensor, v_mix: Tensor,
+                    mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``_FAST_DECODE`` adapter for ``mea_attention_cached``; returns None to decline.
+
+    The per-row lengths are read off the mask's last query row, ``mask[:, 0, -1].sum(-1)``: exact for
+    the masks a ``KVCache`` step builds (each row's keys a prefix, query t seeing one key more than
+    query t-1), which is the only mask decoding produces. A mask of another form (a sliding window,
+    holes inside the prefix) would be misread, so call ``mea_decode_triton`` with explicit
+    ``cache_seqlens`` in that case. Declines: CPU tensors (unless ``TRITON_INTERPRET=1``), inputs that
+    need gradients, other dtypes, masks not shaped (B or 1, 1, Lq, T).
+    """
+    if not (q.is_cuda or _interpreting()):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_comp, v_comp, k_mix, v_mix)):
+        return None
+    if q.dtype not in _DTYPES or k_comp.dtype != q.dtype or v_comp.dtype != q.dtype:
+        return None
+    if q.stride(-1) != 1 or k_comp.stride(-1) != 1 or v_comp.stride(-1) != 1:
+        return None
+    B, T = q.shape[0], k_comp.shape[2]
+    if mask is None:
+        seqlens = None
+    else:
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or mask.shape[-1] != T:
+            return None
+        seqlens = mask[:, 0, -1].sum(-1, dtype=torch.int32).expand(B).contiguous()
+    return mea_decode_triton(q, k_comp, v_comp, k_mix, v_mix, seqlens)
+
+
+def register() -> None:
+    """Put the adapter in ``mea.ops.decode._FAST_DECODE`` (idempotent)."""
+    from .decode import _FAST_DECODE
+
+    if mea_decode_fast not in _FAST_DECODE:
+        _FAST_DECODE.append(mea_decode_fast)
