@@ -101,6 +101,7 @@ class ModelConfig:
         bad = sorted(set(overrides) - fields)
         if bad:
             raise ValueError(f"{bad[0]}: not a ModelConfig field (fields: {', '.join(sorted(fields))})")
+        _check_types(overrides)
         kw = dict(PRESETS[name])
         kw.update(name=name)
         kw.update(overrides)
@@ -115,6 +116,7 @@ class ModelConfig:
         bad = sorted(set(d) - fields)
         if bad:
             raise ValueError(f"{bad[0]}: not a ModelConfig field")
+        _check_types(d)
         return cls(**d)
 
     # ------------------------------------------------------------------ sizes
@@ -170,6 +172,23 @@ class ModelConfig:
         if self.attention == "talking_heads":
             attn += 3 * 2 * (2 * h * h * T / 2)
         return flops + L * attn
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    """Reject values of the wrong type (from YAML or the command line) with the field's name."""
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list[int]": (list, tuple)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    for key, val in values.items():
+        t = types.get(key, "")
+        optional = t.startswith("Optional[")
+        base = t[len("Optional["):-1] if optional else t
+        if val is None:
+            if not optional:
+                raise ValueError(f"{key}: must not be None")
+            continue
+        ok = kinds.get(base)
+        if ok and (not isinstance(val, ok) or (base in ("int", "float") and isinstance(val, bool))):
+            raise ValueError(f"{key}: expected {base}, got {type(val).__name__} {val!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
