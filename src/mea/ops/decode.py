@@ -28,3 +28,12 @@ def mea_attention_cached(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tenso
                 return out
         return mea_attention_absorbed(q, k_comp, v_comp, k_mix, v_mix, mask=mask, causal=mask is None)
     return mea_attention_reference(q, k_comp, v_comp, k_mix, v_mix, mask=mask, causal=mask is None)
+
+
+try:  # the Triton kernel joins _FAST_DECODE where CUDA is present; without triton the paths above serve
+    import torch
+    if torch.cuda.is_available():
+        from .triton_decode import register as _register_triton_decode
+        _register_triton_decode()
+except ImportError:
+    pass
