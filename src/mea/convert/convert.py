@@ -1,0 +1,358 @@
+"""`mea convert`: compress the KV cache of a pretrained model by storing h' component heads per layer
+and rebuilding the h heads attention reads as "virtual heads" through MEA's head-level mix.
+
+The converted model is an MEA model (``attention="mea"``) whose compressed layers store h' heads;
+layers left out of ``--layers`` keep their stored heads and their function (a GQA layer becomes an
+MEA layer with GQA's replication mix). It keeps the source's head norm setting: a LLaMA model has
+none, and adding a fresh one would change the function before any healing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..models.config import ModelConfig
+from ..models.transformer import Transformer
+from .heads import INITS, effective_head_weights, fit_components, layer_mixes, relative_error
+
+# Layers whose keys and values are linear in the input through per-head projections, with the
+# usual softmax: those the fit applies to. diff splits heads into half-heads with their own
+# rotation, talking heads mixes the scores; neither has a KV head structure to compress.
+SUPPORTED_ATTENTION = ("mha", "gqa", "mea")
+REPORT_FILE = "conversion.json"
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """Layer indices of a ``--layers`` SPEC, sorted.
+
+    ``all``; ``middle`` (the middle half: ``n_layers // 2`` layers centred in the stack);
+    a comma-separated list of indices and inclusive ranges (``4-11``, ``0,2,5``, ``0-3,8``).
+    """
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "middle":
+        n = max(1, n_layers // 2)
+        start = (n_layers - n) // 2
+        return list(range(start, start + n))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if lo > hi:
+                    raise ValueError(f"layers: range {part!r} runs backwards")
+                chosen = range(lo, hi + 1)
+            else:
+                chosen = [int(part)]
+        except ValueError as e:
+            if str(e).startswith("layers:"):
+                raise
+            raise ValueError(
+                f"layers: cannot parse {part!r} in {spec!r}; use 'all', 'middle', indices '0,2,5' or ranges '4-11'"
+            ) from None
+        for i in chosen:
+            if not 0 <= i < n_layers:
+                raise ValueError(f"layers: layer {i} out of range; the model has layers 0-{n_layers - 1}")
+            out.add(i)
+    return sorted(out)
+
+
+def check_request(config: ModelConfig, kv_heads: int, layers: list[int]) -> None:
+    """Raise ValueError unless compressing ``layers`` of ``config`` to ``kv_heads`` heads makes sense."""
+    if config.attention not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"model: attention={config.attention!r} is not supported by convert; it handles "
+            f"{', '.join(SUPPORTED_ATTENTION)} (LLaMA-family MHA/GQA and MEA models)"
+        )
+    h = config.n_heads
+    if not 1 <= kv_heads <= h:
+        raise ValueError(f"kv_heads: must satisfy 1 <= h' <= n_heads={h}, got {kv_heads}")
+    for i in layers:
+        have = config.kv_heads_at(i)
+        if kv_heads > have:
+            raise ValueError(
+                f"kv_heads: layer {i} stores {have} KV heads; h'={kv_heads} would enlarge its cache, not "
+                f"compress it (choose h' <= {have}, or leave the layer out of --layers)"
+            )
+
+
+def _attn_params(attn) -> int:
+    return sum(p.numel() for n, p in attn.named_parameters() if not n.startswith("head_norm"))
+
+
+@torch.no_grad()
+def compress_model(model: Transformer, kv_heads: int, init: str = "svd", layers: str | list[int] = "all",
+                   covariances: Optional[list[Optional[Tensor]]] = None) -> tuple[Transformer, list[dict]]:
+    """Convert ``model`` into an MEA model whose ``layers`` store ``kv_heads`` component heads.
+
+    Args:
+        model: a core Transformer with mha, gqa or mea attention (left unchanged).
+        kv_heads: h', the stored key/value heads of each compressed layer.
+        init: ``svd``, ``activation`` or ``mean-pool`` (see ``mea.convert.heads``).
+        layers: a ``--layers`` SPEC or a list of layer indices.
+        covariances: per-layer input second moments (``calibration.input_covariances``); needed
+            by ``activation`` and by the reported errors on calibration text.
+
+    Returns:
+        (converted model, per-layer report rows).
+    """
+    cfg = model.config
+    sel = parse_layers(layers, cfg.n_layers) if isinstance(layers, str) else sorted(set(layers))
+    if init not in INITS:
+        raise ValueError(f"init: unknown init {init!r}; expected one of {', '.join(INITS)}")
+    check_request(cfg, kv_heads, sel)
+    if init == "activation" and (covariances is None or any(covariances[i] is None for i in sel)):
+        raise ValueError("init: 'activation' needs calibration statistics for every compressed layer (calib_tokens > 0)")
+
+    heads = [kv_heads if i in sel else cfg.kv_heads_at(i) for i in range(cfg.n_layers)]
+    new_cfg = dataclasses.replace(
+        cfg, attention="mea", n_kv_heads=kv_heads,
+        layer_kv_heads=None if len(set(heads)) == 1 else heads, head_norm=cfg.head_norm,
+    )
+    ref = next(model.parameters())
+    state = {k: v for k, v in model.state_dict().items()}
+    rows = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        prefix = f"model.layers.{i}.self_attn."
+        d, D = attn.head_dim, cfg.d_model
+        wk, wv = effective_head_weights(attn)
+        cov = covariances[i] if covariances is not None else None
+        if i in sel:
+            ck, k_mix = fit_components(wk, kv_heads, init, cov)
+            cv, v_mix = fit_components(wv, kv_heads, init, cov)
+            k_w, v_w = ck.reshape(kv_heads * d, D), cv.reshape(kv_heads * d, D)
+        else:
+            k_mix, v_mix = (m.double() for m in layer_mixes(attn))
+            k_w, v_w = attn.k_proj.weight.double(), attn.v_proj.weight.double()
+        state[prefix + "k_proj.weight"] = k_w.to(ref.dtype)
+        state[prefix + "v_proj.weight"] = v_w.to(ref.dtype)
+        state[prefix + "k_mix"] = k_mix.to(ref.dtype)
+        state[prefix + "v_mix"] = v_mix.to(ref.dtype)
+        hk, hn = attn.n_kv_heads, heads[i]
+        wk_hat = torch.einsum("ji,jcD->icD", k_mix, k_w.view(hn, d, D))
+        wv_hat = torch.einsum("ji,jcD->icD", v_mix, v_w.view(hn, d, D))
+        rows.append({
+            "layer": i,
+            "compressed": i in sel,
+            "kv_heads_before": hk,
+            "kv_heads_after": hn,
+            "k_rel_err": relative_error(wk, wk_hat, cov) if cov is not None else None,
+            "v_rel_err": relative_error(wv, wv_hat, cov) if cov is not None else None,
+            "k_rel_err_weights": relative_error(wk, wk_hat),
+            "v_rel_err_weights": relative_error(wv, wv_hat),
+            "attn_params_before": _attn_params(attn),
+            "attn_params_after": None,  # filled from the built model below
+            "kv_bytes_per_token_before": 2 * hk * d * 2,
+            "kv_bytes_per_token_after": 2 * hn * d * 2,
+        })
+
+    new = Transformer(new_cfg).to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(state, strict=True)
+    new.train(model.training)
+    for r, layer in zip(rows, new.model.layers):
+        r["attn_params_after"] = _attn_params(layer.self_attn)
+    return new, rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The per-layer report as a fixed-width table (errors relative, on calibration text when known)."""
+    head = (f"{'layer':>5} {'heads':>7} {'K err':>8} {'V err':>8} {'K err(W)':>9} {'V err(W)':>9} "
+            f"{'attn params':>19} {'KV B/token':>12}")
+    lines = [head, "-" * len(head)]
+
+    def pct(x):
+        return f"{100 * x:7.2f}%" if x is not None else f"{'-':>8}"
+
+    for r in rows:
+        lines.append(
+            f"{r['layer']:>5} {r['kv_heads_before']:>3}->{r['kv_heads_after']:<3} {pct(r['k_rel_err'])} "
+            f"{pct(r['v_rel_err'])} {pct(r['k_rel_err_weights']):>9} {pct(r['v_rel_err_weights']):>9} "
+            f"{r['attn_params_before']:>9,}->{r['attn_params_after']:<9,} "
+            f"{r['kv_bytes_per_token_before']:>5}->{r['kv_bytes_per_token_after']:<6}"
+        )
+    tb = sum(r["kv_bytes_per_token_before"] for r in rows)
+    ta = sum(r["kv_bytes_per_token_after"] for r in rows)
+    lines.append(f"KV cache: {tb:,} -> {ta:,} bytes/token (bf16), {100 * ta / tb:.1f}% of the original")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- sources
+def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
+    """Load the model to convert: an HF LLaMA-family folder, a folder written by ``save_hf``
+    (``model_type`` mea), or a mea run/checkpoint directory.
+
+    Returns:
+        (model in float32 on CPU, the folder whose ``tokenizer.json`` tokenizes its text, or None
+        for mea checkpoints, which use the project's GPT-2 tokenizer).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model: {p} does not exist")
+    cfg_file = p / "config.json"
+    if cfg_file.exists():
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+        if model_type == "llama":
+            from ..models.export import load_hf_llama
+
+            model = load_hf_llama(p)
+        elif model_type == "mea":
+            from ..models.export import load_hf_mea
+
+            model = load_hf_mea(p)
+        else:
+            raise ValueError(
+                f"model: {cfg_file} has model_type={model_type!r}; convert handles LLaMA-family ('llama') "
+                "and mea folders, and mea run directories"
+            )
+        tok_dir = p if (p / "tokenizer.json").exists() else None
+    else:
+        from ..train.checkpoint import load_model
+
+        model, tok_dir = load_model(p), None
+    return model.float().eval(), tok_dir
+
+
+def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens: int, seq_len: int,
+                       text_file: Optional[str] = None, split: str = "train") -> Tensor:
+    """(n, seq_len) windows of calibration text in the model's own tokenizer.
+
+    The text is ``text_file`` if given, else the project's prose corpus (``split``). A model with
+    its own tokenizer (an HF folder with ``tokenizer.json``) gets the text re-tokenized; mea models
+    read the corpus's GPT-2 ids as they are.
+    """
+    from .calibration import windows
+    from .corpus import corpus_ids, corpus_text
+
+    if tokenizer_dir is None:
+        if text_file is not None:
+            from ..data.tokenizer import load_tokenizer
+
+            ids = torch.tensor(load_tokenizer().encode(Path(text_file).read_text()), dtype=torch.long)
+        else:
+            ids = corpus_ids(n_tokens + seq_len, split)
+    else:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        text = Path(text_file).read_text() if text_file is not None else corpus_text(n_tokens, split)
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(
+            f"calibration text: token id {int(ids.max())} >= the model's vocab_size {vocab_size}; "
+            "the tokenizer does not match the model"
+        )
+    return windows(ids, seq_len, n_tokens)
+
+
+# ---------------------------------------------------------------------------------------- command
+def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", out: Optional[str] = None,
+            calib_tokens: int = 65536, calib_seq_len: int = 512, calib_text: Optional[str] = None,
+            batch_size: int = 8, overwrite: bool = False) -> dict:
+    """Compress a pretrained model's KV cache: store KV_HEADS component heads per layer and rebuild
+    the query heads' keys and values through MEA's head-level mix. Writes an HF folder (loadable by
+    `mea evaluate`, `mea pretrain --init-from`, transformers with trust_remote_code) and
+    conversion.json, the per-layer report.
+
+    Args:
+        model: HF LLaMA-family folder (MHA or GQA), a folder written by mea's save_hf, or a mea
+            run/checkpoint directory.
+        kv_heads: h', stored KV heads of each compressed layer (1 <= h' <= the layer's current KV
+            heads; need not divide the query heads).
+        init: svd (best rank-h' fit of the projection weights), activation (best fit of the keys and
+            values of calibration text), or mean-pool (GQA uptraining: average heads in groups).
+        layers: layers to compress: all, middle (the middle half), or indices and ranges such as
+            4-11 or 0,2,5. The others keep their heads and their function.
+        out: output folder (default: converted/<model name>-kv<h'>-<init> under the current directory).
+        calib_tokens: tokens of calibration text for the activation fit and the reported errors
+            (0: none; errors are then reported in weight space only; activation needs > 0).
+        calib_seq_len: tokens per calibration window.
+        calib_text: a plain-text file to calibrate on instead of the project's prose corpus.
+        batch_size: calibration windows per forward pass.
+        overwrite: replace ``out`` if it exists.
+
+    Returns:
+        The report (also written to OUT/conversion.json).
+    """
+    if init not in INITS:
+        raise ValueError(f"init: unknown init {init!r}; expected one of {', '.join(INITS)}")
+    if kv_heads < 1:
+        raise ValueError(f"kv_heads: must be >= 1, got {kv_heads}")
+    if calib_tokens < 0:
+        raise ValueError(f"calib_tokens: must be >= 0, got {calib_tokens}")
+    if init == "activation" and calib_tokens == 0:
+        raise ValueError("calib_tokens: the activation init fits calibration text; give calib_tokens > 0")
+    if calib_text is not None and not Path(calib_text).is_file():
+        raise FileNotFoundError(f"calib_text: {calib_text} is not a file")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    out_dir = Path(out) if out else Path("converted") / f"{Path(model).resolve().name}-kv{kv_heads}-{init}"
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"out: {out_dir} exists and is not empty (pass --overwrite true to replace it)")
+
+    src, tok_dir = load_source(model)
+    sel = parse_layers(layers, src.config.n_layers)
+    check_request(src.config, kv_heads, sel)
+
+    covs, n_calib = None, 0
+    if calib_tokens > 0:
+        from .calibration import input_covariances
+
+        ids = calibration_tokens(tok_dir, src.config.vocab_size, calib_tokens, calib_seq_len, calib_text)
+        covs, n_calib = input_covariances(src, ids.split(batch_size))
+    new, rows = compress_model(src, kv_heads, init, sel, covs)
+
+    report = {
+        "source": str(model),
+        "kv_heads": kv_heads,
+        "init": init,
+        "layers": sel,
+        "layers_spec": layers,
+        "calib_tokens": n_calib,
+        "calib_text": calib_text or "mea prose corpus (train split)",
+        "kv_bytes_per_token_before": src.config.kv_cache_bytes_per_token,
+        "kv_bytes_per_token_after": new.config.kv_cache_bytes_per_token,
+        "params_before": src.num_params(),
+        "params_after": new.num_params(),
+        "per_layer": rows,
+    }
+    _write(new, tok_dir, out_dir, report, overwrite)
+    print(format_table(rows))
+    print(f"wrote {out_dir}")
+    return report
+
+
+def _write(model: Transformer, tok_dir: Optional[Path], out_dir: Path, report: dict, overwrite: bool) -> None:
+    """Write into a temporary sibling and rename it into place: a failure leaves no half folder."""
+    from ..models.export import save_hf
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tokenizer = None
+        if tok_dir is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        save_hf(model, tmp, tokenizer=tokenizer)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if out_dir.exists():
+            if not overwrite:
+                raise FileExistsError(f"out: {out_dir} appeared while converting")
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

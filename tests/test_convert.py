@@ -1,0 +1,253 @@
+"""KV-cache compression (`mea convert`): the fits, the converted model, the command's errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mea import KVCache, ModelConfig, Transformer
+from mea.convert.calibration import input_covariances
+from mea.convert.convert import compress_model, convert, parse_layers
+from mea.convert.heads import effective_head_weights, fit_components, relative_error
+
+
+def tiny(attention="gqa", n_heads=6, n_kv_heads=3, n_layers=3, d_model=48, vocab_size=97, **kw) -> Transformer:
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, attention=attention, head_norm=False, **kw)
+    return Transformer(cfg).eval()
+
+
+def rebuilt(mix, w_comp):
+    return torch.einsum("ji,jcD->icD", mix, w_comp)
+
+
+def anisotropic_inputs(n: int, D: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, D, dtype=torch.float64)
+    return torch.randn(n, D, generator=g, dtype=torch.float64) * scales
+
+
+# ------------------------------------------------------------------------------------ the fits
+@pytest.mark.parametrize("h,hk", [(8, 4), (9, 2), (6, 1), (5, 5)])
+def test_svd_is_best_rank_approximation(h, hk):
+    """Eckart-Young: the SVD init's per-head weights are the best rank-h' fit of the stacked heads."""
+    d, D = 4, 10
+    w = torch.randn(h, d, D, dtype=torch.float64)
+    w_comp, mix = fit_components(w, hk, "svd")
+    assert w_comp.shape == (hk, d, D) and mix.shape == (hk, h)
+    m = w.reshape(h, -1)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    best = (u[:, :hk] * s[:hk]) @ vh[:hk]
+    fit = rebuilt(mix, w_comp).reshape(h, -1)
+    torch.testing.assert_close(fit, best, atol=1e-10, rtol=1e-10)
+    assert torch.linalg.norm(m - fit) == pytest.approx(float(s[hk:].pow(2).sum().sqrt()), abs=1e-10)
+    # Orthogonal mix rows of GQA's row norm sqrt(h / h').
+    torch.testing.assert_close(mix @ mix.T, (h / hk) * torch.eye(hk, dtype=torch.float64))
+    # No other rank-h' factorization does better (a few random ones, and mean-pooling).
+    for _ in range(3):
+        other = torch.randn(hk, h, dtype=torch.float64)
+        ls = torch.linalg.lstsq(other.T, m).solution
+        assert torch.linalg.norm(m - other.T @ ls) >= torch.linalg.norm(m - fit) - 1e-12
+    mc, mm = fit_components(w, hk, "mean-pool")
+    assert torch.linalg.norm(m - rebuilt(mm, mc).reshape(h, -1)) >= torch.linalg.norm(m - fit) - 1e-12
+
+
+def test_activation_init_is_whitened_svd():
+    """The activation fit equals the truncated SVD of M (I (x) C^1/2), and beats the plain SVD on
+    the calibration inputs' keys when those inputs are anisotropic."""
+    h, hk, d, D = 6, 2, 4, 12
+    w = torch.randn(h, d, D, dtype=torch.float64)
+    x = anisotropic_inputs(500, D)
+    cov = x.T @ x
+    w_comp, mix = fit_components(w, hk, "activation", cov)
+    # Explicit whitening: SVD of W_i C^{1/2}, best rank-h' fit there.
+    evals, evecs = torch.linalg.eigh(cov)
+    c_half = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    mw = torch.einsum("icD,DE->icE", w, c_half).reshape(h, -1)
+    s = torch.linalg.svdvals(mw)
+    want = float(s[hk:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt())
+    # The error measured on actual keys of the inputs, k_i(n) = W_i x_n.
+    keys = torch.einsum("icD,nD->nic", w, x)
+    keys_hat = torch.einsum("icD,nD->nic", rebuilt(mix, w_comp), x)
+    got = float(torch.linalg.norm(keys - keys_hat) / torch.linalg.norm(keys))
+    assert got == pytest.approx(want, rel=1e-8)
+    assert relative_error(w, rebuilt(mix, w_comp), cov) == pytest.approx(want, rel=1e-8)
+    sc, sm = fit_components(w, hk, "svd")
+    assert relative_error(w, rebuilt(sm, sc), cov) > got
+    with pytest.raises(ValueError, match="cov"):
+        fit_components(w, hk, "activation")
+
+
+@pytest.mark.parametrize("h,hk,sizes", [(9, 3, [3, 3, 3]), (9, 2, [5, 4]), (5, 3, [2, 2, 1]), (4, 1, [4])])
+def test_mean_pool_groups(h, hk, sizes):
+    d, D = 3, 5
+    w = torch.randn(h, d, D, dtype=torch.float64)
+    w_comp, mix = fit_components(w, hk, "mean-pool")
+    assert mix.sum(1).tolist() == sizes
+    assert (mix.sum(0) == 1).all() and set(mix.unique().tolist()) <= {0.0, 1.0}
+    for j in range(hk):
+        members = mix[j].nonzero().flatten()
+        # Groups are contiguous runs of query heads, as GQA's.
+        assert (members.diff() == 1).all()
+        torch.testing.assert_close(w_comp[j], w[members].mean(0))
+
+
+def test_rope_commutes_with_the_fit():
+    """The weight-space fit is a fit of post-RoPE keys with the same error: RoPE rotates every head
+    alike, so rotate(mix^T K_comp) = mix^T rotate(K_comp) and rotations keep norms."""
+    from mea.layers.rope import RotaryEmbedding, apply_rope
+    from mea.ops.attention import mix_heads
+
+    h, hk, d, D, L = 6, 2, 8, 16, 7
+    w = torch.randn(h, d, D, dtype=torch.float64)
+    x = torch.randn(1, L, D, dtype=torch.float64)
+    w_comp, mix = fit_components(w, hk, "svd")
+    cos, sin = RotaryEmbedding(d)(torch.arange(L)[None], torch.float64)
+    k = apply_rope(torch.einsum("icD,blD->bilc", w, x), cos, sin)
+    k_comp = apply_rope(torch.einsum("jcD,blD->bjlc", w_comp, x), cos, sin)
+    k_hat = mix_heads(k_comp, mix)
+    k_hat_pre = apply_rope(torch.einsum("icD,blD->bilc", rebuilt(mix, w_comp), x), cos, sin)
+    torch.testing.assert_close(k_hat, k_hat_pre)
+    pre = torch.einsum("icD,blD->bilc", w - rebuilt(mix, w_comp), x)
+    # RoPE tables are computed in fp32, so the rotation is orthogonal to fp32 precision.
+    assert float(torch.linalg.norm(k - k_hat)) == pytest.approx(float(torch.linalg.norm(pre)), rel=1e-6)
+
+
+# ------------------------------------------------------------------------ converting a model
+@pytest.mark.parametrize("attention,n_kv_heads", [("gqa", 3), ("mha", 6), ("gqa", 1)])
+@pytest.mark.parametrize("init", ["svd", "activation", "mean-pool"])
+def test_exact_at_unchanged_head_count(attention, n_kv_heads, init):
+    model = tiny(attention, n_kv_heads=n_kv_heads)
+    ids = torch.randint(0, 97, (2, 24))
+    covs, n = input_covariances(model, [ids], progress=False)
+    assert n == ids.numel()
+    new, rows = compress_model(model, n_kv_heads, init, "all", covs)
+    assert new.config.attention == "mea" and new.config.n_kv_heads == n_kv_heads
+    assert new.config.head_norm is False and new.config.layer_kv_heads is None
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids), model(ids), atol=1e-5, rtol=0)
+    assert all(r["k_rel_err"] < 1e-6 and r["v_rel_err"] < 1e-6 for r in rows)
+
+
+def test_exact_for_an_mea_source_with_head_norm():
+    cfg = ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=4, attention="mea")
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_mix.normal_()
+            layer.self_attn.v_mix.normal_()
+            layer.self_attn.head_norm.weight.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 97, (1, 16))
+    new, _ = compress_model(model, 4, "svd")
+    assert new.config.head_norm is True
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids), model(ids), atol=1e-5, rtol=0)
+
+
+def test_compressed_cache_holds_h_prime_heads():
+    model = tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=3)
+    new, rows = compress_model(model, 2, "svd")
+    B, T = 2, 10
+    ids = torch.randint(0, 97, (B, T))
+    cache_old = KVCache.for_model(model.config, B, T)
+    cache_new = KVCache.for_model(new.config, B, T)
+    with torch.no_grad():
+        model(ids, cache=cache_old)
+        prefill = new(ids[:, :6], cache=cache_new)
+        step = new(ids[:, 6:], cache=cache_new)
+        full = new(ids)
+    assert all(k.shape[1] == 2 for k in cache_new.k + cache_new.v)
+    d = model.config.head_dim
+    assert cache_new.nbytes() == 3 * 2 * 2 * d * 4 * B * T  # layers * (K,V) * h' * d * fp32 * tokens
+    assert cache_new.nbytes() * 3 == cache_old.nbytes() * 2
+    assert new.config.kv_cache_bytes_per_token == sum(r["kv_bytes_per_token_after"] for r in rows)
+    # Decoding from the h'-head cache is the converted model's function.
+    torch.testing.assert_close(torch.cat([prefill, step], 1), full, atol=1e-5, rtol=0)
+
+
+def test_layers_subset_leaves_other_layers_alone():
+    model = tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=4)
+    ids = torch.randint(0, 97, (2, 12))
+    covs, _ = input_covariances(model, [ids], progress=False)
+    new, rows = compress_model(model, 1, "activation", "1-2", covs)
+    assert new.config.layer_kv_heads == [3, 1, 1, 3] and new.config.n_kv_heads == 1
+    assert [r["compressed"] for r in rows] == [False, True, True, False]
+    for i in (0, 3):
+        old_a, new_a = model.model.layers[i].self_attn, new.model.layers[i].self_attn
+        for a, b in zip(effective_head_weights(old_a), effective_head_weights(new_a)):
+            torch.testing.assert_close(a, b)
+        assert rows[i]["k_rel_err"] < 1e-7
+    assert all(rows[i]["k_rel_err"] > 1e-3 for i in (1, 2))
+    cache = KVCache.for_model(new.config, 1, 4)
+    assert [k.shape[1] for k in cache.k] == [3, 1, 1, 3]
+    # The first layer is untouched, so its output is bit-for-bit the source's.
+    assert torch.equal(new.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    # The report's cache sizes match the cache a converted model really allocates.
+    assert sum(r["kv_bytes_per_token_after"] for r in rows) == new.config.kv_cache_bytes_per_token
+
+
+def test_activation_fit_beats_svd_on_calibration_keys():
+    model = tiny("mha", n_heads=6, n_kv_heads=6, n_layers=2)
+    ids = torch.randint(0, 97, (4, 32))
+    covs, _ = input_covariances(model, [ids], progress=False)
+    _, rows_svd = compress_model(model, 2, "svd", "all", covs)
+    _, rows_act = compress_model(model, 2, "activation", "all", covs)
+    _, rows_mp = compress_model(model, 2, "mean-pool", "all", covs)
+    for s, a, m in zip(rows_svd, rows_act, rows_mp):
+        assert a["k_rel_err"] <= s["k_rel_err"] + 1e-12 and a["v_rel_err"] <= s["v_rel_err"] + 1e-12
+        assert s["k_rel_err_weights"] <= m["k_rel_err_weights"] + 1e-12
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("middle", 30) == list(range(7, 22))
+    assert parse_layers("middle", 4) == [1, 2]
+    assert parse_layers("4-6,0", 8) == [0, 4, 5, 6]
+    assert parse_layers("0,2,5", 6) == [0, 2, 5]
+    for bad, msg in [("7", "out of range"), ("3-9", "out of range"), ("5-2", "backwards"), ("x", "cannot parse"),
+                     ("-1", "cannot parse")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_layers(bad, 6)
+
+
+# ------------------------------------------------------------------------------ the command
+def save_run(model: Transformer, path):
+    from mea.train.checkpoint import save_checkpoint
+
+    save_checkpoint(path, 1, model.state_dict(), model.config, {}, {"step": 1})
+    return path
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(kv_heads=0), ValueError, "kv_heads"),
+    (dict(kv_heads=7), ValueError, "kv_heads"),        # more than the 6 query heads
+    (dict(kv_heads=4), ValueError, "enlarge"),         # more than the 3 stored heads
+    (dict(kv_heads=2, layers="0-5"), ValueError, "out of range"),
+    (dict(kv_heads=2, init="pca"), ValueError, "init"),
+    (dict(kv_heads=2, init="activation", calib_tokens=0), ValueError, "calib_tokens"),
+])
+def test_bad_requests_write_nothing(tmp_path, kwargs, exc, msg):
+    run = save_run(tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=3), tmp_path / "run")
+    out = tmp_path / "out"
+    with pytest.raises(exc, match=msg):
+        convert(str(run), out=str(out), calib_tokens=kwargs.pop("calib_tokens", 0), **kwargs)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_unsupported_architectures_write_nothing(tmp_path):
+    out = tmp_path / "out"
+    cfg = ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, attention="diff")
+    run = save_run(Transformer(cfg), tmp_path / "diff_run")
+    with pytest.raises(ValueError, match="not supported"):
+        convert(str(run), 3, out=str(out), calib_tokens=0)
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 12}))
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        convert(str(hf), 3, out=str(out), calib_tokens=0)
+    with pytest.raises(FileNotFoundError):
+        convert(str(tmp_path / "nothing"), 3, out=str(out), calib_tokens=0)
+    assert not out.exists()
