@@ -76,7 +76,9 @@ def _commands() -> dict:
 def main(argv: Optional[list[str]] = None) -> None:
     from jsonargparse import CLI
 
-    CLI(_commands(), args=argv, as_positional=True)
+    result = CLI(_commands(), args=argv, as_positional=True)
+    if isinstance(result, dict) and result.get("status") == "diverged":
+        sys.exit(1)
 
 
 if __name__ == "__main__":

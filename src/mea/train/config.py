@@ -1,0 +1,113 @@
+"""Typed training and data settings (jsonargparse turns them into --train.* / --data.* options)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Which token shards to train on.
+
+    Args:
+        corpus: a built-in corpus name (``prose``, ``mix``), prepared on first use, or the path of a
+            directory written by ``mea prepare-data``.
+        seq_len: tokens per training sequence (the model's context in training).
+    """
+
+    corpus: str = "prose"
+    seq_len: int = 256
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings.
+
+    Args:
+        max_steps: optimizer steps.
+        batch_size: sequences per micro-batch per process.
+        grad_accum: micro-batches per optimizer step (global batch = batch_size x grad_accum x world size).
+        lr: peak learning rate.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        schedule: ``cosine`` (warmup then cosine), ``wsd`` (warmup, stable, linear decay), ``constant``.
+        warmup_steps: linear warmup steps.
+        decay_fraction: for ``wsd``, the fraction of steps in the final decay.
+        weight_decay: decoupled weight decay of the matrices (AdamW).
+        decay_mixing: also decay MEA/talking-heads mixing matrices (off: they start as identity).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        eps: AdamW epsilon.
+        grad_clip: max global gradient norm (0 disables).
+        seed: seed of the initialization and of the data order.
+        log_every: steps between metric records.
+        eval_every: steps between validation losses (and at the end).
+        eval_batches: validation batches per evaluation.
+        save_every: steps between checkpoints (and at the end).
+        keep_checkpoints: checkpoints kept on disk.
+        diverge_loss: a training loss above this (or NaN/inf) stops the run as diverged;
+            0 means 1.5 x ln(vocab), well above the loss of a fresh model.
+    """
+
+    max_steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    decay_mixing: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    diverge_loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"train.schedule: unknown schedule {self.schedule!r}; expected cosine, wsd or constant")
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr: must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        import math
+
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+    decay_steps = max(1, int(round(cfg.decay_fraction * cfg.max_steps)))
+    decay_start = cfg.max_steps - decay_steps
+    if step < decay_start:
+        return peak
+    t = min(1.0, (step - decay_start + 1) / decay_steps)
+    return peak + (floor - peak) * t
+
+
+def parse_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+

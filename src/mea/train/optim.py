@@ -1,0 +1,31 @@
+"""AdamW with decoupled weight decay on matrices only."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+# Mixing matrices start at identity/replication: decaying them pulls toward zero, not toward the
+# initialization, so they are exempt unless asked for.
+_MIXING = ("k_mix", "v_mix", "pre_mix", "post_mix")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_mix = name.split(".")[-1] in _MIXING
+        if p.dim() >= 2 and not (is_mix and not cfg.decay_mixing):
+            decay.append(p)
+        else:  # norms, biases, lambdas, (mixing)
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device_type == "cuda":
+        kw["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg), **kw)

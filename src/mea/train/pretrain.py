@@ -1,0 +1,306 @@
+"""`mea pretrain`: train a model on token shards, resumably, on one device or many (torchrun)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..models.config import ModelConfig
+from ..models.transformer import Transformer
+from . import distributed as D
+from .checkpoint import latest_checkpoint, load_model_state, save_checkpoint
+from .config import DataConfig, TrainConfig, lr_at, parse_device
+from .metrics import MetricsLog, plot_loss
+
+# Dense bf16 peak of the accelerators we report MFU on (vendor datasheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def _peak_flops(device: str) -> Optional[float]:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _open_data(data: DataConfig, split: str):
+    from ..data.shards import TokenDataset
+
+    path = Path(data.corpus)
+    if not path.is_dir():
+        from ..data.prepare import ensure_corpus
+
+        path = ensure_corpus(data.corpus)
+    return TokenDataset(path, split)
+
+
+def load_init_model(path: str) -> Transformer:
+    """Weights to continue from: a mea run/checkpoint, or a Hugging Face folder (MEA or LLaMA)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        from ..models.export import load_hf
+
+        return load_hf(p)
+    from .checkpoint import load_model
+
+    return load_model(p)
+
+
+def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Optional[int],
+                         head_norm: Optional[bool], model: Optional[dict], seq_len: int) -> ModelConfig:
+    over: dict[str, Any] = dict(model or {})
+    for key, val in (("attention", attention), ("n_kv_heads", n_kv_heads), ("head_norm", head_norm)):
+        if val is not None:
+            over[key] = val
+    over.pop("name", None)
+    cfg = ModelConfig.from_preset(preset, **over)
+    if cfg.max_seq_len < seq_len:
+        cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
+    return cfg
+
+
+@torch.no_grad()
+def evaluate_loss(model, val, data: DataConfig, batch_size: int, max_batches: int, device: str,
+                  autocast, info: D.DistInfo) -> float:
+    """Mean validation loss over the same fixed windows every time, split across ranks."""
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for i, (x, y) in enumerate(val.eval_batches(batch_size, data.seq_len, max_batches)):
+        if i % info.world_size != info.rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        total[1] += y.numel()
+    if info.enabled:
+        torch.distributed.all_reduce(total)
+    model.train()
+    if total[1] == 0:
+        raise ValueError("data: the validation split is too small for one evaluation batch; lower data.seq_len")
+    return float(total[0] / total[1])
+
+
+def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[str] = "mea",
+             n_kv_heads: Optional[int] = None, head_norm: Optional[bool] = None, model: Optional[dict] = None,
+             data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), init_from: Optional[str] = None,
+             resume: bool = False, device: str = "auto", compile: bool = False, parallel: str = "ddp",
+             halt_after: Optional[int] = None, progress: bool = True) -> dict:
+    """Pretrain a model on prepared token shards; write config, metrics, checkpoints and a loss plot to OUT.
+
+    Args:
+        out: run directory (config.yaml, metrics.jsonl, checkpoints/, loss.png).
+        preset: model preset (tiny, mini, small, 125m, 350m).
+        attention: attention variant (mha, gqa, diff, talking_heads, mea).
+        n_kv_heads: stored key/value heads (gqa groups, or h' for mea).
+        head_norm: switch the per-head RMSNorm on or off (default: on for mea and diff).
+        model: further ModelConfig overrides, e.g. {d_model: 384, n_layers: 6}.
+        data: corpus and sequence length.
+        train: optimization settings.
+        init_from: start from these weights (a mea run or checkpoint, or a Hugging Face folder, e.g.
+            one written by `mea convert`); the model settings then come from it.
+        resume: continue the run in OUT from its latest checkpoint, with its saved config.
+        device: auto, cpu, cuda.
+        compile: torch.compile the model.
+        parallel: under torchrun, ddp or fsdp (FSDP2 fully_shard per layer).
+        halt_after: stop after this step as if killed (no final eval or checkpoint); for testing resume.
+        progress: show a progress bar.
+    """
+    out_dir = Path(out)
+    if resume:
+        saved = out_dir / "config.yaml"
+        if not saved.exists():
+            raise FileNotFoundError(f"{saved}: nothing to resume (no config.yaml in the run directory)")
+        import yaml
+
+        conf = yaml.safe_load(saved.read_text())
+        preset, model = conf["preset"], conf["model"]
+        attention = n_kv_heads = head_norm = None
+        data, train = DataConfig(**conf["data"]), TrainConfig(**conf["train"])
+        init_from, compile, parallel = conf.get("init_from"), conf.get("compile", compile), conf.get("parallel", parallel)
+    device = parse_device(device)
+    info = D.setup(device)
+    dev = f"cuda:{info.local_rank}" if device == "cuda" else device
+    try:
+        return _train(out_dir, preset, attention, n_kv_heads, head_norm, model, data, train, init_from, resume,
+                      device, dev, compile, parallel, halt_after, progress, info)
+    finally:
+        D.teardown(info)
+
+
+def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, data: DataConfig,
+           train: TrainConfig, init_from, resume, device, dev, compile, parallel, halt_after, progress,
+           info: D.DistInfo) -> dict:
+    torch.manual_seed(train.seed)
+    if init_from:
+        net = load_init_model(init_from)
+        cfg = net.config
+        if cfg.max_seq_len < data.seq_len:
+            cfg.max_seq_len = data.seq_len
+    else:
+        cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
+        net = Transformer(cfg)
+    train_ds, val_ds = _open_data(data, "train"), _open_data(data, "val")
+    if train_ds.vocab_size > cfg.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.vocab_size} is smaller than the corpus tokenizer's {train_ds.vocab_size}")
+
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    start_step, tokens = 0, 0
+    trainer_state = None
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is not None:
+            net.load_state_dict(load_model_state(ckpt), strict=not cfg.tie_embeddings)
+            state = json.loads((ckpt / "state.json").read_text())
+            start_step, tokens = state["step"], state["tokens"]
+            trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+            if trainer_state.get("rng") is not None:
+                torch.set_rng_state(trainer_state["rng"])
+        if info.is_main:
+            log.truncate_after(start_step)
+            print(f"resuming {out_dir} at step {start_step}" if ckpt else f"no checkpoint in {out_dir}; starting fresh",
+                  file=sys.stderr)
+    elif info.is_main:
+        if (out_dir / "checkpoints" / "latest").exists():
+            raise FileExistsError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+        _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
+
+    net.to(dev)
+    wrapped = D.wrap(net, info, parallel, device)
+    from .optim import build_optimizer
+
+    optimizer = build_optimizer(wrapped, train, device)
+    if trainer_state is not None:
+        D.load_optimizer_state(wrapped, optimizer, trainer_state["optimizer"])
+    fwd = torch.compile(wrapped) if compile else wrapped
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else _null_ctx
+
+    diverge_at = train.diverge_loss or 1.5 * math.log(cfg.vocab_size)
+    tokens_per_step = train.batch_size * train.grad_accum * data.seq_len * info.world_size
+    flops_per_token = cfg.flops_per_token(data.seq_len)
+    peak = _peak_flops(device)
+    epochs_note = tokens_per_step * train.max_steps / max(1, train_ds.num_tokens)
+    if info.is_main and start_step == 0:
+        print(f"model {cfg.name}/{cfg.attention}: {net.num_params():,} params ({net.num_params(True):,} non-embedding); "
+              f"{tokens_per_step:,} tokens/step, {train.max_steps} steps = {epochs_note:.2f} epochs of "
+              f"{train_ds.num_tokens:,} tokens", file=sys.stderr)
+
+    status, val_loss, reason = "running", None, None
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train.max_steps, initial=start_step, desc=f"pretrain {cfg.attention}", dynamic_ncols=True)
+    wrapped.train()
+    t_last, tok_last = time.perf_counter(), tokens
+    step = start_step
+    for step in range(start_step, train.max_steps):
+        lr = lr_at(step, train)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=dev)
+        for micro in range(train.grad_accum):
+            x, y = train_ds.batch(step * train.grad_accum + micro, train.batch_size, data.seq_len,
+                                  seed=train.seed, rank=info.rank, world_size=info.world_size)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            sync = micro == train.grad_accum - 1
+            ctx = wrapped.no_sync() if (info.enabled and parallel == "ddp" and not sync) else _null_ctx()
+            with ctx:
+                with autocast():
+                    logits = fwd(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / train.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf"))
+        loss_val = float(D.all_reduce_mean(loss_sum, info))
+        if not math.isfinite(loss_val) or loss_val > diverge_at:
+            reason = f"loss {loss_val:.4g} at step {step + 1} " + ("is not finite" if not math.isfinite(loss_val) else f"exceeds {diverge_at:.3g}")
+            status = "diverged"
+            optimizer.zero_grad(set_to_none=True)
+            if info.is_main:
+                log.write({"step": step + 1, "tokens": tokens + tokens_per_step, "loss": loss_val if math.isfinite(loss_val) else None,
+                           "lr": lr, "event": "diverged", "reason": reason})
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += tokens_per_step
+        done = step + 1
+        rec: dict[str, Any] = {}
+        if done % train.log_every == 0 or done == train.max_steps:
+            now = time.perf_counter()
+            tps = (tokens - tok_last) / max(now - t_last, 1e-9)
+            t_last, tok_last = now, tokens
+            rec = {"step": done, "tokens": tokens, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tps, "mfu": (tps * flops_per_token / (peak * info.world_size)) if peak else None}
+        if done % train.eval_every == 0 or done == train.max_steps:
+            val_loss = evaluate_loss(fwd, val_ds, data, train.batch_size, train.eval_batches, dev, autocast, info)
+            rec.update({"step": done, "tokens": tokens, "val_loss": val_loss})
+        if rec and info.is_main:
+            log.write(rec)
+            if "val_loss" in rec:
+                plot_loss(log.read(), out_dir / "loss.png", title=f"{cfg.name} {cfg.attention}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", **({"val": f"{val_loss:.3f}"} if val_loss else {}))
+        if halt_after is not None and done >= halt_after:
+            status = "halted"
+            if done % train.save_every == 0:
+                _save(out_dir, done, tokens, wrapped, optimizer, cfg, train, info, val_loss)
+            break
+        if done % train.save_every == 0 or done == train.max_steps:
+            _save(out_dir, done, tokens, wrapped, optimizer, cfg, train, info, val_loss)
+    else:
+        status = "finished"
+    if status == "running":
+        status = "finished"
+    if bar is not None:
+        bar.close()
+    summary = {"status": status, "step": step + 1 if status != "diverged" else step, "tokens": tokens,
+               "val_loss": val_loss, "out": str(out_dir), "loss_png": str(out_dir / "loss.png")}
+    if reason:
+        summary["reason"] = reason
+    if info.is_main:
+        (out_dir / "status.json").write_text(json.dumps(summary, indent=2))
+        if status == "diverged":
+            print(f"run diverged: {reason}; the last good checkpoint is kept in {out_dir / 'checkpoints'}", file=sys.stderr)
+        elif status == "finished":
+            plot_loss(log.read(), out_dir / "loss.png", title=f"{cfg.name} {cfg.attention}")
+            print(f"validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}) after {tokens:,} tokens; "
+                  f"loss curve: {out_dir / 'loss.png'}")
+    return summary
+
+
+class _null_ctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _save(out_dir, step, tokens, wrapped, optimizer, cfg, train, info, val_loss) -> None:
+    model_sd, optim_sd = D.full_state(wrapped, optimizer)
+    if info.is_main:
+        save_checkpoint(out_dir, step, model_sd, cfg,
+                        {"optimizer": optim_sd, "rng": torch.get_rng_state()},
+                        {"step": step, "tokens": tokens, "data_index": step * train.grad_accum, "val_loss": val_loss},
+                        keep=train.keep_checkpoints)
+    if info.enabled:
+        torch.distributed.barrier()
+
+
+def _write_config(out_dir: Path, preset, cfg: ModelConfig, data, train, init_from, compile, parallel) -> None:
+    import yaml
+
+    conf = {"out": str(out_dir), "preset": preset, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
+            "train": dataclasses.asdict(train), "init_from": init_from, "compile": compile, "parallel": parallel}
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))

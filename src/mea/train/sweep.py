@@ -1,0 +1,241 @@
+"""`mea sweep`: a grid of (attention variant x learning rate x seed) pretraining runs.
+
+Runs go sequentially on one device, or one per GPU at once (``--gpus 0,1,2,3``: each run is a
+``mea pretrain`` subprocess pinned to one GPU). The sweep is resumable: finished or diverged runs
+are kept, interrupted ones resume from their checkpoints. Results: ``results.csv``, a plot of final
+validation loss against learning rate per variant, and the loss curves at each variant's best rate.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import DataConfig, TrainConfig
+from .metrics import read_metrics
+
+FIELDS = ["variant", "lr", "seed", "status", "final_val_loss", "best_val_loss", "steps", "tokens", "run_dir"]
+
+
+def parse_variant(spec: str) -> dict[str, Any]:
+    """``mea``, ``mea:n_kv_heads=4,head_norm=false`` -> pretrain keyword arguments."""
+    from ..models.config import ATTENTION_VARIANTS
+
+    name, _, rest = spec.partition(":")
+    if name not in ATTENTION_VARIANTS:
+        raise ValueError(f"variants: unknown attention {name!r} in {spec!r}; expected one of {', '.join(ATTENTION_VARIANTS)}")
+    kw: dict[str, Any] = {"attention": name}
+    model: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"variants: expected key=value in {spec!r}, got {item!r}")
+        low = val.strip().lower()
+        parsed: Any = {"true": True, "false": False, "none": None}.get(low, val)
+        if parsed is val:
+            try:
+                parsed = int(val)
+            except ValueError:
+                try:
+                    parsed = float(val)
+                except ValueError:
+                    parsed = val
+        if key in ("n_kv_heads", "head_norm"):
+            kw[key] = parsed
+        else:
+            model[key] = parsed
+    if model:
+        kw["model"] = model
+    return kw
+
+
+def run_name(variant: str, lr: float, seed: int) -> str:
+    safe = variant.replace(":", "_").replace(",", "_").replace("=", "-")
+    return f"{safe}/lr{lr:.2e}_s{seed}"
+
+
+def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: list[float] = [1e-3, 3e-3, 1e-2],
+          seeds: list[int] = [0], preset: str = "tiny", model: Optional[dict] = None, data: DataConfig = DataConfig(),
+          train: TrainConfig = TrainConfig(), gpus: Optional[list[int]] = None, device: str = "auto",
+          compile: bool = False) -> str:
+    """Train every (variant, learning rate, seed); collect final validation losses and plot them.
+
+    Args:
+        out: sweep directory (one run directory per grid point, results.csv, PNG plots).
+        variants: attention variants, each optionally with settings, e.g. ``mea:head_norm=false``.
+        lrs: peak learning rates.
+        seeds: seeds per grid point.
+        preset: model preset shared by all runs.
+        model: ModelConfig overrides shared by all runs.
+        data: corpus and sequence length.
+        train: optimization settings (train.lr and train.seed are set per run).
+        gpus: run one process per listed GPU at once; default: sequentially in this process.
+        device: device for sequential runs (auto, cpu, cuda).
+        compile: torch.compile each model.
+    """
+    if not variants or not lrs or not seeds:
+        raise ValueError("variants, lrs and seeds: each needs at least one entry")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parsed = {v: parse_variant(v) for v in variants}
+    jobs = []
+    for v in variants:
+        for lr in lrs:
+            for seed in seeds:
+                kw = dict(parsed[v])
+                kw["model"] = {**(model or {}), **kw.get("model", {})}
+                jobs.append((v, lr, seed, out_dir / run_name(v, lr, seed), kw))
+    todo = [j for j in jobs if not _done(j[3])]
+    print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already done", file=sys.stderr)
+    if gpus:
+        _run_parallel(todo, preset, data, train, gpus, compile)
+    else:
+        from tqdm.auto import tqdm
+
+        from .pretrain import pretrain
+
+        for v, lr, seed, run_dir, kw in tqdm(todo, desc="sweep", dynamic_ncols=True):
+            tr = dataclasses.replace(train, lr=lr, seed=seed)
+            resume = (run_dir / "config.yaml").exists()
+            pretrain(out=str(run_dir), preset=preset, data=data, train=tr, resume=resume, device=device,
+                     compile=compile, progress=False, **kw)
+    rows = collect(jobs)
+    csv_path = out_dir / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    plot_sweep(rows, out_dir)
+    _print_table(rows)
+    return str(csv_path)
+
+
+def _done(run_dir: Path) -> bool:
+    f = run_dir / "status.json"
+    return f.exists() and json.loads(f.read_text()).get("status") in ("finished", "diverged")
+
+
+def _run_parallel(todo, preset, data, train, gpus, compile) -> None:
+    """One `mea pretrain` subprocess per GPU; a finished GPU takes the next run."""
+    import yaml
+
+    queue, running = list(todo), {}
+    while queue or running:
+        for gpu in gpus:
+            if gpu not in running and queue:
+                v, lr, seed, run_dir, kw = queue.pop(0)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                conf = {"out": str(run_dir), "preset": preset, "data": dataclasses.asdict(data),
+                        "train": dataclasses.asdict(dataclasses.replace(train, lr=lr, seed=seed)),
+                        "compile": compile, "progress": False, **kw}
+                conf_file = run_dir / "sweep_args.yaml"
+                conf_file.write_text(yaml.safe_dump(conf))
+                args = [sys.executable, "-m", "mea.cli", "pretrain", "--config", str(conf_file)]
+                if (run_dir / "config.yaml").exists():
+                    args.append("--resume=true")
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+                logf = open(run_dir / "stdout.log", "a")
+                running[gpu] = (subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT), logf, run_dir)
+                print(f"[gpu {gpu}] {run_dir}", file=sys.stderr)
+        time.sleep(2)
+        for gpu, (proc, logf, run_dir) in list(running.items()):
+            if proc.poll() is not None:
+                logf.close()
+                del running[gpu]
+                if proc.returncode != 0 and not _done(run_dir):
+                    print(f"[gpu {gpu}] {run_dir} failed with exit code {proc.returncode}; see {run_dir / 'stdout.log'}",
+                          file=sys.stderr)
+
+
+def collect(jobs) -> list[dict]:
+    rows = []
+    for v, lr, seed, run_dir, _ in jobs:
+        recs = read_metrics(run_dir / "metrics.jsonl")
+        vals = [r["val_loss"] for r in recs if "val_loss" in r]
+        status = "missing"
+        if (run_dir / "status.json").exists():
+            status = json.loads((run_dir / "status.json").read_text())["status"]
+        last = recs[-1] if recs else {}
+        rows.append({"variant": v, "lr": lr, "seed": seed, "status": status,
+                     "final_val_loss": vals[-1] if vals and status == "finished" else None,
+                     "best_val_loss": min(vals) if vals else None, "steps": last.get("step"),
+                     "tokens": last.get("tokens"), "run_dir": str(run_dir)})
+    return rows
+
+
+def best_lrs(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """variant -> (best learning rate, its final validation loss averaged over seeds)."""
+    by: dict[tuple[str, float], list[float]] = {}
+    for r in rows:
+        if r["final_val_loss"] is not None:
+            by.setdefault((r["variant"], r["lr"]), []).append(r["final_val_loss"])
+    best: dict[str, tuple[float, float]] = {}
+    for (v, lr), losses in by.items():
+        m = sum(losses) / len(losses)
+        if v not in best or m < best[v][1]:
+            best[v] = (lr, m)
+    return best
+
+
+def plot_sweep(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    finite = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
+    top = max(finite) if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for v in variants:
+        pts: dict[float, list[float]] = {}
+        for r in rows:
+            if r["variant"] == v and r["final_val_loss"] is not None:
+                pts.setdefault(r["lr"], []).append(r["final_val_loss"])
+        xs = sorted(pts)
+        line = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=v)[0]
+        bad = sorted({r["lr"] for r in rows if r["variant"] == v and r["status"] == "diverged"})
+        if bad:
+            ax.plot(bad, [top * 1.02] * len(bad), "x", color=line.get_color(), ms=9, mew=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("final loss vs learning rate (x = diverged)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_vs_lr.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for v, (lr, _) in best_lrs(rows).items():
+        for r in rows:
+            if r["variant"] == v and r["lr"] == lr:
+                recs = read_metrics(Path(r["run_dir"]) / "metrics.jsonl")
+                pts = [(x["tokens"], x["val_loss"]) for x in recs if "val_loss" in x]
+                if pts:
+                    ax.plot(*zip(*pts), label=f"{v} lr={lr:.1e} s{r['seed']}")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title("validation loss at each variant's best learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves_best_lr.png", dpi=120)
+    plt.close(fig)
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'variant':<28} {'lr':>9} {'seed':>4} {'status':>9} {'final val':>10}")
+    for r in rows:
+        val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
+        print(f"{r['variant']:<28} {r['lr']:>9.2e} {r['seed']:>4} {r['status']:>9} {val:>10}")
+    for v, (lr, loss) in best_lrs(rows).items():
+        print(f"best {v}: lr {lr:.2e}, val loss {loss:.4f} (ppl {math.exp(loss):.1f})")
