@@ -223,41 +223,41 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
 
 
 def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens: int, seq_len: int,
-                       text_file: Optional[str] = None, split: str = "train") -> Tensor:
+                       text_file: Optional[str] = None, corpus: str = "prose", seed: int = 0) -> Tensor:
     """(n, seq_len) windows of calibration text in the model's own tokenizer.
 
-    The text is ``text_file`` if given, else the project's prose corpus (``split``). A model with
-    its own tokenizer (an HF folder with ``tokenizer.json``) gets the text re-tokenized; mea models
-    read the corpus's GPT-2 ids as they are.
+    The text is ``text_file`` if given, else windows sampled over the train split of ``corpus``
+    (the validation split stays unseen for measuring the result). A model with its own tokenizer
+    (an HF folder with ``tokenizer.json``) gets the text re-tokenized.
     """
     from .calibration import windows
-    from .corpus import corpus_ids, corpus_text
+    from .corpus import corpus_windows
 
-    if tokenizer_dir is None:
-        if text_file is not None:
+    if text_file is None:
+        ids = corpus_windows(tokenizer_dir, "train", n_tokens, seq_len, corpus, seed=seed)
+    else:
+        text = Path(text_file).read_text()
+        if tokenizer_dir is None:
             from ..data.tokenizer import load_tokenizer
 
-            ids = torch.tensor(load_tokenizer().encode(Path(text_file).read_text()), dtype=torch.long)
+            flat = load_tokenizer().encode(text)
         else:
-            ids = corpus_ids(n_tokens + seq_len, split)
-    else:
-        from tokenizers import Tokenizer
+            from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        text = Path(text_file).read_text() if text_file is not None else corpus_text(n_tokens, split)
-        ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+            flat = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+        ids = windows(torch.tensor(flat, dtype=torch.long), seq_len, n_tokens)
     if ids.numel() and int(ids.max()) >= vocab_size:
         raise ValueError(
             f"calibration text: token id {int(ids.max())} >= the model's vocab_size {vocab_size}; "
             "the tokenizer does not match the model"
         )
-    return windows(ids, seq_len, n_tokens)
+    return ids
 
 
 # ---------------------------------------------------------------------------------------- command
 def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", out: Optional[str] = None,
             calib_tokens: int = 65536, calib_seq_len: int = 512, calib_text: Optional[str] = None,
-            batch_size: int = 8, overwrite: bool = False) -> dict:
+            corpus: str = "prose", batch_size: int = 8, overwrite: bool = False) -> dict:
     """Compress a pretrained model's KV cache: store KV_HEADS component heads per layer and rebuild
     the query heads' keys and values through MEA's head-level mix. Writes an HF folder (loadable by
     `mea evaluate`, `mea pretrain --init-from`, transformers with trust_remote_code) and
@@ -276,7 +276,10 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
         calib_tokens: tokens of calibration text for the activation fit and the reported errors
             (0: none; errors are then reported in weight space only; activation needs > 0).
         calib_seq_len: tokens per calibration window.
-        calib_text: a plain-text file to calibrate on instead of the project's prose corpus.
+        calib_text: a plain-text file to calibrate on instead of the corpus.
+        corpus: corpus whose train split gives the calibration text (a built-in name such as prose,
+            or a directory written by `mea prepare-data`); re-tokenized for models with their own
+            tokenizer.
         batch_size: calibration windows per forward pass.
         overwrite: replace ``out`` if it exists.
 
@@ -307,7 +310,7 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
     if calib_tokens > 0:
         from .calibration import input_covariances
 
-        ids = calibration_tokens(tok_dir, src.config.vocab_size, calib_tokens, calib_seq_len, calib_text)
+        ids = calibration_tokens(tok_dir, src.config.vocab_size, calib_tokens, calib_seq_len, calib_text, corpus)
         covs, n_calib = input_covariances(src, ids.split(batch_size))
     new, rows = compress_model(src, kv_heads, init, sel, covs)
 
@@ -318,7 +321,7 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
         "layers": sel,
         "layers_spec": layers,
         "calib_tokens": n_calib,
-        "calib_text": calib_text or "mea prose corpus (train split)",
+        "calib_text": calib_text or f"corpus {corpus!r}, train split",
         "kv_bytes_per_token_before": src.config.kv_cache_bytes_per_token,
         "kv_bytes_per_token_after": new.config.kv_cache_bytes_per_token,
         "params_before": src.num_params(),

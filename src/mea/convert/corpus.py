@@ -1,0 +1,184 @@
+"""The project's corpus in a pretrained model's own tokenizer.
+
+``mea prepare-data`` stores GPT-2 ids. A model with another vocabulary (SmolLM2: 49,152 ids) needs
+the same text in its own ids for calibration, validation perplexity and healing, so this module
+decodes the GPT-2 shards document by document (documents end in GPT-2's ``<|endoftext|>``),
+encodes them with the model's ``tokenizer.json``, and writes a prepared directory of the same
+format (``mea.data.shards``) that ``TokenDataset`` and ``mea pretrain --data.corpus DIR`` read.
+It is cached under ``$MEA_CACHE/retokenized/<corpus>-<tokenizer sha256>``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+# Documents per encode_batch call: large enough for the Rust backend to use every core.
+_DOCS_PER_BATCH = 512
+_GPT2_EOS = 50256
+
+
+def gpt2_corpus_dir(corpus: str = "prose") -> Path:
+    """A prepared GPT-2 corpus: a directory as it is, or a built-in corpus name (prepared on first use)."""
+    p = Path(corpus)
+    if p.is_dir():
+        return p
+    from ..data.prepare import ensure_corpus
+
+    return Path(ensure_corpus(corpus))
+
+
+def _documents(tokens: np.ndarray, eos: int):
+    """Split a GPT-2 id stream at eos; a trailing piece without eos is a document too."""
+    ends = np.flatnonzero(tokens == eos)
+    start = 0
+    for e in ends:
+        if e > start:
+            yield tokens[start:e]
+        start = e + 1
+    if start < len(tokens):
+        yield tokens[start:]
+
+
+def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Optional[str | Path] = None,
+                      max_tokens: Optional[dict[str, int]] = None, progress: bool = True) -> Path:
+    """Write ``corpus`` re-encoded with ``tokenizer_json`` as a prepared directory; return its path.
+
+    Args:
+        tokenizer_json: the target model's ``tokenizer.json``.
+        corpus: a built-in corpus name or a prepared GPT-2 directory.
+        out: where to write (default: the cache, keyed by corpus and tokenizer hash).
+        max_tokens: per split, stop after this many source (GPT-2) tokens (default: all).
+        progress: show tqdm progress.
+    """
+    from tokenizers import Tokenizer
+    from tqdm.auto import tqdm
+
+    from ..data.fetch import cache_dir, sha256_file
+    from ..data.shards import DTYPE, FORMAT, MANIFEST, ShardWriter, TokenDataset, read_manifest
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer_json = Path(tokenizer_json)
+    if not tokenizer_json.is_file():
+        raise FileNotFoundError(f"tokenizer_json: {tokenizer_json} is not a file")
+    src = gpt2_corpus_dir(corpus)
+    manifest = read_manifest(src)
+    tok_sha = sha256_file(tokenizer_json)
+    limit_tag = "" if not max_tokens else "-" + "-".join(f"{k}{v}" for k, v in sorted(max_tokens.items()))
+    if out is None:
+        out = cache_dir() / "retokenized" / f"{src.resolve().name}-{tok_sha[:16]}{limit_tag}"
+    out = Path(out)
+    done = out / MANIFEST
+    if done.exists():
+        try:
+            m = read_manifest(out)
+            if m.get("tokenizer", {}).get("sha256") == tok_sha and m.get("source") == str(src.resolve()):
+                return out
+        except (ValueError, FileNotFoundError):
+            pass
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if vocab > np.iinfo(DTYPE).max + 1:
+        raise ValueError(f"tokenizer_json: {vocab} ids do not fit the shards' uint16 format")
+    eos = tok.token_to_id("<|endoftext|>")
+    gpt2 = load_tokenizer()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    splits = {}
+    for split in manifest["splits"]:
+        ds = TokenDataset(src, split)
+        budget = (max_tokens or {}).get(split)
+        writer = ShardWriter(tmp, split)
+        n_src = 0
+        bar = tqdm(total=budget or ds.num_tokens, desc=f"retokenize {split}", unit="tok", disable=not progress)
+        for shard in ds.shards:
+            docs = []
+            for doc in _documents(np.asarray(shard), _GPT2_EOS):
+                if budget is not None and n_src >= budget:
+                    break
+                docs.append(doc)
+                n_src += len(doc) + 1
+                if len(docs) == _DOCS_PER_BATCH:
+                    _write_docs(writer, tok, gpt2, docs, eos)
+                    bar.update(sum(len(d) + 1 for d in docs))
+                    docs = []
+            if docs:
+                _write_docs(writer, tok, gpt2, docs, eos)
+                bar.update(sum(len(d) + 1 for d in docs))
+            if budget is not None and n_src >= budget:
+                break
+        bar.close()
+        splits[split] = {"shards": writer.close(), "tokens": writer.num_tokens, "source_tokens": n_src}
+    (tmp / MANIFEST).write_text(json.dumps({
+        "format": FORMAT, "complete": True, "splits": splits, "source": str(src.resolve()),
+        "tokenizer": {"name": "tokenizer.json", "sha256": tok_sha, "vocab_size": vocab, "eos_token_id": eos},
+    }, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write_docs(writer, tok, gpt2, docs: list[np.ndarray], eos: Optional[int]) -> None:
+    texts = [gpt2.decode(d.tolist()) for d in docs]
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids = enc.ids + ([eos] if eos is not None else [])
+        writer.write(np.asarray(ids, dtype=np.int64))
+
+
+def corpus_for_model(tokenizer_dir: Optional[Path], corpus: str = "prose",
+                     max_tokens: Optional[dict[str, int]] = None) -> Path:
+    """The prepared directory whose ids a model reads: the GPT-2 corpus for mea models (``None``),
+    else the corpus re-tokenized with the folder's ``tokenizer.json``."""
+    if tokenizer_dir is None:
+        return gpt2_corpus_dir(corpus)
+    return retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", corpus, max_tokens=max_tokens)
+
+
+def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, window: int, corpus: str = "prose",
+                   seed: Optional[int] = None):
+    """(n, window) token windows of ``corpus`` in a model's own ids, holding about ``n_tokens`` tokens.
+
+    Args:
+        tokenizer_dir: folder with the model's ``tokenizer.json``; ``None`` for GPT-2 (mea) models.
+        split: ``train`` or ``val``.
+        n_tokens: tokens wanted (rounded down to whole windows, at least one).
+        window: tokens per window.
+        corpus: a built-in corpus name or a prepared GPT-2 directory.
+        seed: ``None`` takes the split from its start (fixed validation windows); an int samples
+            windows spread over the whole split (calibration), reproducibly.
+    """
+    import torch
+
+    from ..data.shards import TokenDataset
+
+    ds = TokenDataset(gpt2_corpus_dir(corpus), split)
+    n_win = max(1, n_tokens // window)
+    # Another tokenizer yields a different count from the same text: decode a margin more.
+    src_win = n_win if tokenizer_dir is None else int(n_win * 1.5) + 1
+    if seed is None:
+        stream = np.concatenate([np.asarray(s[: src_win * window]) for s in ds.shards])[: src_win * window]
+        chunks = [stream.astype(np.int64)]
+    else:
+        x, y = ds.batch(0, src_win, window - 1, seed=seed)
+        chunks = [r.numpy() for r in torch.cat([x, y[:, -1:]], 1)]
+    if tokenizer_dir is None:
+        ids = np.concatenate(chunks)
+    else:
+        from tokenizers import Tokenizer
+
+        from ..data.tokenizer import load_tokenizer
+
+        gpt2 = load_tokenizer()
+        tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        texts = [gpt2.decode(c.tolist()) for c in chunks]
+        ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)])
+    have = len(ids) // window
+    if have < 1:
+        raise ValueError(f"corpus: split {split!r} holds too little text for one window of {window} tokens")
+    return torch.from_numpy(ids[: min(have, n_win) * window].copy()).view(-1, window)
