@@ -36,15 +36,15 @@ def make_inputs(B, h, hk, lq, t, d, dtype, seqlens=None, max_len=None):
 
 
 def reference(q, k, v, k_mix, v_mix, seqlens):
-    """MEA by its definition (composite heads materialized), in float64 on the CPU."""
-    f = lambda x: x.detach().double().cpu()  # noqa: E731
-    mask = prefix_mask(seqlens.cpu(), q.shape[2], k.shape[2])
+    """MEA by its definition (composite heads materialized), in float64."""
+    f = lambda x: x.detach().double()  # noqa: E731
+    mask = prefix_mask(seqlens, q.shape[2], k.shape[2])
     return mea_attention_reference(f(q), f(k), f(v), f(k_mix), f(v_mix), mask=mask)
 
 
 def rel_err(out, ref):
     assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 # ---------------------------------------------------------------------------- CPU (interpreter) + GPU
@@ -55,10 +55,10 @@ def rel_err(out, ref):
     (2, 8, 1, 2, 33, 16),   # one stored head (MQA-like)
     (1, 4, 3, 16, 48, 16),  # the most queries the decode path takes
 ])
-@pytest.mark.parametrize("num_splits", [0, 1, 3])
-def test_matches_reference_fp32(B, h, hk, lq, t, d, num_splits):
+@pytest.mark.parametrize("num_splits,keys_major", [(0, 0), (1, 0), (3, 0), (1, 1), (3, 1)])
+def test_matches_reference_fp32(B, h, hk, lq, t, d, num_splits, keys_major):
     inputs = make_inputs(B, h, hk, lq, t, d, torch.float32)
-    out = mea_decode_triton(*inputs, num_splits=num_splits, block_n=16)
+    out = mea_decode_triton(*inputs, num_splits=num_splits, block_n=16, keys_major=keys_major)
     assert out.shape == (B, h, lq, d) and out.dtype == torch.float32
     assert rel_err(out, reference(*inputs)) < TOL[torch.float32]
 
@@ -118,7 +118,7 @@ def test_bad_inputs_raise():
 
 def test_custom_op_opcheck():
     q, k, v, km, vm, sl = make_inputs(2, 4, 2, 1, 20, 16, torch.float32)
-    torch.library.opcheck(torch.ops.mea.decode.default, (q, k, v, km, vm, sl, 0.25, 2, 16, 0, 0),
+    torch.library.opcheck(torch.ops.mea.decode.default, (q, k, v, km, vm, sl, 0.25, 2, 16, 0, 0, -1),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -181,12 +181,20 @@ def test_model_decoding_uses_kernel(monkeypatch):
 
 # ---------------------------------------------------------------------------- GPU, realistic sizes
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("h,hk,d", [(32, 16, 128), (32, 24, 128), (32, 8, 64), (12, 5, 128)])
-@pytest.mark.parametrize("lq", [1, 4, 16])
-def test_gpu_matches_reference(dtype, h, hk, d, lq):
-    inputs = make_inputs(6, h, hk, lq, 3000, d, dtype, max_len=4096)
-    assert rel_err(mea_decode_triton(*inputs), reference(*inputs)) < TOL[dtype]
+@pytest.mark.parametrize("lq", [1, 16])
+@pytest.mark.parametrize("keys_major", [0, 1])
+def test_gpu_matches_reference(h, hk, d, lq, keys_major):
+    inputs = make_inputs(6, h, hk, lq, 3000, d, torch.bfloat16, max_len=4096)
+    out = mea_decode_triton(*inputs, keys_major=keys_major)
+    assert rel_err(out, reference(*inputs)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lq", [1, 4])
+def test_gpu_fp16(lq):
+    inputs = make_inputs(5, 32, 16, lq, 2500, 128, torch.float16)
+    assert rel_err(mea_decode_triton(*inputs), reference(*inputs)) < TOL[torch.float16]
 
 
 @pytest.mark.gpu

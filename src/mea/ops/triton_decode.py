@@ -34,6 +34,83 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+                       stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                       stride_wkj, stride_wki, stride_wvj, stride_wvi,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Online softmax over keys [start, end) with query rows as the MMA's M dimension."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for j in range(HK):
+            k = tl.load(k_base + j * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
+            s += tl.dot(q, k, input_precision=DOT_PRECISION) * (wk * qk_scale)[:, None]
+        s = tl.where(offs_n[None, :] < row_len[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that sees no key of this block yet keeps m = -inf; shift by 0 so no NaN appears.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        for j in range(HK):
+            v = tl.load(v_base + j * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            wv = tl.load(WV + j * stride_wvj + head * stride_wvi, mask=row_ok, other=0.0).to(tl.float32)
+            acc = tl.dot((p * wv[:, None]).to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+                       stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                       stride_wkj, stride_wki, stride_wvj, stride_wvi,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """The same on transposed tiles (S^T = K q^T, O^T += V^T P^T): keys and d fill the MMA's M
+    dimension, which Hopper's warpgroup MMA wants to be >= 64 while a decode step has few query rows."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_t = tl.trans(q)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for j in range(HK):
+            k = tl.load(k_base + j * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
+            s += tl.dot(k, q_t, input_precision=DOT_PRECISION) * (wk * qk_scale)[None, :]
+        s = tl.where(offs_n[:, None] < row_len[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :]
+        for j in range(HK):
+            v = tl.load(v_base + j * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            wv = tl.load(WV + j * stride_wvj + head * stride_wvi, mask=row_ok, other=0.0).to(tl.float32)
+            acc = tl.dot(v, (p * wv[None, :]).to(v.dtype), acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return tl.trans(acc), l_i, m_i
+
+
+@triton.jit
 def _mea_decode_split_kernel(
     Q, K, V, WK, WV, SEQLENS, OUT, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -45,7 +122,7 @@ def _mea_decode_split_kernel(
     stride_lb, stride_ls,
     n_rows, LQ, HK, T, split_len, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, KEYS_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -68,36 +145,18 @@ def _mea_decode_split_kernel(
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_ql
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
     k_base = K + b * stride_kb
     v_base = V + b * stride_vb
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for j in range(HK):
-            k = tl.load(k_base + j * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
-            s += tl.dot(q, k, input_precision=DOT_PRECISION) * (wk * qk_scale)[:, None]
-        visible = offs_n[None, :] < row_len[:, None]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that sees no key of this block yet keeps m = -inf; shift by 0 so no NaN appears.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        for j in range(HK):
-            v = tl.load(v_base + j * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            wv = tl.load(WV + j * stride_wvj + head * stride_wvi, mask=row_ok, other=0.0).to(tl.float32)
-            acc = tl.dot((p * wv[:, None]).to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if KEYS_MAJOR:
+        acc, l_i, m_i = _attend_keys_major(
+            q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+            stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_wkj, stride_wki, stride_wvj, stride_wvi, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attend_rows_major(
+            q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+            stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_wkj, stride_wki, stride_wvj, stride_wvi, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
     # Rows with no visible key (empty slice, or a row shorter than its query offset) give 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -161,7 +220,7 @@ def _sm_count(device_index: int) -> int:
 
 def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int, device: torch.device,
                          num_splits: int = 0, block_n: int = 0, num_warps: int = 0,
-                         num_stages: int = 0) -> dict:
+                         num_stages: int = 0, keys_major: int = -1) -> dict:
     """Tile sizes and the number of sequence slices for one launch; a nonzero argument overrides.
 
     The slices are chosen so that the grid holds a few programs per multiprocessor: enough loads in
@@ -181,16 +240,17 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     num_splits = max(1, triton.cdiv(cache_len, split_len))
     return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, num_splits=num_splits, split_len=split_len,
                 block_d=max(16, triton.next_power_of_2(head_dim)), num_warps=num_warps or 4,
-                num_stages=num_stages or 3)
+                num_stages=num_stages or 3, keys_major=bool(keys_major) if keys_major >= 0 else False)
 
 
 @torch.library.custom_op("mea::decode", mutates_args=())
 def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor, cache_seqlens: Tensor,
-               scale: float, num_splits: int, block_n: int, num_warps: int, num_stages: int) -> Tensor:
+               scale: float, num_splits: int, block_n: int, num_warps: int, num_stages: int,
+               keys_major: int) -> Tensor:
     B, h, Lq, d = q.shape
     hk, T = k_cache.shape[1], k_cache.shape[2]
     n_rows = h * Lq
-    cfg = decode_launch_config(B, n_rows, T, d, q.device, num_splits, block_n, num_warps, num_stages)
+    cfg = decode_launch_config(B, n_rows, T, d, q.device, num_splits, block_n, num_warps, num_stages, keys_major)
     out = torch.empty((B, h, Lq, d), dtype=q.dtype, device=q.device)
     direct = cfg["num_splits"] == 1
     if direct:
@@ -210,7 +270,7 @@ def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix
         *sp, *sl,
         n_rows, Lq, hk, T, cfg["split_len"], scale * _LOG2E,
         D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], DIRECT=direct,
-        DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        KEYS_MAJOR=cfg["keys_major"], DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
         block_m = min(cfg["block_m"], 16)
@@ -223,13 +283,15 @@ def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, scale, num_splits, block_n, num_warps, num_stages):
+def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, scale, num_splits, block_n, num_warps, num_stages,
+      keys_major):
     return q.new_empty(q.shape)
 
 
 def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor,
                       cache_seqlens: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                      num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                      num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0,
+                      keys_major: int = -1) -> Tensor:
     """MEA attention of a few new tokens over a cache of component heads (the ``mea::decode`` op).
 
     Args:
@@ -242,8 +304,8 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
         cache_seqlens: int (B,) keys valid for the LAST query of each row (clamped to T); query t sees
             keys ``[0, cache_seqlens[b] - Lq + t]``. None: every row holds T keys.
         scale: softmax scale, default 1/sqrt(d).
-        num_splits, block_n, num_warps, num_stages: launch overrides (0 = chosen by
-            ``decode_launch_config``); for tuning.
+        num_splits, block_n, num_warps, num_stages, keys_major: launch overrides (0, or -1 for
+            keys_major, = chosen by ``decode_launch_config``); for tuning.
 
     Returns:
         (B, h, Lq, d) in the dtype of q. A query that sees no key gets zeros.
@@ -274,7 +336,7 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     return _decode_op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(), scale,
-                      num_splits, block_n, num_warps, num_stages)
+                      num_splits, block_n, num_warps, num_stages, keys_major)
 
 
 def _interpreting() -> bool:
