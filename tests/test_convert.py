@@ -251,3 +251,76 @@ def test_unsupported_architectures_write_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         convert(str(tmp_path / "nothing"), 3, out=str(out), calib_tokens=0)
     assert not out.exists()
+
+
+CALIB_TEXT = (
+    "The committee met on a cold morning to weigh the proposal. Several members argued that the cost "
+    "of the new bridge would be repaid within a decade, while others doubted the traffic estimates. "
+) * 20
+
+
+def test_convert_run_dir_end_to_end(tmp_path):
+    """A mea run -> `mea convert` -> HF folder: the report, the weights and the function agree."""
+    from mea.models.export import load_hf_mea
+
+    src = tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304)
+    run = save_run(src, tmp_path / "run")
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_TEXT)
+    out = tmp_path / "conv"
+    report = convert(str(run), 2, init="activation", layers="1", out=str(out), calib_tokens=256, calib_seq_len=32,
+                     calib_text=str(text))
+    saved = json.loads((out / "conversion.json").read_text())
+    assert saved["per_layer"] == report["per_layer"] and saved["calib_tokens"] == 256
+    assert [r["kv_heads_after"] for r in report["per_layer"]] == [4, 2]
+    assert report["kv_bytes_per_token_after"] == 2 * (4 + 2) * 8 * 2
+    assert (out / "tokenizer.json").is_file()
+    loaded = load_hf_mea(out, dtype=torch.float32)
+    assert loaded.config.layer_kv_heads == [4, 2]
+    # The same conversion in memory, from the same calibration windows.
+    from mea.convert.convert import calibration_tokens
+
+    ids = calibration_tokens(None, 50304, 256, 32, str(text))
+    covs, _ = input_covariances(src, ids.split(8), progress=False)
+    ref, _ = compress_model(src, 2, "activation", "1", covs)
+    probe = torch.randint(0, 50257, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe), ref(probe), atol=1e-5, rtol=0)
+    with pytest.raises(FileExistsError):
+        convert(str(run), 2, out=str(out), calib_tokens=0)
+
+
+def test_convert_hf_llama_folder_is_exact_at_unchanged_heads(tmp_path):
+    """An HF GQA LLaMA converted at its own KV-head count reproduces LlamaForCausalLM's logits, and
+    the converted folder generates through transformers with a cache of h' heads."""
+    transformers = pytest.importorskip("transformers")
+    from mea.data.tokenizer import save_hf_tokenizer
+    from mea.models.modeling_mea import MEAForCausalLM
+
+    cfg = transformers.LlamaConfig(vocab_size=50304, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    src = tmp_path / "llama"
+    llama.save_pretrained(src)
+    save_hf_tokenizer(src, model_max_length=128)
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_TEXT)
+    probe = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        want = llama(probe).logits
+    for init in ("svd", "activation", "mean-pool"):
+        out = tmp_path / f"kv3-{init}"
+        convert(str(src), 3, init=init, out=str(out), calib_tokens=128, calib_seq_len=32, calib_text=str(text))
+        hf = MEAForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(probe).logits, want, atol=1e-5, rtol=0)
+    out = tmp_path / "kv1"
+    report = convert(str(src), 1, init="svd", out=str(out), calib_tokens=128, calib_seq_len=32, calib_text=str(text))
+    assert report["kv_bytes_per_token_after"] * 3 == report["kv_bytes_per_token_before"]
+    assert all(0 < r["k_rel_err"] < 1 for r in report["per_layer"])
+    hf = MEAForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    gen = hf.generate(probe[:1, :5], max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        core = hf.core.generate(probe[:1, :5], max_new_tokens=4)
+    assert torch.equal(gen, core)

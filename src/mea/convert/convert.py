@@ -343,7 +343,9 @@ def _write(model: Transformer, tok_dir: Optional[Path], out_dir: Path, report: d
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        tokenizer = None
+        # The source's own tokenizer travels with it (as an object, so that its eos id reaches the
+        # generation config); mea checkpoints use the GPT-2 BPE.
+        tokenizer = "gpt2"
         if tok_dir is not None:
             from transformers import AutoTokenizer
 

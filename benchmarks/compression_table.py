@@ -1,0 +1,164 @@
+"""The KV-cache compression table: a pretrained model converted to h' stored heads by each init,
+before and after healing with the same token budget, against mean-pooled GQA/MQA at the same cache.
+
+For every row: KV-cache bytes per token (bf16), validation perplexity on fixed windows of the
+corpus's val split (in the model's own tokenizer), and zero-shot accuracy through `mea evaluate`.
+Writes OUT/results.json (every number and the settings) and OUT/table.md.
+
+    python benchmarks/compression_table.py --model DIR --kv_heads '[2, 1]' --out benchmarks/results/compression
+
+Healing (``--heal_steps N``) runs `mea pretrain --init-from` on each converted model; it needs a GPU
+for SmolLM2-sized models. ``--heal_steps 0`` gives the before-healing part alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str = "cpu") -> float:
+    """exp(mean next-token NLL) over (n, L) windows, each predicting its tokens 1..L-1."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    nll, count = 0.0, 0
+    for ids in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False):
+        ids = ids.to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
+            logits = model(ids[:, :-1])
+        nll += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -> dict:
+    """Accuracy per task (and the average) from `mea evaluate` on a model folder or run."""
+    from mea.eval.evaluate import evaluate
+
+    res = evaluate(path, tasks=tasks, limit=limit, device=device)
+    return res
+
+
+def _load(path: str):
+    from mea.convert.convert import load_source
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        return load_source(p)[0]
+    from mea.train.checkpoint import load_model
+
+    return load_model(p)
+
+
+def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str] = ["svd", "activation", "mean-pool"],
+                      layers: str = "all", out: str = "benchmarks/results/compression", corpus: str = "prose",
+                      calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
+                      heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
+                      tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
+                      batch_size: int = 8) -> list[dict]:
+    """Build the compression table.
+
+    Args:
+        model: the pretrained model: an HF LLaMA-family folder or a mea run directory.
+        kv_heads: the h' values to convert to.
+        inits: conversion inits (svd, activation, mean-pool; mean-pool is the GQA/MQA baseline).
+        layers: --layers SPEC of the conversion.
+        out: results folder (converted models, healing runs, results.json, table.md).
+        corpus: corpus for calibration (train split), validation (val split) and healing.
+        calib_tokens: calibration tokens per conversion.
+        val_tokens: validation tokens for perplexity (fixed windows from the start of the val split).
+        seq_len: tokens per validation window.
+        heal_steps: optimizer steps of healing per converted model (0: no healing).
+        heal_batch_size: sequences per healing step (the token budget is heal_steps x this x heal_seq_len).
+        heal_lr: peak learning rate of healing.
+        heal_seq_len: tokens per healing sequence.
+        tasks: zero-shot tasks for `mea evaluate` (None: no zero-shot columns).
+        limit: examples per zero-shot task (None: all).
+        device: cpu, cuda.
+        batch_size: windows per perplexity batch.
+    """
+    from mea.convert.convert import convert, load_source
+    from mea.convert.corpus import corpus_for_model, corpus_windows
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src, tok_dir = load_source(model)
+    val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
+    settings = {k: v for k, v in locals().items() if k in (
+        "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
+        "heal_batch_size", "heal_lr", "heal_seq_len", "tasks", "limit", "device")}
+    settings["val_windows"] = list(val.shape)
+    rows: list[dict] = []
+
+    def measure(name: str, h: Optional[int], init: str, stage: str, path: str, net=None) -> None:
+        t0 = time.time()
+        net = net if net is not None else _load(path)
+        row = {"model": name, "kv_heads": h, "init": init, "stage": stage, "path": path,
+               "kv_bytes_per_token": net.config.kv_cache_bytes_per_token,
+               "val_ppl": perplexity(net.to(device), val, batch_size, device)}
+        net.cpu()
+        if tasks:
+            row["zero_shot"] = _zero_shot(path, tasks, limit, device)
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _save(out_dir, settings, rows)
+
+    measure("original", src.config.n_kv_heads, "-", "-", model, src)
+    del src
+    converted = []
+    for h in kv_heads:
+        for init in inits:
+            conv = out_dir / f"kv{h}-{init}"
+            convert(model, h, init=init, layers=layers, out=str(conv), calib_tokens=calib_tokens, calib_seq_len=seq_len,
+                    corpus=corpus, overwrite=True)
+            measure("converted", h, init, "before healing", str(conv))
+            converted.append((h, init, conv))
+    if heal_steps > 0:
+        from mea.train.config import DataConfig, TrainConfig
+        from mea.train.pretrain import pretrain
+
+        heal_corpus = str(corpus_for_model(tok_dir, corpus))
+        for h, init, conv in converted:
+            run = out_dir / f"kv{h}-{init}-healed"
+            pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=heal_corpus, seq_len=heal_seq_len),
+                     train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
+                                       warmup_steps=max(1, heal_steps // 20)),
+                     device=device if device != "cpu" else "cpu", progress=True)
+            measure("healed", h, init, f"healed {heal_steps * heal_batch_size * heal_seq_len:,} tokens", str(run))
+    print(markdown_table(rows))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in (r.get("zero_shot") or {}).get("tasks", {})})
+    head = ["model", "h'", "init", "stage", "KV bytes/token", "val ppl"] + tasks + (["avg"] if tasks else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        zs = r.get("zero_shot") or {}
+        cells = [r["model"], str(r["kv_heads"]), r["init"], r["stage"], f"{r['kv_bytes_per_token']:,}",
+                 f"{r['val_ppl']:.2f}"]
+        cells += [f"{100 * zs['tasks'][t]:.1f}" if t in zs.get("tasks", {}) else "-" for t in tasks]
+        if tasks:
+            cells.append(f"{100 * zs['average']:.1f}" if "average" in zs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save(out_dir: Path, settings: dict, rows: list[dict]) -> None:
+    (out_dir / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    (out_dir / "table.md").write_text(markdown_table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(compression_table, args=sys.argv[1:])
