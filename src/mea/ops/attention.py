@@ -28,9 +28,10 @@ def fold_mix_into_proj(weight: Tensor, mix: Tensor, head_dim: int) -> Tensor:
     ``weight`` is (h' * d, D); the result is (h * d, D), so ``x @ W_eff.T`` gives the composite heads
     directly: HLC is linear in x, so training and prefill need no per-token mixing pass.
     """
-    hk = mix.shape[0]
-    w = weight.view(hk, head_dim, weight.shape[-1])
-    return torch.einsum("jcD,ji->icD", w, mix.to(w.dtype)).reshape(mix.shape[1] * head_dim, weight.shape[-1])
+    hk, h = mix.shape
+    # (h'*d, D) is row-major (h', d*D): the fold is one (h, h') @ (h', d*D) product, no transposes.
+    w = torch.matmul(mix.t().to(weight.dtype), weight.reshape(hk, head_dim * weight.shape[-1]))
+    return w.view(h * head_dim, weight.shape[-1])
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False,

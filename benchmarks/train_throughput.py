@@ -1,0 +1,115 @@
+"""Training throughput of whole models per attention variant: tokens/s and MFU.
+
+    python benchmarks/train_throughput.py --preset 125m --batch 16 --seq 1024 --compile
+
+One full optimizer step (bf16 autocast, fused AdamW) per iteration on random tokens, timed with
+CUDA events after warm-up; prints a table and saves benchmarks/results/train_throughput.json with
+the device, versions and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mea import ModelConfig, Transformer  # noqa: E402
+from mea.train.pretrain import PEAK_FLOPS  # noqa: E402
+
+
+def variants(preset: str) -> list[tuple[str, dict]]:
+    h = ModelConfig.from_preset(preset).n_heads
+    half = h // 2
+    return [("mha", {"attention": "mha"}),
+            ("mha+norm", {"attention": "mha", "head_norm": True}),
+            (f"gqa(h'={half})", {"attention": "gqa", "n_kv_heads": half}),
+            ("mea", {"attention": "mea"}),
+            ("mea-nonorm", {"attention": "mea", "head_norm": False}),
+            (f"mea(h'={half})", {"attention": "mea", "n_kv_heads": half}),
+            ("diff", {"attention": "diff"}),
+            ("talking_heads", {"attention": "talking_heads"})]
+
+
+def bench(preset, kw, batch, seq, steps, warmup, compile_model, device):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset, max_seq_len=seq, **kw)
+    model = Transformer(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    fwd = torch.compile(model) if compile_model else model
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fwd(inp)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    tps = batch * seq / (ms / 1e3)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    mfu = tps * cfg.flops_per_token(seq) / peak if peak else None
+    del model, opt, fwd
+    torch.cuda.empty_cache()
+    return {"step_ms": ms, "tokens_per_s": tps, "mfu": mfu, "params": cfg.num_params(),
+            "kv_bytes_per_token": cfg.kv_cache_bytes_per_token, "flops_per_token": cfg.flops_per_token(seq)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="125m")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated variant labels")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    records = []
+    for label, kw in variants(args.preset):
+        if args.only and label not in args.only.split(","):
+            continue
+        r = bench(args.preset, kw, args.batch, args.seq, args.steps, args.warmup, args.compile, "cuda")
+        r.update(variant=label, **{k: v for k, v in kw.items()})
+        records.append(r)
+        print(f"{label:<16} {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:>12,.0f} tok/s  "
+              f"MFU {100 * (r['mfu'] or 0):5.1f}%", flush=True)
+    base = next((r["tokens_per_s"] for r in records if r["variant"] == "mha"), None)
+    print(f"\n| variant | ms/step | tokens/s | MFU | vs mha |\n|---|---|---|---|---|")
+    for r in records:
+        r["ratio_to_mha"] = r["tokens_per_s"] / base if base else None
+        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {100 * (r['mfu'] or 0):.1f}% | "
+              f"{r['ratio_to_mha']:.3f} |" if base else "")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": getattr(__import__("triton"), "__version__", None) if args.compile else None,
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+            "compile": args.compile, "dtype": "bf16 autocast"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
