@@ -14,7 +14,7 @@ device-to-device copy bandwidth (bytes read + written per second). Small caches 
 several buffer sets so the timings do not measure the L2 cache.
 
     PYTHONPATH=src python benchmarks/decode.py             # table + benchmarks/results/decode.json
-    PYTHONPATH=src python benchmarks/decode.py --sweep     # also tune launch parameters
+    PYTHONPATH=src python benchmarks/decode.py --sweep tiles   # also tune launch parameters
 """
 from __future__ import annotations
 
@@ -179,22 +179,23 @@ def sweep_configs(pb, launches, label):
     return rows
 
 
-def sweep(dtype):
-    """Tile shapes and pipelining on the main shape, then the slice count of the best ones elsewhere."""
-    out = []
-    pb = Problem(64, 4096, 32, 16, 128, dtype)
-    tiles = [dict(keys_major=km, block_n=bn, num_warps=w, num_stages=st)
-             for km, bn, w, st in itertools.product((0, 1), (64, 128), (4, 8), (2, 3, 4))]
-    tiles += [dict(keys_major=km, block_n=32, num_warps=4, num_stages=3) for km in (0, 1)]
-    base = sweep_configs(pb, tiles, "tiles")
-    out += base
-    top = [r["requested"] for r in base[:3]]
-    out += sweep_configs(pb, [dict(t, num_splits=ns) for t in top for ns in (1, 2, 4, 8, 16)], "splits")
-    del pb
-    for shape, splits in (((8, 16384, 32, 16, 128), (8, 16, 32, 64)), ((1, 32768, 32, 16, 128), (64, 128, 256)),
-                          ((64, 4096, 32, 8, 128), ()), ((64, 4096, 32, 24, 128), ())):
+def sweep(dtype, what):
+    """``tiles``: tile shapes and pipelining on the main shape, then slice counts of the best three;
+    ``splits``: slice counts around the default choice at the default tiles, on four shapes."""
+    out, top = [], [{}]
+    if what == "tiles":
+        pb = Problem(64, 4096, 32, 16, 128, dtype)
+        tiles = [dict(keys_major=km, block_n=bn, num_warps=w, num_stages=st)
+                 for km, bn, w, st in itertools.product((0, 1), (64, 128), (4, 8), (2, 3, 4))]
+        tiles += [dict(keys_major=km, block_n=32, num_warps=4, num_stages=3) for km in (0, 1)]
+        base = sweep_configs(pb, tiles, "tiles")
+        out += base
+        top = [r["requested"] for r in base[:3]]
+        del pb
+    for shape, splits in (((64, 4096, 32, 16, 128), (2, 4, 8, 16)), ((8, 16384, 32, 16, 128), (8, 16, 32, 64)),
+                          ((1, 32768, 32, 16, 128), (64, 128, 256, 512)), ((1, 4096, 32, 16, 128), (16, 32, 64))):
         pb = Problem(*shape, dtype)
-        out += sweep_configs(pb, [dict(t, num_splits=ns) for t in top[:2] for ns in (0,) + splits], "splits")
+        out += sweep_configs(pb, [dict(t, num_splits=ns) for t in top for ns in (0,) + splits], "splits")
         del pb
         torch.cuda.empty_cache()
     return out
@@ -211,7 +212,8 @@ SHAPES_ALL = (
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", choices=("main", "all"), default="all")
-    p.add_argument("--sweep", action="store_true", help="also time launch parameters (before the table)")
+    p.add_argument("--sweep", choices=("none", "splits", "tiles"), default="none",
+                   help="also time launch parameters, before the table: slice counts, or tiles and slice counts")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "decode.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -225,8 +227,8 @@ def main(argv=None):
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   copy_tb_s=copy_bw / 1e12, dtype="bfloat16", records=[])
-    if args.sweep:
-        result["sweep"] = sweep(dtype)
+    if args.sweep != "none":
+        result["sweep"] = sweep(dtype, args.sweep)
     shapes = SHAPES_MAIN if args.shapes == "main" else SHAPES_ALL
     hdr = (f"{'B':>3} {'T':>6} {'h':>3} {'hk':>3} {'d':>4} | {'mea ms':>8} {'TB/s':>5} {'floor':>7} | "
            f"{'gqa ms':>8} {'mha ms':>8} | {'/gqa':>5} {'/mha':>5} {'/floor':>6} | err")
