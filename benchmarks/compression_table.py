@@ -5,7 +5,8 @@ For every row: KV-cache bytes per token (bf16), validation perplexity on fixed w
 corpus's val split (in the model's own tokenizer), and zero-shot accuracy through `mea evaluate`.
 Writes OUT/results.json (every number and the settings) and OUT/table.md.
 
-    python benchmarks/compression_table.py --model DIR --kv_heads '[2, 1]' --out benchmarks/results/compression
+    python benchmarks/compression_table.py MODEL_DIR --kv_heads '[2, 1]' --out OUT_DIR
+    python benchmarks/compression_table.py --config configs/compression/smollm2_table.yaml
 
 Healing (``--heal_steps N``) runs `mea pretrain --init-from` on each converted model; it needs a GPU
 for SmolLM2-sized models. ``--heal_steps 0`` gives the before-healing part alone.
@@ -50,7 +51,7 @@ def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -
 def _load(path: str):
     from mea.convert.convert import load_source
 
-    p = Path(path)
+    p = Path(path).expanduser()
     if (p / "config.json").exists():
         return load_source(p)[0]
     from mea.train.checkpoint import load_model
@@ -85,10 +86,10 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         device: cpu, cuda.
         batch_size: windows per perplexity batch.
     """
-    from mea.convert.convert import convert, load_source
+    from mea.convert.convert import calibrate, convert_loaded, load_source
     from mea.convert.corpus import corpus_for_model, corpus_windows
 
-    out_dir = Path(out)
+    out_dir = Path(out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     src, tok_dir = load_source(model)
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
@@ -113,15 +114,19 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         _save(out_dir, settings, rows)
 
     measure("original", src.config.n_kv_heads, "-", "-", model, src)
-    del src
+    # One calibration of the original model serves every conversion (it does not depend on h' or init).
+    calib = calibrate(src, tok_dir, calib_tokens, seq_len, corpus=corpus, batch_size=batch_size)
     converted = []
     for h in kv_heads:
         for init in inits:
             conv = out_dir / f"kv{h}-{init}"
-            convert(model, h, init=init, layers=layers, out=str(conv), calib_tokens=calib_tokens, calib_seq_len=seq_len,
-                    corpus=corpus, overwrite=True)
+            report = convert_loaded(src, tok_dir, h, init, layers, calib, conv, source=model, overwrite=True)
             measure("converted", h, init, "before healing", str(conv))
+            rows[-1]["k_rel_err_mean"] = _mean_err(report, "k_rel_err")
+            rows[-1]["v_rel_err_mean"] = _mean_err(report, "v_rel_err")
+            _save(out_dir, settings, rows)
             converted.append((h, init, conv))
+    del src
     if heal_steps > 0:
         from mea.train.config import DataConfig, TrainConfig
         from mea.train.pretrain import pretrain
@@ -131,20 +136,27 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
             run = out_dir / f"kv{h}-{init}-healed"
             pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=heal_corpus, seq_len=heal_seq_len),
                      train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
-                                       warmup_steps=max(1, heal_steps // 20)),
-                     device=device if device != "cpu" else "cpu", progress=True)
+                                       warmup_steps=max(1, heal_steps // 20), log_every=max(1, heal_steps // 50),
+                                       eval_every=heal_steps, eval_batches=4, save_every=heal_steps),
+                     device=device, progress=True)
             measure("healed", h, init, f"healed {heal_steps * heal_batch_size * heal_seq_len:,} tokens", str(run))
     print(markdown_table(rows))
     return rows
 
 
+def _mean_err(report: dict, key: str) -> Optional[float]:
+    errs = [r[key] for r in report["per_layer"] if r["compressed"] and r[key] is not None]
+    return sum(errs) / len(errs) if errs else None
+
+
 def markdown_table(rows: list[dict]) -> str:
     tasks = sorted({t for r in rows for t in (r.get("zero_shot") or {}).get("tasks", {})})
-    head = ["model", "h'", "init", "stage", "KV bytes/token", "val ppl"] + tasks + (["avg"] if tasks else [])
+    head = ["model", "h'", "init", "stage", "KV bytes/token", "K err", "V err", "val ppl"] + tasks + (["avg"] if tasks else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         zs = r.get("zero_shot") or {}
-        cells = [r["model"], str(r["kv_heads"]), r["init"], r["stage"], f"{r['kv_bytes_per_token']:,}",
+        errs = [f"{100 * r[k]:.1f}%" if r.get(k) is not None else "-" for k in ("k_rel_err_mean", "v_rel_err_mean")]
+        cells = [r["model"], str(r["kv_heads"]), r["init"], r["stage"], f"{r['kv_bytes_per_token']:,}", *errs,
                  f"{r['val_ppl']:.2f}"]
         cells += [f"{100 * zs['tasks'][t]:.1f}" if t in zs.get("tasks", {}) else "-" for t in tasks]
         if tasks:

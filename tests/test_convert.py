@@ -324,3 +324,53 @@ def test_convert_hf_llama_folder_is_exact_at_unchanged_heads(tmp_path):
     with torch.no_grad():
         core = hf.core.generate(probe[:1, :5], max_new_tokens=4)
     assert torch.equal(gen, core)
+
+
+def tiny_corpus(path):
+    """A prepared GPT-2 corpus directory (the format of `mea prepare-data`) from a few sentences."""
+    import random
+
+    from mea.data.shards import FORMAT, MANIFEST, ShardWriter
+    from mea.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    words = CALIB_TEXT.split()
+    rng = random.Random(0)
+    path.mkdir()
+    splits = {}
+    for split, n_docs in (("train", 40), ("val", 8)):
+        w = ShardWriter(path, split)
+        for _ in range(n_docs):
+            w.write(tok.encode(" ".join(rng.choice(words) for _ in range(60))) + [tok.eos_token_id])
+        splits[split] = {"shards": w.close(), "tokens": w.num_tokens}
+    (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "complete": True, "splits": splits,
+                                             "tokenizer": {"name": "gpt2", "vocab_size": 50257}}))
+    return path
+
+
+@pytest.mark.slow
+def test_compression_table_script_tiny(tmp_path):
+    """The result-table script end to end at a tiny size: original, each init before and after a
+    few healing steps, every row with cache bytes and a finite perplexity."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    corpus = tiny_corpus(tmp_path / "corpus")
+    run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
+    out = tmp_path / "table"
+    rows = mod.compression_table(str(run), kv_heads=[2], inits=["svd", "mean-pool"], out=str(out), corpus=str(corpus),
+                                 calib_tokens=256, val_tokens=128, seq_len=32, heal_steps=2, heal_batch_size=2,
+                                 heal_seq_len=32, heal_lr=1e-3, batch_size=2)
+    assert [(r["model"], r["init"]) for r in rows] == [
+        ("original", "-"), ("converted", "svd"), ("converted", "mean-pool"), ("healed", "svd"), ("healed", "mean-pool")]
+    assert [r["kv_bytes_per_token"] for r in rows] == [2 * 2 * 4 * 8 * 2] + [2 * 2 * 2 * 8 * 2] * 4
+    assert all(math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1 for r in rows)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["settings"]["val_windows"] == [4, 32]
+    assert "| healed | 2 | svd |" in (out / "table.md").read_text()
+    # Healing changed the weights: a different perplexity from the same start.
+    assert rows[3]["val_ppl"] != rows[1]["val_ppl"]

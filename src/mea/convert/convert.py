@@ -195,7 +195,7 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
         (model in float32 on CPU, the folder whose ``tokenizer.json`` tokenizes its text, or None
         for mea checkpoints, which use the project's GPT-2 tokenizer).
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model: {p} does not exist")
     cfg_file = p / "config.json"
@@ -298,37 +298,58 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
         raise FileNotFoundError(f"calib_text: {calib_text} is not a file")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    out_dir = Path(out) if out else Path("converted") / f"{Path(model).resolve().name}-kv{kv_heads}-{init}"
+    out_dir = Path(out).expanduser() if out else Path("converted") / f"{Path(model).expanduser().resolve().name}-kv{kv_heads}-{init}"
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"out: {out_dir} exists and is not empty (pass --overwrite true to replace it)")
 
     src, tok_dir = load_source(model)
     sel = parse_layers(layers, src.config.n_layers)
     check_request(src.config, kv_heads, sel)
+    calib = calibrate(src, tok_dir, calib_tokens, calib_seq_len, calib_text, corpus, batch_size)
+    return convert_loaded(src, tok_dir, kv_heads, init, sel, calib, out_dir, source=str(model), overwrite=overwrite)
 
-    covs, n_calib = None, 0
-    if calib_tokens > 0:
-        from .calibration import input_covariances
 
-        ids = calibration_tokens(tok_dir, src.config.vocab_size, calib_tokens, calib_seq_len, calib_text, corpus)
-        covs, n_calib = input_covariances(src, ids.split(batch_size))
-    new, rows = compress_model(src, kv_heads, init, sel, covs)
+@dataclasses.dataclass
+class Calibration:
+    """Per-layer input second moments of a model on some text, reusable across conversions."""
 
+    covariances: Optional[list[Optional[Tensor]]]
+    n_tokens: int
+    description: str
+
+
+def calibrate(model: Transformer, tokenizer_dir: Optional[Path], calib_tokens: int, calib_seq_len: int = 512,
+              calib_text: Optional[str] = None, corpus: str = "prose", batch_size: int = 8) -> Calibration:
+    """Collect the calibration statistics of ``model`` (none when ``calib_tokens`` is 0)."""
+    if calib_tokens == 0:
+        return Calibration(None, 0, "none")
+    from .calibration import input_covariances
+
+    ids = calibration_tokens(tokenizer_dir, model.config.vocab_size, calib_tokens, calib_seq_len, calib_text, corpus)
+    covs, n = input_covariances(model, ids.split(batch_size))
+    return Calibration(covs, n, calib_text or f"corpus {corpus!r}, train split, {calib_seq_len}-token windows")
+
+
+def convert_loaded(src: Transformer, tokenizer_dir: Optional[Path], kv_heads: int, init: str, layers: str | list[int],
+                   calib: Calibration, out: str | Path, source: str = "", overwrite: bool = False) -> dict:
+    """``convert`` for a model already in memory: compress, write the HF folder and the report."""
+    sel = parse_layers(layers, src.config.n_layers) if isinstance(layers, str) else sorted(set(layers))
+    new, rows = compress_model(src, kv_heads, init, sel, calib.covariances)
     report = {
-        "source": str(model),
+        "source": source,
         "kv_heads": kv_heads,
         "init": init,
         "layers": sel,
-        "layers_spec": layers,
-        "calib_tokens": n_calib,
-        "calib_text": calib_text or f"corpus {corpus!r}, train split",
+        "calib_tokens": calib.n_tokens,
+        "calib_text": calib.description,
         "kv_bytes_per_token_before": src.config.kv_cache_bytes_per_token,
         "kv_bytes_per_token_after": new.config.kv_cache_bytes_per_token,
         "params_before": src.num_params(),
         "params_after": new.num_params(),
         "per_layer": rows,
     }
-    _write(new, tok_dir, out_dir, report, overwrite)
+    out_dir = Path(out)
+    _write(new, tokenizer_dir, out_dir, report, overwrite)
     print(format_table(rows))
     print(f"wrote {out_dir}")
     return report
