@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -374,3 +375,37 @@ def test_compression_table_script_tiny(tmp_path):
     assert "| healed | 2 | svd |" in (out / "table.md").read_text()
     # Healing changed the weights: a different perplexity from the same start.
     assert rows[3]["val_ppl"] != rows[1]["val_ppl"]
+
+
+def test_retokenize_corpus_keeps_the_text(tmp_path):
+    """The corpus re-encoded with another tokenizer.json holds the same documents, in the same order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    from mea.convert.corpus import corpus_windows, retokenize_corpus
+    from mea.data.shards import TokenDataset, read_manifest
+    from mea.data.tokenizer import load_tokenizer
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    # A different vocabulary: byte-level characters only (256 ids plus the end-of-text token).
+    chars = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.WordLevel(chars, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                                 pre_tokenizers.Split("", "isolated")])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = retokenize_corpus(tmp_path / "tokenizer.json", str(corpus), out=tmp_path / "re", progress=False)
+    m = read_manifest(out)
+    assert m["tokenizer"]["vocab_size"] == 257 and m["tokenizer"]["eos_token_id"] == 256
+    gpt2 = load_tokenizer()
+    for split in ("train", "val"):
+        src_ids = np.concatenate([np.asarray(s) for s in TokenDataset(corpus, split).shards])
+        new_ids = np.concatenate([np.asarray(s) for s in TokenDataset(out, split).shards])
+        assert new_ids.max() <= 256 and len(new_ids) > 2 * len(src_ids)
+        assert tok.decode(new_ids.tolist(), skip_special_tokens=False) == gpt2.decode(src_ids.tolist())
+    # A second call reuses the finished directory.
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert retokenize_corpus(tmp_path / "tokenizer.json", str(corpus), out=tmp_path / "re", progress=False) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    w = corpus_windows(tmp_path, "val", 64, 16, corpus=str(corpus))
+    assert w.shape == (4, 16) and int(w.max()) <= 256
