@@ -107,9 +107,14 @@ def html_paragraphs(html: str | bytes, root_xpath: str = "//body",
                          " or contains(concat(' ', normalize-space(@class), ' '), ' navfooter ')]"):
         el.drop_tree()
     out = []
-    for el in root.iter("p", "li", "dd", "dt", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6"):
-        # A list item or quote made of paragraphs is read through those paragraphs instead.
-        if el.tag in ("li", "dd", "blockquote") and el.find(".//p") is not None:
+    blocks = ("p", "li", "dd", "dt", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6")
+    for el in root.iter(*blocks, "div"):
+        # DocBook (Publican) pages put paragraphs in <div class="para"> rather than <p>.
+        is_para = el.tag != "div" or "para" in (el.get("class") or "").split()
+        if not is_para:
+            continue
+        # A list item, quote or paragraph div holding paragraphs is read through those instead.
+        if el.tag in ("li", "dd", "blockquote", "div") and el.xpath(".//p | .//div[contains(@class, 'para')]"):
             continue
         text = " ".join(el.text_content().split())
         if text:

@@ -161,6 +161,11 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
                 raise ValueError(f"{out_dir} was prepared with other settings ({manifest.get('request')}); "
                                  f"pass force=True (--force) to rebuild it, or another out directory")
             print(f"already prepared: {_summary(out_dir, manifest)}", file=sys.stderr)
+            now = [s["name"] for s in manifest.get("skipped", [])
+                   if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
+            if now:
+                warnings.warn(f"{out_dir} was built without {now}, which this machine could build now; pass "
+                              f"force=True (--force) to rebuild with them", SourceSkippedWarning, stacklevel=2)
             return str(out_dir)
 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() and not force:

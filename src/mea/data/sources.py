@@ -70,6 +70,7 @@ TOOL_HINTS = {
     "dpkg-deb": " (a Debian or Ubuntu system is needed)",
     "mod2imp": " (apt-get install libsword-utils)",
     "pdftotext": " (apt-get install poppler-utils)",
+    "pod2text": " (it comes with Perl: apt-get install perl)",
 }
 MODULE_PACKAGES = {"rdata": "rdata", "lxml": "lxml"}
 
@@ -221,15 +222,16 @@ def _mhcc(root: Path) -> Iterator[Document]:
 
 # ---------------------------------------------------------------- tier B: software manuals
 
-def _html_manual(base: str, root_xpath: str = "//body", include: str = "**/*.html",
+def _html_manual(base: str, root_xpath: str = "//body", include: tuple[str, ...] = ("**/*.html",),
                  exclude: tuple[str, ...] = (), min_words: int = 8):
-    """Extractor for an HTML manual: English prose paragraphs of each page (code, tables and
-    navigation removed), one document per page."""
+    """Extractor for an HTML manual: English prose paragraphs of each page matching `include` (globs
+    under `base`) and no `exclude` regex, with code, tables and navigation removed; one document per page."""
     excl = [re.compile(e) for e in exclude]
 
     def extract(root: Path) -> Iterator[Document]:
         top = _only(root, base)
-        for p in sorted(top.glob(include)):
+        pages = sorted({p for pattern in include for p in top.glob(pattern) if p.is_file()})
+        for p in pages:
             rel = p.relative_to(top).as_posix()
             if any(e.search(rel) for e in excl):
                 continue
@@ -238,6 +240,22 @@ def _html_manual(base: str, root_xpath: str = "//body", include: str = "**/*.htm
                 yield rel, "\n\n".join(paras)
 
     return extract
+
+
+def _perl_pod(root: Path) -> Iterator[Document]:
+    """The Perl manual (perl*.pod) rendered with ``pod2text``; release notes (perl*delta) left out."""
+    for p in sorted(_only(root, "usr/share/perl/*/pod").glob("*.pod")):
+        if p.stem.endswith("delta"):
+            continue
+        res = subprocess.run(["pod2text", str(p)], capture_output=True)
+        if res.returncode != 0:
+            continue
+        text = res.stdout.decode("utf-8", "replace")
+        # pod2text indents code by 4+ spaces more than prose: drop those lines before reflowing.
+        lines = [ln for ln in text.split("\n") if not ln.startswith("        ")]
+        paras = clean.english_paragraphs(clean.reflow("\n".join(lines)).split("\n\n"))
+        if paras:
+            yield p.stem, "\n\n".join(paras)
 
 
 _RST_DIRECTIVE = re.compile(r"^\.\. ")
@@ -298,17 +316,24 @@ def _linux_docs(root: Path) -> Iterator[Document]:
 # ---------------------------------------------------------------- tier C: PDF manuals
 
 def _pdf_manuals(base: str = "usr/share/doc"):
+    """Extractor for PDF manuals: ``pdftotext`` (several at once), lines reflowed into paragraphs,
+    English prose paragraphs kept; one document per PDF."""
+
+    def to_text(path: Path) -> Optional[str]:
+        res = subprocess.run(["pdftotext", "-enc", "UTF-8", "-nopgbrk", str(path), "-"], capture_output=True)
+        return res.stdout.decode("utf-8", "replace") if res.returncode == 0 else None  # damaged or encrypted
+
     def extract(root: Path) -> Iterator[Document]:
+        from concurrent.futures import ThreadPoolExecutor
+
         top = _only(root, base)
         pdfs = sorted(top.rglob("*.pdf"))
-        for p in pdfs:
-            res = subprocess.run(["pdftotext", "-enc", "UTF-8", "-nopgbrk", str(p), "-"], capture_output=True)
-            if res.returncode != 0:
-                continue  # a damaged or encrypted PDF: skip it, keep the rest
-            text = res.stdout.decode("utf-8", "replace")
-            paras = clean.english_paragraphs(clean.reflow(text).split("\n\n"))
-            if paras:
-                yield p.relative_to(top).as_posix(), "\n\n".join(paras)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for p, text in zip(pdfs, pool.map(to_text, pdfs)):
+                if text:
+                    paras = clean.english_paragraphs(clean.reflow(text).split("\n\n"))
+                    if paras:
+                        yield p.relative_to(top).as_posix(), "\n\n".join(paras)
 
     return extract
 
@@ -336,7 +361,7 @@ def _dictd(name: str, entries_per_doc: int = 200):
         seen, group, n = set(), [], 0
         for line in (d / f"{name}.index").read_text(encoding="utf-8", errors="replace").splitlines():
             fields = line.split("\t")
-            if len(fields) < 3 or fields[0].startswith("00-database") or fields[0].startswith("00database"):
+            if len(fields) < 3 or fields[0].startswith(("00-", "00database")):  # dictd metadata entries
                 continue
             off, size = _dictd_number(fields[1]), _dictd_number(fields[2])
             if off in seen:  # several headwords share one entry
@@ -434,19 +459,39 @@ for _src in [
            "B", "Public domain", "SQLite documentation (HTML)", modules=("lxml",)),
     Source("debian_handbook", Package("debian", "debian-handbook", "11.20220922",
                                       "3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa"),
-           _html_manual("usr/share/doc/debian-handbook/html/en-US"),
+           _html_manual("usr/share/doc/debian-handbook/html/en-US", exclude=(r"^Common_Content/", r"^index\.html")),
            "B", "GPL-2.0+ OR CC BY-SA 3.0", "The Debian Administrator's Handbook, English (HTML)",
            modules=("lxml",)),
     Source("django_docs", Package("debian", "python-django-doc", "3:3.2.25-0+deb12u7",
                                   "87307f067916df72e17180d35b7cde5c7ea6080336cda518efd7f6e66988a7ca"),
            _html_manual("usr/share/doc/python-django-doc/html", "//div[@role='main']",
-                        exclude=(r"^_", r"genindex", r"modindex", r"^search\.html", r"^releases/")),
+                        exclude=(r"^_", r"genindex", r"modindex", r"^search\.html", r"^releases/", r"^contents\.html")),
            "B", "BSD-3-Clause", "Django 3.2 documentation (HTML)", modules=("lxml",)),
     Source("cmake_docs", Package("debian", "cmake-doc", "3.25.1-1",
                                  "6e805a758ffed87cc7ea234cf0a7a1bb8ae78b93d8b5783e7fb989a6320f8133"),
            _html_manual("usr/share/doc/cmake-data/html", "//div[@role='main']",
                         exclude=(r"^_", r"genindex", r"^search\.html", r"^release/")),
            "B", "BSD-3-Clause", "CMake 3.25 documentation (HTML)", modules=("lxml",)),
+    Source("rust_docs", Package("debian", "rust-doc", "1.63.0+dfsg1-2",
+                                "96ef96fe6df87d939ca713bd7df3d15c2b778ccb892eca025c4ee504146f697b"),
+           _html_manual("usr/share/doc/rust-doc/html", "//main",
+                        include=tuple(f"{book}/**/*.html" for book in ("book", "reference", "nomicon", "rust-by-example",
+                                                                      "edition-guide", "rustc", "embedded-book")),
+                        exclude=(r"/print\.html$", r"/toc\.html$", r"/404\.html$")),
+           "B", "MIT OR Apache-2.0", "The Rust books: the Book, Reference, Nomicon, Rust by Example, ... (HTML)",
+           modules=("lxml",)),
+    Source("erlang_docs", Package("debian", "erlang-doc", "1:25.2.3+dfsg-1+deb12u4",
+                                  "7d172cecfdd9c2930b27c776ad226ffcc84670375cf830c79ee41c6944e8a1c8"),
+           _html_manual("usr/share/doc/erlang-doc", exclude=(r"/java/", r"^lib/wx-", r"release_notes", r"notes\.html$")),
+           "B", "Apache-2.0", "Erlang/OTP 25 documentation (HTML)", modules=("lxml",)),
+    Source("qt_docs", Package("debian", "qtbase5-doc-html", "5.15.8+dfsg-11+deb12u3",
+                              "e052497a7db970f002807e3543043c11e46135641b8284b0a419086ba64f5f47"),
+           _html_manual("usr/share/qt5/doc", exclude=(r"-members\.html$", r"-obsolete\.html$")),
+           "B", "GFDL-1.3", "Qt 5.15 base documentation (HTML)", modules=("lxml",)),
+    Source("perl_docs", Package("debian", "perl-doc", "5.36.0-7+deb12u4",
+                                "f4269cff4576d6f02a6756df842988e58451c7e945b08517dd235531b24e48f8"),
+           _perl_pod, "B", "Artistic-1.0 OR GPL-1.0+", "The Perl 5.36 manual pages (pod2text; release notes left out)",
+           tools=("pod2text",)),
     Source("linux_docs", Package("debian", "linux-source-6.1", "6.1.192-3",
                                  "5259c57ca92092da39bd2ea803046da0e3c28f2b6a11ea20f6297468188ceb67"),
            _linux_docs, "B", "GPL-2.0", "Linux 6.1 kernel Documentation/*.rst (translations left out; 139 MB download)"),
@@ -454,6 +499,14 @@ for _src in [
     Source("latex_base_docs", Package("debian", "texlive-latex-base-doc", "2022.20230122-3",
                                       "122dbbe00bd22f872b1837eb86bd76fbac6ec84dd4f5f0c76cc9c18484485848"),
            _pdf_manuals(), "C", "LPPL-1.3c and others (TeX Live)", "LaTeX base manuals (PDF -> text)",
+           tools=("pdftotext",)),
+    Source("latex_recommended_docs", Package("debian", "texlive-latex-recommended-doc", "2022.20230122-3",
+                                             "8bea1f81bf50354fa4f3046c2dbb82efba9b8520aca0b2ab12eed18554a66c11"),
+           _pdf_manuals(), "C", "LPPL-1.3c and others (TeX Live)", "Manuals of recommended LaTeX packages (PDF -> text)",
+           tools=("pdftotext",)),
+    Source("latex_humanities_docs", Package("debian", "texlive-humanities-doc", "2022.20230122-4",
+                                            "b9ff3e33bfad812999000ae009d701d867701afad144433c36a78322f3d88e33"),
+           _pdf_manuals(), "C", "LPPL-1.3c and others (TeX Live)", "Manuals of LaTeX humanities packages (PDF -> text)",
            tools=("pdftotext",)),
     # Tier D: dictionaries and e-mail.
     Source("gcide", Package("debian", "dict-gcide", "0.48.5+nmu2",
@@ -481,11 +534,13 @@ PROSE = ["sotu", "moby_dick", "shakespeare", "wikipedia", "nlp_corpus", "brown",
 CORPORA: dict[str, dict[str, float]] = {
     "prose": {name: 1.0 for name in PROSE},
     "mix": {
-        **{name: 3.0 for name in PROSE},
-        "python_docs": 1.0, "postgresql_docs": 1.0, "git_docs": 1.0, "sqlite_docs": 1.0,
-        "debian_handbook": 1.0, "django_docs": 1.0, "cmake_docs": 1.0, "linux_docs": 1.0,
-        "latex_base_docs": 0.5,
-        "gcide": 0.5, "wordnet": 0.5, "foldoc": 0.5, "jargon": 1.0, "spam_assassin": 0.5,
+        # About 100M training tokens from about 45M unique ones: prose four times, manuals twice.
+        **{name: 4.0 for name in PROSE},
+        **{name: 2.0 for name in ("python_docs", "postgresql_docs", "git_docs", "sqlite_docs", "debian_handbook",
+                                  "django_docs", "cmake_docs", "linux_docs", "rust_docs", "erlang_docs", "qt_docs",
+                                  "perl_docs")},
+        **{name: 1.0 for name in ("latex_base_docs", "latex_recommended_docs", "latex_humanities_docs",
+                                  "gcide", "wordnet", "foldoc", "jargon", "spam_assassin")},
     },
 }
 
