@@ -12,12 +12,16 @@ _MIXING = ("k_mix", "v_mix", "pre_mix", "post_mix")
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    from ..layers.norm import HeadNorm, RMSNorm
+
+    # The head norm's weight is (h, d): exempt norms by module type, not by dimension.
+    norm_params = {id(p) for m in model.modules() if isinstance(m, (RMSNorm, HeadNorm)) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_mix = name.split(".")[-1] in _MIXING
-        if p.dim() >= 2 and not (is_mix and not cfg.decay_mixing):
+        if p.dim() >= 2 and id(p) not in norm_params and not (is_mix and not cfg.decay_mixing):
             decay.append(p)
         else:  # norms, biases, lambdas, (mixing)
             no_decay.append(p)

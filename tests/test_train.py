@@ -1,0 +1,236 @@
+"""Training loop: exact resume, kill-safety, divergence handling, schedules, sweeps, config errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mea.train.config import DataConfig, TrainConfig, lr_at
+from mea.train.metrics import read_metrics
+
+MICRO = {"d_model": 32, "n_layers": 2, "n_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real-text corpus: docstrings of the Python standard library, one file per module."""
+    import importlib
+    import inspect
+
+    from mea.data.prepare import prepare_data
+
+    src = tmp_path_factory.mktemp("text")
+    for mod in ["argparse", "collections", "csv", "datetime", "decimal", "difflib", "doctest", "fractions",
+                "functools", "heapq", "inspect", "json", "logging", "pickle", "random", "re", "shutil",
+                "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "zipfile",
+                "statistics", "pathlib", "itertools", "contextlib", "dataclasses", "enum", "abc", "codecs"]:
+        m = importlib.import_module(mod)
+        docs = [inspect.getdoc(m) or ""]
+        docs += [inspect.getdoc(obj) or "" for name, obj in vars(m).items()
+                 if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))]
+        (src / f"{mod}.txt").write_text("\n\n".join(d for d in docs if d))
+    out = tmp_path_factory.mktemp("prepared") / "stdlib"
+    return prepare_data(files=[str(src)], out=str(out), val_fraction=0.1)
+
+
+def run(out, corpus, steps=8, **kw):
+    from mea.train.pretrain import pretrain
+
+    tk = dict(max_steps=steps, batch_size=2, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, eval_batches=2,
+              save_every=kw.pop("save_every", 4))
+    tk.update(kw.pop("train", {}))
+    train = TrainConfig(**tk)
+    return pretrain(out=str(out), preset="tiny", model=dict(MICRO, **kw.pop("model", {})),
+                    data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu", progress=False, **kw)
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def test_run_directory_layout(tmp_path, corpus):
+    s = run(tmp_path / "r", corpus, attention="mea", n_kv_heads=1)
+    r = tmp_path / "r"
+    assert s["status"] == "finished" and math.isfinite(s["val_loss"])
+    for f in ["config.yaml", "metrics.jsonl", "loss.png", "status.json", "checkpoints/latest"]:
+        assert (r / f).exists(), f
+    recs = read_metrics(r / "metrics.jsonl")
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(recs[0])
+    assert any("val_loss" in x for x in recs)
+    assert recs[-1]["tokens"] == 8 * 2 * 32
+    from mea.train.checkpoint import load_model
+
+    m = load_model(r)
+    assert m.config.attention == "mea" and m.config.n_kv_heads == 1
+    # a second run into the same directory must not clobber it
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(r, corpus)
+
+
+def test_resume_matches_uninterrupted_run_step_for_step(tmp_path, corpus):
+    run(tmp_path / "full", corpus, attention="mea", n_kv_heads=1, save_every=3)
+    halted = run(tmp_path / "cut", corpus, attention="mea", n_kv_heads=1, save_every=3, halt_after=5)
+    assert halted["status"] == "halted"
+    # the halted run logged steps 4-5 past its last checkpoint (3): resume drops and redoes them
+    from mea.train.pretrain import pretrain
+
+    s = pretrain(out=str(tmp_path / "cut"), resume=True, device="cpu", progress=False)
+    assert s["status"] == "finished"
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [x[0] for x in b] == list(range(1, 9))
+    for (sa, la), (sb, lb) in zip(a, b):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-6, abs=1e-6)
+
+
+def test_killed_process_resumes_exactly(tmp_path, corpus):
+    """SIGKILL a real training process mid-run, then resume: no finished step is lost or changed."""
+    ref = tmp_path / "ref"
+    run(ref, corpus, steps=12, save_every=2)
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "mea.cli", "pretrain", f"--out={out}", "--preset=tiny",
+            f"--model={json.dumps(MICRO)}", f"--data.corpus={corpus}", "--data.seq_len=32",
+            "--train.max_steps=12", "--train.batch_size=2", "--train.lr=3e-3", "--train.warmup_steps=2",
+            "--train.log_every=1", "--train.eval_every=4", "--train.eval_batches=2", "--train.save_every=2",
+            "--device=cpu", "--progress=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = out / "checkpoints" / "latest"
+        if latest.exists() and latest.read_text().strip() >= "step_0000004":
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (out / "status.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    subprocess.run(args + ["--resume=true"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = losses(ref), losses(out)
+    assert [x[0] for x in b] == list(range(1, 13))
+    assert [x[1] for x in a] == pytest.approx([x[1] for x in b], rel=1e-6)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    s = run(tmp_path / "d", corpus, steps=40, save_every=2, train={"lr": 50.0, "warmup_steps": 0, "grad_clip": 0.0,
+                                                                   "diverge_loss": 12.0})
+    assert s["status"] == "diverged", s
+    recs = read_metrics(tmp_path / "d" / "metrics.jsonl")
+    assert recs[-1]["event"] == "diverged" and "reason" in recs[-1]
+    assert json.loads((tmp_path / "d" / "status.json").read_text())["status"] == "diverged"
+    from mea.train.checkpoint import latest_checkpoint, load_model
+
+    ckpt = latest_checkpoint(tmp_path / "d")
+    if ckpt is not None:  # the checkpoint kept is from before the blow-up and loads cleanly
+        state = json.loads((ckpt / "state.json").read_text())
+        assert state["step"] < recs[-1]["step"]
+        m = load_model(ckpt)
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_nan_loss_is_reported(tmp_path, corpus, monkeypatch):
+    import mea.train.pretrain as P
+
+    real = P.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(P.F, "cross_entropy", poisoned)
+    s = run(tmp_path / "n", corpus, steps=6)
+    assert s["status"] == "diverged" and "not finite" in s["reason"]
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path, corpus):
+    run(tmp_path / "c", corpus, steps=4)
+    from mea.train.checkpoint import CheckpointError, latest_checkpoint, load_model
+
+    f = latest_checkpoint(tmp_path / "c") / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        load_model(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules(schedule):
+    cfg = TrainConfig(max_steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule, decay_fraction=0.2)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == pytest.approx(1.0)
+    if schedule == "constant":
+        assert lrs[-1] == 1.0
+    else:
+        assert lrs[-1] == pytest.approx(0.1, abs=0.02)
+    if schedule == "wsd":
+        assert lrs[79] == 1.0 and lrs[80] < 1.0
+
+
+def test_weight_decay_groups():
+    from mea import ModelConfig, Transformer
+    from mea.train.optim import param_groups
+
+    m = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, attention="mea", n_kv_heads=1))
+    decay, no_decay = param_groups(m, TrainConfig())
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "model.layers.0.self_attn.k_mix" in nd and "model.norm.weight" in nd
+    assert "model.layers.0.self_attn.head_norm.weight" in nd
+    assert "model.layers.0.self_attn.q_proj.weight" in {names[id(p)] for p in decay["params"]}
+    d2, nd2 = param_groups(m, TrainConfig(decay_mixing=True))
+    assert "model.layers.0.self_attn.k_mix" in {names[id(p)] for p in d2["params"]}
+
+
+def test_sweep_bookkeeping(tmp_path, corpus):
+    from mea.train.sweep import parse_variant, sweep
+
+    assert parse_variant("mea:head_norm=false,n_kv_heads=2") == {"attention": "mea", "head_norm": False, "n_kv_heads": 2}
+    with pytest.raises(ValueError, match="unknown attention"):
+        parse_variant("flash")
+    train = TrainConfig(max_steps=4, batch_size=2, warmup_steps=1, log_every=1, eval_every=2, eval_batches=1,
+                        save_every=4, diverge_loss=11.5, grad_clip=0.0)
+    csv_path = sweep(out=str(tmp_path / "sw"), variants=["mha", "mea:head_norm=false"], lrs=[1e-3, 80.0],
+                     preset="tiny", model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32), train=train,
+                     device="cpu")
+    import csv
+
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 4
+    assert {r["variant"] for r in rows} == {"mha", "mea:head_norm=false"}
+    ok = [r for r in rows if float(r["lr"]) == 1e-3]
+    assert all(r["status"] == "finished" and float(r["final_val_loss"]) > 0 for r in ok)
+    assert (tmp_path / "sw" / "loss_vs_lr.png").exists() and (tmp_path / "sw" / "curves_best_lr.png").exists()
+    # re-running the sweep reuses finished runs
+    before = os.path.getmtime(Path(ok[0]["run_dir"]) / "status.json")
+    sweep(out=str(tmp_path / "sw"), variants=["mha", "mea:head_norm=false"], lrs=[1e-3, 80.0], preset="tiny",
+          model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
+    assert os.path.getmtime(Path(ok[0]["run_dir"]) / "status.json") == before
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="train.schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="train.max_steps"):
+        TrainConfig(max_steps=0)
+    from mea.cli import main
+
+    for bad in (["pretrain", "--train.nope=1"], ["pretrain", "--train.lr=fast"]):
+        r = subprocess.run([sys.executable, "-m", "mea.cli", *bad], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "nope" in r.stderr or "lr" in r.stderr
+    from mea.train.pretrain import resolve_model_config
+
+    with pytest.raises(ValueError, match="^bogus:"):
+        resolve_model_config("tiny", None, None, None, {"bogus": 1}, 32)
+    with pytest.raises(ValueError, match="^d_model:"):
+        resolve_model_config("tiny", None, None, None, {"d_model": "wide"}, 32)
