@@ -41,11 +41,15 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str = 
 
 
 def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -> dict:
-    """Accuracy per task (and the average) from `mea evaluate` on a model folder or run."""
+    """Zero-shot accuracy from `mea evaluate`: per task acc_norm where the task has it, else acc
+    (the convention of the evaluation's paper-shaped table), their average, and the full metrics."""
     from mea.eval.evaluate import evaluate
 
-    res = evaluate(path, tasks=tasks, limit=limit, device=device)
-    return res
+    res = evaluate(path, tasks=",".join(tasks), limit=limit, device=device, perplexity=False)
+    acc = {t: m.get("acc_norm", m.get("acc")) for t, m in res["tasks"].items()}
+    got = [v for v in acc.values() if v is not None]
+    return {"tasks": acc, "average": sum(got) / len(got) if got and len(got) == len(acc) else None,
+            "metrics": res["tasks"], "limit": limit}
 
 
 def _load(path: str):
@@ -158,9 +162,9 @@ def markdown_table(rows: list[dict]) -> str:
         errs = [f"{100 * r[k]:.1f}%" if r.get(k) is not None else "-" for k in ("k_rel_err_mean", "v_rel_err_mean")]
         cells = [r["model"], str(r["kv_heads"]), r["init"], r["stage"], f"{r['kv_bytes_per_token']:,}", *errs,
                  f"{r['val_ppl']:.2f}"]
-        cells += [f"{100 * zs['tasks'][t]:.1f}" if t in zs.get("tasks", {}) else "-" for t in tasks]
+        cells += [f"{100 * zs['tasks'][t]:.1f}" if zs.get("tasks", {}).get(t) is not None else "-" for t in tasks]
         if tasks:
-            cells.append(f"{100 * zs['average']:.1f}" if "average" in zs else "-")
+            cells.append(f"{100 * zs['average']:.1f}" if zs.get("average") is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
