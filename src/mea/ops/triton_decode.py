@@ -31,6 +31,8 @@ __all__ = ["mea_decode_triton", "decode_launch_config"]
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The merge holds every slice of a row in registers at once.
+MAX_SPLITS = 256
 
 
 @triton.jit
@@ -178,37 +180,30 @@ def _mea_decode_combine_kernel(
     stride_pb, stride_ps, stride_pm,
     stride_lb, stride_ls,
     stride_ob, stride_oh, stride_ol, stride_od,
-    n_rows, LQ, n_splits,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    LQ, n_splits,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    offs_d = tl.arange(0, BLOCK_D)
+    # One program per (query row, slice of d, batch row), all slices at once: no serial loop, so
+    # even a batch of one spreads the merge over many programs.
+    row = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b = tl.program_id(2).to(tl.int64)
     d_ok = offs_d < D
-
-    # One pass, rescaling as the running maximum grows (a reduction inside this loop trips
-    # Triton 3.6's thread-locality pass). Slices that saw no key carry lse = -inf and weigh 0.
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(0, n_splits):
-        lse = tl.load(LSE_PART + b * stride_lb + s * stride_ls + rows, mask=row_ok, other=float("-inf"))
-        m_new = tl.maximum(m, lse)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_shift)
-        w = tl.math.exp2(lse - m_shift)
-        o = tl.load(O_PART + b * stride_pb + s * stride_ps + rows[:, None] * stride_pm + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        den = den * alpha + w
-        m = m_new
-    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-    head = rows // LQ
-    tok = rows % LQ
-    tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ol + offs_d[None, :] * stride_od,
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n_splits
+    # Slices that saw no key carry lse = -inf and weigh 0.
+    lse = tl.load(LSE_PART + b * stride_lb + offs_s * stride_ls + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    den = tl.sum(w, 0)
+    o = tl.load(O_PART + b * stride_pb + offs_s[:, None] * stride_ps + row * stride_pm + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
+    head = row // LQ
+    tok = row % LQ
+    tl.store(OUT + b * stride_ob + head * stride_oh + tok * stride_ol + offs_d * stride_od,
+             out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 @lru_cache(maxsize=None)
@@ -227,7 +222,8 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     """Tile sizes and the number of sequence slices for one launch; a nonzero argument overrides
     (``keys_major``: -1 = choose, 0 = query rows as the MMA's M dimension, 1 = keys).
 
-    Slices: about two programs per multiprocessor, in whole powers of two per row (a sweep on an
+    Slices: about two programs per multiprocessor, a power of two per row, at most 256 and at least
+    two key tiles each (a sweep on an
     H200 at batch 64 x 4096 tokens put 4 slices at 0.483 ms, 8 at 0.492, auto-5 in between): enough
     loads in flight to saturate memory, while the merge (rows x d floats per slice) stays small.
     Tiles: on Hopper, keys-major 64-key tiles with 4 pipeline stages (warpgroup MMA) were the best of
@@ -235,7 +231,7 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     """
     block_m = min(max(16, triton.next_power_of_2(n_rows)), 64)
     m_blocks = triton.cdiv(n_rows, block_m)
-    block_n = block_n or 64
+    block_n = block_n or max(64, 8192 // max(head_dim, 1))  # 16 KB bf16 tiles: 64 keys at d=128, 128 at 64
     n_blocks = max(1, triton.cdiv(cache_len, block_n))
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
@@ -243,8 +239,8 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     if not num_splits:
         sms = _sm_count(index) if cuda else 4
         per_row = max(1, (2 * sms) // (batch * m_blocks))
-        num_splits = 1 << (per_row.bit_length() - 1)
-    num_splits = max(1, min(num_splits, n_blocks))
+        num_splits = min(1 << (per_row.bit_length() - 1), max(1, n_blocks // 2))
+    num_splits = max(1, min(num_splits, n_blocks, MAX_SPLITS))
     split_len = triton.cdiv(n_blocks, num_splits) * block_n
     num_splits = max(1, triton.cdiv(cache_len, split_len))
     if keys_major < 0:
@@ -254,8 +250,7 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
                 num_stages=num_stages or (4 if hopper else 3), keys_major=bool(keys_major))
 
 
-@torch.library.custom_op("mea::decode", mutates_args=())
-def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor, cache_seqlens: Tensor,
+def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor, cache_seqlens: Tensor,
                scale: float, num_splits: int, block_n: int, num_warps: int, num_stages: int,
                keys_major: int) -> Tensor:
     B, h, Lq, d = q.shape
@@ -284,12 +279,17 @@ def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix
         KEYS_MAJOR=cfg["keys_major"], DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
-        block_m = min(cfg["block_m"], 16)
-        _mea_decode_combine_kernel[(triton.cdiv(n_rows, block_m), B)](
-            o_part, lse_part, out, *sp, *sl, *out.stride(), n_rows, Lq, cfg["num_splits"],
-            D=d, BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=4,
+        block_d = min(32, cfg["block_d"])
+        _mea_decode_combine_kernel[(n_rows, triton.cdiv(d, block_d), B)](
+            o_part, lse_part, out, *sp, *sl, *out.stride(), Lq, cfg["num_splits"],
+            D=d, BLOCK_S=triton.next_power_of_2(cfg["num_splits"]), BLOCK_D=block_d, num_warps=4,
         )
     return out
+
+
+# Registered as an op so torch.compile treats the launch as one opaque node (no graph break);
+# eager calls skip the op dispatcher, whose Python overhead is comparable to a small decode step.
+_decode_op = torch.library.custom_op("mea::decode", mutates_args=())(_decode_impl)
 
 
 @_decode_op.register_fake
@@ -345,7 +345,8 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
         raise ValueError(f"mea_decode_triton: cache_seqlens must be int32/int64 of shape ({B},), got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    return _decode_op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(), scale,
+    op = _decode_op if torch.compiler.is_compiling() else _decode_impl
+    return op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(), scale,
                       num_splits, block_n, num_warps, num_stages, keys_major)
 
 
