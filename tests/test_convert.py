@@ -287,6 +287,12 @@ def test_convert_run_dir_end_to_end(tmp_path):
     probe = torch.randint(0, 50257, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(loaded(probe), ref(probe), atol=1e-5, rtol=0)
+    # transformers' generate() over a cache whose layers hold 4 and 2 heads.
+    from mea.models.modeling_mea import MEAForCausalLM
+
+    hf = MEAForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    gen = hf.generate(probe[:, :5], max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, loaded.generate(probe[:, :5], max_new_tokens=4))
     with pytest.raises(FileExistsError):
         convert(str(run), 2, out=str(out), calib_tokens=0)
 
