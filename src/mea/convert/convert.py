@@ -258,10 +258,11 @@ def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens:
 def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", out: Optional[str] = None,
             calib_tokens: int = 65536, calib_seq_len: int = 512, calib_text: Optional[str] = None,
             corpus: str = "prose", batch_size: int = 8, overwrite: bool = False) -> dict:
-    """Compress a pretrained model's KV cache: store KV_HEADS component heads per layer and rebuild
-    the query heads' keys and values through MEA's head-level mix. Writes an HF folder (loadable by
-    `mea evaluate`, `mea pretrain --init-from`, transformers with trust_remote_code) and
-    conversion.json, the per-layer report.
+    """Compress a pretrained model's KV cache to KV_HEADS stored heads per layer (MEA virtual heads).
+
+    Each compressed layer stores KV_HEADS component heads, and every query head reads its own mix
+    of them (MEA's head-level linear composition). Writes an HF folder (for `mea evaluate`,
+    `mea pretrain --init_from`, transformers) and conversion.json, the per-layer report.
 
     Args:
         model: HF LLaMA-family folder (MHA or GQA), a folder written by mea's save_hf, or a mea
