@@ -206,6 +206,16 @@ def _mea_decode_combine_kernel(
              out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain integer math: triton.cdiv/next_power_of_2 go through Triton's constexpr-function wrapper,
+    # several microseconds per call on the host, and a decode step is host-bound at small sizes.
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 @lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -216,11 +226,13 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+@lru_cache(maxsize=4096)
 def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int, device: torch.device,
                          num_splits: int = 0, block_n: int = 0, num_warps: int = 0,
                          num_stages: int = 0, keys_major: int = -1) -> dict:
     """Tile sizes and the number of sequence slices for one launch; a nonzero argument overrides
-    (``keys_major``: -1 = choose, 0 = query rows as the MMA's M dimension, 1 = keys).
+    (``keys_major``: -1 = choose, 0 = query rows as the MMA's M dimension, 1 = keys). Cached:
+    treat the returned dict as read-only.
 
     Slices: about two programs per multiprocessor, a power of two per row, at most 256 and at least
     two key tiles each (a sweep on an
@@ -229,10 +241,10 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     Tiles: on Hopper, keys-major 64-key tiles with 4 pipeline stages (warpgroup MMA) were the best of
     26 tile shapes; elsewhere the rows-major form with 3 stages, which fits smaller shared memory.
     """
-    block_m = min(max(16, triton.next_power_of_2(n_rows)), 64)
-    m_blocks = triton.cdiv(n_rows, block_m)
+    block_m = min(max(16, _next_pow2(n_rows)), 64)
+    m_blocks = _cdiv(n_rows, block_m)
     block_n = block_n or max(64, 8192 // max(head_dim, 1))  # 16 KB bf16 tiles: 64 keys at d=128, 128 at 64
-    n_blocks = max(1, triton.cdiv(cache_len, block_n))
+    n_blocks = max(1, _cdiv(cache_len, block_n))
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
     hopper = cuda and _capability(index)[0] >= 9
@@ -241,12 +253,12 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
         per_row = max(1, (2 * sms) // (batch * m_blocks))
         num_splits = min(1 << (per_row.bit_length() - 1), max(1, n_blocks // 2))
     num_splits = max(1, min(num_splits, n_blocks, MAX_SPLITS))
-    split_len = triton.cdiv(n_blocks, num_splits) * block_n
-    num_splits = max(1, triton.cdiv(cache_len, split_len))
+    split_len = _cdiv(n_blocks, num_splits) * block_n
+    num_splits = max(1, _cdiv(cache_len, split_len))
     if keys_major < 0:
         keys_major = int(hopper)
     return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, num_splits=num_splits, split_len=split_len,
-                block_d=max(16, triton.next_power_of_2(head_dim)), num_warps=num_warps or 4,
+                block_d=max(16, _next_pow2(head_dim)), num_warps=num_warps or 4,
                 num_stages=num_stages or (4 if hopper else 3), keys_major=bool(keys_major))
 
 
@@ -280,9 +292,9 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_m
     )
     if not direct:
         block_d = min(32, cfg["block_d"])
-        _mea_decode_combine_kernel[(n_rows, triton.cdiv(d, block_d), B)](
+        _mea_decode_combine_kernel[(n_rows, _cdiv(d, block_d), B)](
             o_part, lse_part, out, *sp, *sl, *out.stride(), Lq, cfg["num_splits"],
-            D=d, BLOCK_S=triton.next_power_of_2(cfg["num_splits"]), BLOCK_D=block_d, num_warps=4,
+            D=d, BLOCK_S=_next_pow2(cfg["num_splits"]), BLOCK_D=block_d, num_warps=4,
         )
     return out
 
