@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from mea import KVCache, ModelConfig, Transformer  # noqa: E402
+from mea import ModelConfig, Transformer  # noqa: E402
 from mea.ops import decode as decode_mod  # noqa: E402
 from mea.ops.attention import mea_attention_absorbed, mea_attention_reference  # noqa: E402
 from mea.ops.triton_decode import mea_decode_fast, mea_decode_triton  # noqa: E402
