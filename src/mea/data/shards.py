@@ -75,13 +75,13 @@ def read_manifest(path: os.PathLike) -> dict:
     mpath = d / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{d} has no {MANIFEST}: not a prepared data directory, or its preparation "
-                                f"did not finish (rerun `mea prepare-data --force`)")
+                                f"did not finish (rerun `mea prepare-data --force true`)")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath} is corrupt ({e}); rerun `mea prepare-data --force`") from e
+        raise ValueError(f"{mpath} is corrupt ({e}); rerun `mea prepare-data --force true`") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete"):
-        raise ValueError(f"{mpath} is not a complete {FORMAT} manifest; rerun `mea prepare-data --force`")
+        raise ValueError(f"{mpath} is not a complete {FORMAT} manifest; rerun `mea prepare-data --force true`")
     for split, info in manifest.get("splits", {}).items():
         for shard in info.get("shards", []):
             f = d / shard["file"]
@@ -89,7 +89,7 @@ def read_manifest(path: os.PathLike) -> dict:
             if not f.is_file() or f.stat().st_size != want:
                 have = f.stat().st_size if f.is_file() else "missing"
                 raise ValueError(f"shard {f} of split {split!r} should hold {want} bytes, found {have}; "
-                                 f"rerun `mea prepare-data --force`")
+                                 f"rerun `mea prepare-data --force true`")
     return manifest
 
 
