@@ -270,7 +270,7 @@ def test_prepare_files_dedup_split_and_idempotence(tmp_path, tok):
         prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0)
     prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0, force=True)
     assert json.loads((tmp_path / "a" / MANIFEST).read_text())["request"]["val_fraction"] == 0.3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no temp dirs left
 
 
 def test_prepare_few_files_still_has_validation(tmp_path, tok):

@@ -207,6 +207,7 @@ def unpack(pkg: Package, root: Optional[Path] = None) -> Path:
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    os.chmod(tmp, 0o755)
     try:
         name = archive.name
         if name.endswith((".whl", ".zip")):

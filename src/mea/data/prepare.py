@@ -9,6 +9,7 @@ so a directory with a manifest is always complete and a second call returns at o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -129,11 +130,7 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
     Returns:
         The prepared directory (holding ``manifest.json`` and ``train_*.bin`` / ``val_*.bin``).
     """
-    from tqdm.auto import tqdm
-
-    from .sources import SOURCES, corpus_sources
-    from .tokenizer import PACKAGE as TOKENIZER_PACKAGE
-    from .tokenizer import load_tokenizer
+    from .sources import corpus_sources
 
     if files and hf_dataset:
         raise ValueError("pass either files or hf_dataset, not both")
@@ -150,6 +147,34 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
     label = "files" if files else ("hf:" + hf_dataset if hf_dataset else corpus)
     out_dir = Path(out).expanduser() if out else _default_out(corpus, sources, files, hf_dataset)
     request = _request(label, weights, files, hf_dataset, val_fraction, seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (the ranks of one torchrun job) may ask for the same corpus at once: one
+    # builds it, the others wait here and then find it complete.
+    with _locked(out_dir.with_name(f".{out_dir.name}.lock")):
+        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus) -> str:
+    from tqdm.auto import tqdm
+
+    from .sources import SOURCES
+    from .tokenizer import PACKAGE as TOKENIZER_PACKAGE
+    from .tokenizer import load_tokenizer
 
     if (out_dir / MANIFEST).exists() and not force:
         try:
@@ -256,8 +281,8 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
     bar.close()
 
     # 4. write shards: documents in a seeded order; training copies per source weight
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the corpus from other users of a shared cache
     try:
         per_source = [{"train": {"docs": 0, "tokens": 0}, "val": {"docs": 0, "tokens": 0}} for _ in origins]
         splits = {}
