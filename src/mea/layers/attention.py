@@ -136,6 +136,9 @@ class DiffAttention(Attention):
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.lambda_init = lambda_init_fn(layer_idx)
+        # A tensor rather than a Python float, so that torch.compile traces one graph for every
+        # layer instead of specializing (and recompiling) on each layer's constant.
+        self.register_buffer("lambda_init_t", torch.tensor(self.lambda_init), persistent=False)
         half = self.head_dim // 2
         self.lambda_q1 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
         self.lambda_k1 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
@@ -145,7 +148,7 @@ class DiffAttention(Attention):
     def lambda_full(self) -> Tensor:
         l1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
         l2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
-        return l1 - l2 + self.lambda_init
+        return l1 - l2 + self.lambda_init_t.float()
 
     def _halves_rope(self, t: Tensor, a: AttnInputs) -> Tensor:
         B, n, L, d = t.shape
@@ -172,7 +175,7 @@ class DiffAttention(Attention):
         o = o.transpose(1, 2)
         if self.head_norm is not None:
             o = self.head_norm(o)
-        return self.o_proj(o.flatten(2) * (1.0 - self.lambda_init))
+        return self.o_proj(o.flatten(2) * (1.0 - self.lambda_init_t).to(o.dtype))
 
 
 ATTENTION_CLASSES = {

@@ -167,6 +167,13 @@ class Transformer(nn.Module):
             new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=pad)
         return torch.cat([input_ids, new], dim=1)
 
+    def compile_layers(self, **kwargs) -> "Transformer":
+        """torch.compile each decoder layer in place: every layer runs the same compiled code, so
+        compile time does not grow with depth, and wrappers (DDP, FSDP) see plain modules."""
+        for layer in self.model.layers:
+            layer.compile(**kwargs)
+        return self
+
     # ------------------------------------------------------------------ sizes
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

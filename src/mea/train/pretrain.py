@@ -108,7 +108,7 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
             one written by `mea convert`); the model settings then come from it.
         resume: continue the run in OUT from its latest checkpoint, with its saved config.
         device: auto, cpu, cuda.
-        compile: torch.compile the model.
+        compile: torch.compile each decoder layer.
         parallel: under torchrun, ddp or fsdp (FSDP2 fully_shard per layer).
         halt_after: stop after this step as if killed (no final eval or checkpoint); for testing resume.
         progress: show a progress bar.
@@ -175,13 +175,15 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
 
     net.to(dev)
+    if compile:
+        net.compile_layers()
     wrapped = D.wrap(net, info, parallel, device)
     from .optim import build_optimizer
 
     optimizer = build_optimizer(wrapped, train, device)
     if trainer_state is not None:
         D.load_optimizer_state(wrapped, optimizer, trainer_state["optimizer"])
-    fwd = torch.compile(wrapped) if compile else wrapped
+    fwd = wrapped
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else _null_ctx
 
     diverge_at = train.diverge_loss or 1.5 * math.log(cfg.vocab_size)
