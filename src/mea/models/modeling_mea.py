@@ -128,6 +128,47 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = value
         self._core.lm_head = value
 
+    def _fresh(self, module: nn.Module) -> nn.Module:
+        """A newly built module of the same kind as ``module`` (rotary or attention), on the CPU."""
+        cfg = self._core.config
+        with torch.device("cpu"):
+            if isinstance(module, RotaryEmbedding):
+                return RotaryEmbedding(2 * module.inv_freq.numel(), cfg.rope_theta)
+            return type(module)(cfg, module.layer_idx)
+
+    @torch.no_grad()
+    def _refresh(self, module: nn.Module, params: bool) -> None:
+        """Rebuild the non-persistent buffers of a rotary or attention module (derived from the config,
+        never saved: after meta-device loading they hold garbage), and with ``params`` its own
+        parameters that transformers has not marked as loaded."""
+        own_params = [(n, p) for n, p in module.named_parameters(recurse=False)
+                      if params and not getattr(p, "_is_hf_initialized", False)]
+        own_buffers = [n for n in module._buffers if n in module._non_persistent_buffers_set]
+        if not own_params and not own_buffers:
+            return
+        fresh = self._fresh(module)
+        for n in own_buffers:
+            old = module._buffers[n]
+            new = fresh._buffers[n]
+            module._buffers[n] = new.to(device=old.device, dtype=old.dtype if old.is_floating_point() else new.dtype)
+        new_params = dict(fresh.named_parameters(recurse=False))
+        for n, p in own_params:
+            p.copy_(new_params[n])
+
+    def _refresh_buffers(self) -> None:
+        for m in self._core.modules():
+            if isinstance(m, (RotaryEmbedding, Attention)):
+                self._refresh(m, params=False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        if isinstance(model, MEAForCausalLM):  # (output_loading_info=True returns a tuple)
+            model._refresh_buffers()
+        else:
+            model[0]._refresh_buffers()
+        return model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Initialize ``module`` the way the core model does (used for fresh models and missing weights).
@@ -139,24 +180,14 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
             return p is not None and not getattr(p, "_is_hf_initialized", False)
 
         cfg = self._core.config
-        if isinstance(module, RotaryEmbedding):
-            # A non-persistent buffer: after meta-device loading it holds garbage until recomputed here.
-            with torch.device("cpu"):
-                fresh = RotaryEmbedding(2 * module.inv_freq.numel(), cfg.rope_theta).inv_freq
-            module.inv_freq.copy_(fresh)
+        if isinstance(module, (RotaryEmbedding, Attention)):
+            self._refresh(module, params=True)
         elif isinstance(module, nn.Linear) and todo(module.weight):
             module.weight.normal_(0.0, getattr(module, "_mea_init_std", cfg.init_std))
         elif isinstance(module, nn.Embedding) and todo(module.weight):
             module.weight.normal_(0.0, cfg.init_std)
         elif isinstance(module, (RMSNorm, HeadNorm)) and todo(module.weight):
             module.weight.fill_(1.0)
-        elif isinstance(module, Attention):
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if todo(p)]
-            if own:  # mixing matrices, lambdas: take them from a freshly built layer of the same kind
-                with torch.device("cpu"):
-                    fresh = dict(type(module)(cfg, module.layer_idx).named_parameters(recurse=False))
-                for n, p in own:
-                    p.copy_(fresh[n])
 
     # ------------------------------------------------------------------ forward
     def _cached_hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor],

