@@ -91,6 +91,10 @@ def test_generate_equals_core_and_caches_stored_heads(variant):
     assert cache_nbytes(cache) == 2 * 2 * T * cfg.head_dim * 4 * sum(heads)  # K and V, B=2, fp32
     if variant.startswith("mea") or variant == "gqa":
         assert cache_nbytes(cache) < 2 * 2 * T * cfg.head_dim * 4 * cfg.n_heads * cfg.n_layers
+    # beam search reorders the cache rows; it must agree with recomputing everything without a cache
+    beams = [hf.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0,
+                         use_cache=use) for use in (True, False)]
+    assert torch.equal(beams[0], beams[1])
 
 
 def test_config_fields_aliases_and_errors():
