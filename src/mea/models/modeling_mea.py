@@ -21,9 +21,8 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:
@@ -39,8 +38,7 @@ from .configuration_mea import MEAConfig
 REMOTE_CODE_FILES = ("configuration_mea.py", "modeling_mea.py", "mea_snapshot.py")
 AUTO_MAP = {"AutoConfig": "configuration_mea.MEAConfig", "AutoModelForCausalLM": "modeling_mea.MEAForCausalLM"}
 
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-# transformers 5 renamed the cache argument and output field from ``past_key_values`` to ``cache``.
+# transformers 5.2x renamed the cache argument and output field from ``past_key_values`` to ``cache``.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -65,24 +63,13 @@ class _CacheView:
         return k, v
 
 
-def _new_dynamic_cache(config):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # transformers 4.x takes no config
-        return DynamicCache()
-
-
 class MEAForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MEAConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _no_split_modules = ["DecoderLayer"]
-    _tied_weights_keys = (
-        {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
-    )
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MEAConfig):
         super().__init__(config)
@@ -247,7 +234,7 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = _new_dynamic_cache(self.config)
+            cache = DynamicCache(config=self.config)
         if cache is None:
             h = self._core.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
         else:
