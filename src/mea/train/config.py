@@ -15,7 +15,7 @@ class DataConfig:
     """
 
     corpus: str = "prose"
-    seq_len: int = 256
+    seq_len: int = 128
 
 
 @dataclass
