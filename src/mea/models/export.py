@@ -5,8 +5,8 @@
   a ``mea pretrain`` run.
 - :func:`load_hf_llama` reads a Hugging Face LLaMA folder into a core :class:`mea.Transformer`
   (module names already agree, so the weights load without renaming).
-- :func:`load_transformer` loads a core model from any of: a run directory, a checkpoint directory,
-  a saved ``mea`` folder, a LLaMA folder.
+- :func:`load_hf` loads a saved ``mea`` folder or a LLaMA folder as a core model;
+  :func:`load_transformer` also takes a run or checkpoint directory.
 - :func:`write_remote_code` puts the files that ``trust_remote_code=True`` needs into a folder.
 
 transformers is imported inside the functions that need it.
@@ -381,20 +381,33 @@ def load_hf_mea(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = None)
     return hf.core.eval()
 
 
+def load_hf(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = None) -> Transformer:
+    """Load a Hugging Face folder as a core :class:`mea.Transformer`: a ``save_hf`` folder (``model_type``
+    mea) through :func:`load_hf_mea`, a LLaMA folder through :func:`load_hf_llama`.
+
+    Args:
+        path: the folder (with config.json).
+        dtype: dtype of the returned model (default: as stored).
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face model folder")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    if model_type == "llama":
+        return load_hf_llama(path, dtype=dtype)
+    if model_type == "mea":
+        return load_hf_mea(path, dtype=dtype)
+    raise ValueError(f"{path}: model_type {model_type!r}; mea reads 'mea' and 'llama' folders")
+
+
 def load_transformer(path: PathLike, dtype: Optional[Union[str, torch.dtype]] = None) -> Transformer:
-    """Load a core model from a run directory, a checkpoint directory, a saved ``mea`` Hugging Face
-    folder or a LLaMA Hugging Face folder."""
+    """Load a core model from a run directory, a checkpoint directory, or a Hugging Face folder (:func:`load_hf`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run, checkpoint or model folder")
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-        if model_type == "llama":
-            return load_hf_llama(path, dtype=dtype)
-        if model_type == "mea":
-            return load_hf_mea(path, dtype=dtype)
-        raise ValueError(f"{path}: model_type {model_type!r}; mea reads 'mea' and 'llama' folders")
+    if (path / "config.json").is_file():
+        return load_hf(path, dtype=dtype)
     from ..train.checkpoint import load_model
 
     return load_model(path, dtype=_dtype(dtype)).eval()
