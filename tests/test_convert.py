@@ -207,6 +207,8 @@ def test_parse_layers():
     assert parse_layers("middle", 4) == [1, 2]
     assert parse_layers("4-6,0", 8) == [0, 4, 5, 6]
     assert parse_layers("0,2,5", 6) == [0, 2, 5]
+    with pytest.raises(ValueError, match="out of range"):
+        compress_model(tiny(), 1, "svd", [0, 3])
     for bad, msg in [("7", "out of range"), ("3-9", "out of range"), ("5-2", "backwards"), ("x", "cannot parse"),
                      ("-1", "cannot parse")]:
         with pytest.raises(ValueError, match=msg):

@@ -77,6 +77,8 @@ def check_request(config: ModelConfig, kv_heads: int, layers: list[int]) -> None
     if not 1 <= kv_heads <= h:
         raise ValueError(f"kv_heads: must satisfy 1 <= h' <= n_heads={h}, got {kv_heads}")
     for i in layers:
+        if not 0 <= i < config.n_layers:
+            raise ValueError(f"layers: layer {i} out of range; the model has layers 0-{config.n_layers - 1}")
         have = config.kv_heads_at(i)
         if kv_heads > have:
             raise ValueError(
