@@ -47,7 +47,7 @@ class TrainConfig:
             0 means 1.5 x ln(vocab), well above the loss of a fresh model.
     """
 
-    max_steps: int = 200
+    max_steps: int = 300
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
