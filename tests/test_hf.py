@@ -191,6 +191,17 @@ def test_save_with_gpt2_tokenizer(tmp_path):
     assert load_transformer(tmp_path).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_save_with_tokenizer_folder_carries_its_special_ids(tmp_path):
+    save_hf(tiny("gqa", vocab_size=50304), tmp_path / "a", tokenizer="gpt2")
+    save_hf(tiny("mea", vocab_size=50304), tmp_path / "b", tokenizer=str(tmp_path / "a"))
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["eos_token_id"] == 50256
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        save_hf(tiny("mea"), tmp_path / "c", tokenizer=str(tmp_path / "nowhere"))
+
+
 def test_export_hf_from_run_dir(tmp_path):
     from mea.train.checkpoint import save_checkpoint
 

@@ -194,6 +194,12 @@ def _save_tokenizer(tokenizer: Any, out: Path, config) -> None:
             raise FileNotFoundError(f"tokenizer: {src} is not a folder with tokenizer files ({', '.join(TOKENIZER_FILES[:3])})")
         for f in found:
             shutil.copyfile(src / f, out / f)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(src))
+        for key in ("eos_token_id", "bos_token_id"):
+            if getattr(tok, key, None) is not None:
+                setattr(config, key, getattr(tok, key))
     elif hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(out))
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -230,7 +236,7 @@ def save_hf(model: Transformer, out_dir: PathLike, tokenizer: Any = None,
     hf = MEAForCausalLM.from_core(model)
     if tokenizer is not None:
         _save_tokenizer(tokenizer, out, hf.config)
-        hf.generation_config.eos_token_id = hf.config.eos_token_id
+        hf.generation_config.eos_token_id = getattr(hf.config, "eos_token_id", None)
         hf.generation_config.bos_token_id = getattr(hf.config, "bos_token_id", None)
     hf.save_pretrained(str(out))
     return out
