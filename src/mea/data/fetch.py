@@ -81,12 +81,32 @@ class Package:
         return {"pypi": sys.executable, "npm": "npm", "debian": "apt-get"}[self.registry]
 
 
-def sha256_file(path: os.PathLike) -> str:
+def _sha256(path: os.PathLike) -> "hashlib._Hash":
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def sha256_file(path: os.PathLike) -> str:
+    return _sha256(path).hexdigest()
+
+
+def sha256_b64(path: os.PathLike) -> str:
+    """The sha256 in the form a wheel's RECORD writes it (urlsafe base64, no padding)."""
+    import base64
+
+    return base64.urlsafe_b64encode(_sha256(path).digest()).rstrip(b"=").decode()
+
+
+def wheel_record(lines) -> dict[str, str]:
+    """A wheel's ``*.dist-info/RECORD`` (an iterable of text lines) -> {path: urlsafe-base64 sha256}.
+    Files unzipped from a sha256-checked wheel are checked against it on every use."""
+    import csv
+
+    return {row[0]: row[1][len("sha256="):] for row in csv.reader(lines)
+            if len(row) >= 2 and row[1].startswith("sha256=")}
 
 
 def have_tool(name: str) -> bool:

