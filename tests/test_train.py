@@ -222,8 +222,6 @@ def test_config_errors_are_clear(tmp_path):
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="train.max_steps"):
         TrainConfig(max_steps=0)
-    from mea.cli import main
-
     for bad in (["pretrain", "--train.nope=1"], ["pretrain", "--train.lr=fast"]):
         r = subprocess.run([sys.executable, "-m", "mea.cli", *bad], capture_output=True, text=True)
         assert r.returncode != 0

@@ -48,9 +48,3 @@ class KVCache:
         k[b, :, positions] = k_new.transpose(1, 2).to(k.dtype)
         v[b, :, positions] = v_new.transpose(1, 2).to(v.dtype)
         return k[:, :, :kv_len], v[:, :, :kv_len]
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` (beam search, dropping finished rows)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.seqlens = self.seqlens.index_select(0, index)

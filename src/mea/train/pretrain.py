@@ -1,6 +1,7 @@
 """`mea pretrain`: train a model on token shards, resumably, on one device or many (torchrun)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -184,7 +185,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     if trainer_state is not None:
         D.load_optimizer_state(wrapped, optimizer, trainer_state["optimizer"])
     fwd = wrapped
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else _null_ctx
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
 
     diverge_at = train.diverge_loss or 1.5 * math.log(cfg.vocab_size)
     tokens_per_step = train.batch_size * train.grad_accum * data.seq_len * info.world_size
@@ -215,7 +216,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
                                   seed=train.seed, rank=info.rank, world_size=info.world_size)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             sync = micro == train.grad_accum - 1
-            ctx = wrapped.no_sync() if (info.enabled and parallel == "ddp" and not sync) else _null_ctx()
+            ctx = wrapped.no_sync() if (info.enabled and parallel == "ddp" and not sync) else contextlib.nullcontext()
             with ctx:
                 with autocast():
                     logits = fwd(x)
@@ -279,14 +280,6 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             print(f"validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}) after {tokens:,} tokens; "
                   f"loss curve: {out_dir / 'loss.png'}")
     return summary
-
-
-class _null_ctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _save(out_dir, step, tokens, wrapped, optimizer, cfg, train, info, val_loss) -> None:
