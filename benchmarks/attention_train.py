@@ -22,6 +22,7 @@ from mea import ModelConfig  # noqa: E402
 from mea.layers.attention import AttnInputs, MEAttention, build_attention  # noqa: E402
 from mea.layers.rope import RotaryEmbedding, apply_rope  # noqa: E402
 from mea.ops.attention import mix_heads, sdpa  # noqa: E402
+from timing import cuda_ms_per_step  # noqa: E402
 
 
 class MEAMaterialized(MEAttention):
@@ -43,16 +44,7 @@ def time_layer(layer, x, a, steps, warmup):
             y = layer(x, a)
         y.backward(g)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(steps):
-        step()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / steps
+    return cuda_ms_per_step(step, steps, warmup)
 
 
 def main():

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mea import ModelConfig, Transformer  # noqa: E402
-from mea.train.pretrain import PEAK_FLOPS  # noqa: E402
+from mea.train.pretrain import peak_flops  # noqa: E402
+from timing import cuda_ms_per_step  # noqa: E402
 
 
 def variants(preset: str) -> list[tuple[str, dict]]:
@@ -42,33 +43,23 @@ def bench(preset, kw, batch, seq, steps, warmup, compile_model, device):
     cfg = ModelConfig.from_preset(preset, max_seq_len=seq, **kw)
     model = Transformer(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    fwd = model.compile_layers() if compile_model else model
+    if compile_model:
+        model.compile_layers()
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = fwd(inp)
+            logits = model(inp)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
+    ms = cuda_ms_per_step(step, steps, warmup)
     tps = batch * seq / (ms / 1e3)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    peak = peak_flops("cuda")
     mfu = tps * cfg.flops_per_token(seq) / peak if peak else None
-    del model, opt, fwd
-    torch.cuda.empty_cache()
     return {"step_ms": ms, "tokens_per_s": tps, "mfu": mfu, "params": cfg.num_params(),
             "kv_bytes_per_token": cfg.kv_cache_bytes_per_token, "flops_per_token": cfg.flops_per_token(seq)}
 
@@ -92,12 +83,13 @@ def main():
         if args.only and label not in args.only.split(","):
             continue
         r = bench(args.preset, kw, args.batch, args.seq, args.steps, args.warmup, args.compile, "cuda")
+        torch.cuda.empty_cache()  # the variant's model is gone with bench's frame
         r.update(variant=label, **{k: v for k, v in kw.items()})
         records.append(r)
         print(f"{label:<16} {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:>12,.0f} tok/s  "
               f"MFU {100 * (r['mfu'] or 0):5.1f}%", flush=True)
     base = next((r["tokens_per_s"] for r in records if r["variant"] == "mha"), None)
-    print(f"\n| variant | ms/step | tokens/s | MFU | vs mha |\n|---|---|---|---|---|")
+    print("\n| variant | ms/step | tokens/s | MFU | vs mha |\n|---|---|---|---|---|")
     for r in records:
         r["ratio_to_mha"] = r["tokens_per_s"] / base if base else None
         print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {100 * (r['mfu'] or 0):.1f}% | "

@@ -1,5 +1,5 @@
 """Find which attention variant trips torch.compile on CUDA, and print the generated line."""
-import re, sys, traceback
+import re, sys
 from pathlib import Path
 import torch, torch.nn.functional as F
 sys.path.insert(0, "src")

@@ -24,7 +24,8 @@ from .metrics import MetricsLog, plot_loss
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
-def _peak_flops(device: str) -> Optional[float]:
+def peak_flops(device: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of the current GPU, or None where unknown (CPU, other chips)."""
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
@@ -190,7 +191,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     diverge_at = train.diverge_loss or 1.5 * math.log(cfg.vocab_size)
     tokens_per_step = train.batch_size * train.grad_accum * data.seq_len * info.world_size
     flops_per_token = cfg.flops_per_token(data.seq_len)
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
     epochs_note = tokens_per_step * train.max_steps / max(1, train_ds.num_tokens)
     if info.is_main and start_step == 0:
         print(f"model {cfg.name}/{cfg.attention}: {net.num_params():,} params ({net.num_params(True):,} non-embedding); "
