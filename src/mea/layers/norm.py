@@ -1,8 +1,25 @@
 """RMSNorm over the model width, and the head-level norm (an RMSNorm over each head's channels)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
+
+# The head norm's fused Triton kernel (mea.ops.triton_norm) takes CUDA tensors when this is True;
+# MEA_TRITON_NORM=0 in the environment, or setting it to False, keeps the PyTorch form everywhere
+# (benchmarks compare the two). torch.compile guards on it, so flipping it recompiles.
+TRITON_HEAD_NORM = os.environ.get("MEA_TRITON_NORM", "1") != "0"
+
+# Loaded only where CUDA is present, so a CPU-only `import mea` never imports triton.
+_triton_head_norm = None
+try:
+    if torch.cuda.is_available():
+        from ..ops.triton_norm import head_rms_norm as _triton_head_norm
+except ImportError:  # no triton: the PyTorch form serves
+    pass
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -27,7 +44,8 @@ class HeadNorm(nn.Module):
 
     The paper's "head-level GroupNorm": each head's output is normalized on its own. It is the
     nonlinearity that keeps a head-level mix of outputs from folding into W_O.
-    Input (..., h, d).
+    Input (..., h, d). On CUDA (with triton, and ``TRITON_HEAD_NORM``) one fused Triton kernel per
+    direction; elsewhere ``rms_norm``, which stays the reference.
     """
 
     def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5):
@@ -36,4 +54,7 @@ class HeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if (_triton_head_norm is not None and TRITON_HEAD_NORM and x.is_cuda and x.dtype in _TRITON_DTYPES
+                and self.weight.dtype in _TRITON_DTYPES):
+            return _triton_head_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
