@@ -5,6 +5,7 @@ Module names match Hugging Face's LlamaForCausalLM, so weights map onto HF check
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -67,7 +68,10 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _attn_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor],
-                     cache: Optional[KVCache], dtype: torch.dtype) -> AttnInputs:
+                     cache: Optional[KVCache], dtype: torch.dtype, whole_cache: bool = False) -> AttnInputs:
+        """``whole_cache``: attend over the cache's whole buffer, masked past each row's length, instead
+        of its used prefix: every shape is then fixed and nothing waits for the host (what a CUDA graph
+        needs), at the cost of attending over the unused tail. The caller makes sure it fits."""
         B, L = input_ids.shape
         dev = input_ids.device
         mask = positions = None
@@ -78,9 +82,12 @@ class Transformer(nn.Module):
             if attention_mask is not None and (attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any():
                 raise ValueError("attention_mask: with a cache, new tokens must be right-padded (pads last)")
             positions = cache.seqlens[:, None] + torch.arange(L, device=dev)
-            kv_len = int(positions.max()) + 1
-            if kv_len > cache.max_len:
-                raise ValueError(f"cache: {kv_len} positions needed, the cache holds {cache.max_len}")
+            if whole_cache:
+                kv_len = cache.max_len
+            else:
+                kv_len = int(positions.max()) + 1
+                if kv_len > cache.max_len:
+                    raise ValueError(f"cache: {kv_len} positions needed, the cache holds {cache.max_len}")
             if position_ids is None:
                 position_ids = positions
             mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
@@ -122,21 +129,46 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # ------------------------------------------------------------------ generation
+    def _decode_step(self, tok: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, vocab) of one new token per row, ``tok`` (B, 1), appended to ``cache``.
+
+        The same computation as ``self(tok, cache=cache)[:, -1]`` but over the cache's whole buffer
+        (``whole_cache``): fixed shapes, no host synchronization, so a CUDA graph can capture it.
+        """
+        x = self.model.embed_tokens(tok)
+        a = self._attn_inputs(tok, None, None, cache, x.dtype, whole_cache=True)
+        for layer in self.model.layers:
+            x = layer(x, a)
+        cache.seqlens += tok.shape[1]
+        return self.lm_head(self.model.norm(x))[:, -1]
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, attention_mask: Optional[Tensor] = None,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, cuda_graph: Optional[bool] = None) -> Tensor:
         """Greedy (temperature 0) or sampled continuation; returns (B, L + new) like HF's generate.
 
         Prompts may be left- or right-padded (``attention_mask``): each row's real tokens are packed
         to the front of its cache row, so padding never enters attention. Rows that emit
         ``eos_token_id`` are filled with ``pad_token_id`` (default: the eos id) afterwards.
+
+        ``cuda_graph``: capture one decoding step in a CUDA graph and replay it, which takes the
+        host's per-launch overhead out of every step (each step then attends over the whole
+        preallocated cache, masked; greedy tokens agree with the eager path up to floating-point
+        rounding). None (default): on for CUDA inputs with at least ``GRAPH_MIN_STEPS`` decoding
+        steps, off elsewhere; True forces it (CUDA only); False decodes eagerly. If capture fails, a
+        warning says why and decoding continues eagerly. Sampling stays outside the graph.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
         B, L = input_ids.shape
         dev = input_ids.device
+        if cuda_graph and dev.type != "cuda":
+            raise ValueError(f"cuda_graph=True: CUDA graphs need the model and input_ids on a CUDA device, "
+                             f"got {dev}; pass cuda_graph=None or False")
+        if cuda_graph is None:
+            cuda_graph = dev.type == "cuda" and max_new_tokens - 1 >= GRAPH_MIN_STEPS
         am = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = am.long().sum(-1)
         if (lengths == 0).any():
@@ -151,6 +183,7 @@ class Transformer(nn.Module):
         next_logits = logits[torch.arange(B, device=dev), lengths - 1]
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        graphed = _GraphedDecodeStep(self, cache) if cuda_graph else None
         out = []
         for step in range(max_new_tokens):
             tok = sample_next_token(next_logits, temperature, top_k, top_p, generator)
@@ -161,7 +194,10 @@ class Transformer(nn.Module):
                 if bool(finished.all()):
                     break
             if step + 1 < max_new_tokens:
-                next_logits = self(tok[:, None], cache=cache)[:, -1]
+                if graphed is not None and not graphed.failed:
+                    next_logits = graphed(tok)
+                else:
+                    next_logits = self(tok[:, None], cache=cache)[:, -1]
         new = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
         if new.shape[1] < max_new_tokens:
             new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=pad)
@@ -182,3 +218,58 @@ class Transformer(nn.Module):
             if not self.config.tie_embeddings:
                 n -= self.lm_head.weight.numel()
         return n
+
+
+# With cuda_graph=None, generate() captures a graph only for at least this many decoding steps: the
+# first step runs eagerly as the warm-up and capturing costs about as much as a few eager steps.
+GRAPH_MIN_STEPS = 4
+
+
+class _GraphedDecodeStep:
+    """``Transformer._decode_step`` over one cache, captured in a CUDA graph on the first call and
+    replayed on the next ones: the new token goes through a static input buffer, the logits come
+    back in a static output buffer (overwritten by the next call: read it before calling again).
+
+    Everything the step touches keeps its address: the parameters, the cache's preallocated K/V
+    buffers and its per-row lengths (a device tensor, advanced in place by the graph itself).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.failed = False
+        self.replays = 0
+
+    def __call__(self, tok: Tensor) -> Tensor:
+        """tok (B,) -> logits (B, vocab) of that token appended to the cache."""
+        if self.graph is None:
+            return self._warm_up_and_capture(tok)
+        self.tok.copy_(tok[:, None])
+        self.graph.replay()
+        self.replays += 1
+        return self.logits
+
+    def _warm_up_and_capture(self, tok: Tensor) -> Tensor:
+        self.tok = tok[:, None].clone()
+        # The warm-up is this step itself (the cache advances once), run on a side stream as
+        # torch.cuda.graph asks: it compiles Triton kernels and sets up library handles, which
+        # must not happen during capture.
+        side = torch.cuda.Stream(device=tok.device)
+        side.wait_stream(torch.cuda.current_stream(tok.device))
+        with torch.cuda.stream(side):
+            logits = self.model._decode_step(self.tok, self.cache)
+        torch.cuda.current_stream(tok.device).wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream(tok.device))
+        # Capturing records the kernels without running them: the cache is untouched until a replay.
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self.model._decode_step(self.tok, self.cache)
+        except RuntimeError as e:  # an op that syncs with the host or is not capturable
+            self.failed = True
+            warnings.warn(f"generate: capturing the decoding step in a CUDA graph failed, decoding eagerly "
+                          f"instead ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          RuntimeWarning, stacklevel=3)
+            return logits
+        self.graph = graph
+        return logits

@@ -1,0 +1,192 @@
+"""generate(cuda_graph=...): one decoding step captured in a CUDA graph gives the eager tokens.
+
+On CPU: the option is checked, and the fixed-shape step the graph captures (``_decode_step``, over
+the whole cache buffer) is compared with the eager step. On GPU: greedy tokens with and without
+graphs, per attention variant, with left padding.
+"""
+import warnings
+
+import pytest
+import torch
+
+from mea import KVCache, ModelConfig, Transformer
+from mea.models import transformer as transformer_mod
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+VOCAB = 97
+
+VARIANTS = {
+    "mea": dict(attention="mea", n_heads=6, n_kv_heads=4),  # h' < h and not dividing h
+    "mea-mixed": dict(attention="mea", n_heads=6, n_kv_heads=4, layer_kv_heads=[4, 6]),
+    "mha": dict(attention="mha", n_heads=6),
+    "gqa": dict(attention="gqa", n_heads=6, n_kv_heads=2),
+    "diff": dict(attention="diff", n_heads=6),
+    "talking_heads": dict(attention="talking_heads", n_heads=6),
+}
+
+
+def tiny(name, dtype=torch.float32, device=DEV):
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=96, n_layers=2, max_seq_len=128, **VARIANTS[name])
+    model = Transformer(cfg)
+    with torch.no_grad():  # move off the init (identity mixing, unit norms) so every part matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def left_padded_prompts(device=DEV):
+    ids = torch.randint(1, VOCAB, (3, 7), device=device)
+    am = torch.ones(3, 7, dtype=torch.bool, device=device)
+    am[1, :3] = False
+    am[2, :6] = False  # a one-token prompt
+    return ids, am
+
+
+# ---------------------------------------------------------------------------- CPU
+def test_cuda_graph_true_needs_cuda():
+    if DEV == "cuda":
+        pytest.skip("checks the CPU refusal")
+    model = tiny("mea", device="cpu")
+    ids = torch.randint(0, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match="cuda_graph=True.*CUDA"):
+        model.generate(ids, max_new_tokens=3, cuda_graph=True)
+
+
+def test_cuda_graph_option_ignored_on_cpu():
+    model = tiny("mea", device="cpu")
+    ids, am = left_padded_prompts("cpu")
+    want = model.generate(ids, max_new_tokens=6, attention_mask=am)
+    for flag in (None, False):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=flag), want)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_whole_cache_step_matches_eager_step(name):
+    """The step the graph captures (fixed shapes: whole buffer, masked) equals the eager step."""
+    model = tiny(name, device="cpu")
+    ids, am = left_padded_prompts("cpu")
+    order = torch.argsort((~am).to(torch.int8), dim=1, stable=True)
+    packed, lengths = ids.gather(1, order), am.sum(-1)
+    packed_mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    caches = [KVCache.for_model(model.config, 3, 12) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(packed, attention_mask=packed_mask, cache=c)
+        for _ in range(4):
+            tok = torch.randint(0, VOCAB, (3,))
+            want = model(tok[:, None], cache=caches[0])[:, -1]
+            got = model._decode_step(tok[:, None], caches[1])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(caches[0].seqlens, caches[1].seqlens)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_whole_cache_step_has_no_host_sync():
+    """No data-dependent Python value in the step (what a CUDA graph cannot capture): Dynamo traces it
+    as one graph. (``int(positions.max())``, the eager path's key count, would break it.)"""
+    torch._dynamo.reset()
+    model = tiny("mea", device="cpu")
+    cache = KVCache.for_model(model.config, 2, 10)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 3)), cache=cache)
+        step = torch.compile(model._decode_step, fullgraph=True, backend="eager")
+        step(torch.randint(0, VOCAB, (2, 1)), cache)
+    assert cache.seqlens.tolist() == [4, 4]
+
+
+# ---------------------------------------------------------------------------- GPU
+class _Spy(transformer_mod._GraphedDecodeStep):
+    made = []
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        _Spy.made.append(self)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    _Spy.made = []
+    monkeypatch.setattr(transformer_mod, "_GraphedDecodeStep", _Spy)
+    return _Spy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gpu_graph_tokens_equal_eager(name, spy):
+    model = tiny(name)
+    ids, am = left_padded_prompts()
+    want = model.generate(ids, max_new_tokens=12, attention_mask=am, cuda_graph=False)
+    assert not spy.made
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture (eager fallback) fails the test
+        got = model.generate(ids, max_new_tokens=12, attention_mask=am)  # default: on for CUDA
+    assert len(spy.made) == 1 and spy.made[0].graph is not None and spy.made[0].replays == 12 - 2
+    assert torch.equal(got, want), (got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_with_eos_and_short_runs(spy):
+    model = tiny("mea")
+    ids, am = left_padded_prompts()
+    eager = model.generate(ids, max_new_tokens=10, attention_mask=am, cuda_graph=False)
+    eos = int(eager[0, 7 + 3])  # row 0 stops at its 4th new token; the others run on
+    for n in (1, 2, 3, 10):
+        want = model.generate(ids, max_new_tokens=n, attention_mask=am, eos_token_id=eos, cuda_graph=False)
+        got = model.generate(ids, max_new_tokens=n, attention_mask=am, eos_token_id=eos, cuda_graph=True)
+        assert torch.equal(got, want), (n, got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mea", "gqa", "diff"])
+def test_gpu_graph_step_logits_bf16(name):
+    """bf16: the replayed step's logits against the eager step's, step by step on twin caches (greedy
+    tokens could flip on a near tie, so compare logits)."""
+    model = tiny(name, dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (4, 9), device="cuda")
+    caches = [KVCache.for_model(model.config, 4, 40, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    graphed = transformer_mod._GraphedDecodeStep(model, caches[1])
+    with torch.no_grad():
+        for c in caches:
+            model(ids, cache=c)
+        for _ in range(6):
+            tok = torch.randint(0, VOCAB, (4,), device="cuda")
+            want = model(tok[:, None], cache=caches[0])[:, -1].float()
+            got = graphed(tok).float()
+            assert ((got - want).norm() / want.norm()).item() < 2e-2
+    assert graphed.replays == 5
+    assert torch.equal(caches[0].seqlens, caches[1].seqlens)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_uses_the_triton_kernels(monkeypatch, spy):
+    """The MEA decode kernel and the head-norm kernel are what the captured step launches."""
+    pytest.importorskip("triton")
+    from mea.layers import norm as norm_mod
+    from mea.ops import decode as decode_mod
+    from mea.ops.triton_decode import mea_decode_fast
+
+    assert mea_decode_fast in decode_mod._FAST_DECODE
+    assert norm_mod._triton_head_norm is not None and norm_mod.TRITON_HEAD_NORM
+    calls = {"decode": 0, "norm": 0}
+    fast_norm = norm_mod._triton_head_norm
+
+    def decode_spy(*a):
+        calls["decode"] += 1
+        return mea_decode_fast(*a)
+
+    def norm_spy(*a):
+        calls["norm"] += 1
+        return fast_norm(*a)
+
+    monkeypatch.setattr(decode_mod, "_FAST_DECODE", [decode_spy])
+    monkeypatch.setattr(norm_mod, "_triton_head_norm", norm_spy)
+    model = tiny("mea", dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    a = model.generate(ids, max_new_tokens=8, cuda_graph=True)
+    # Prefill (5 tokens: the decode kernel takes up to 16), the warm-up step and the capture, 2 layers
+    # each; replays run no Python.
+    assert calls == {"decode": 3 * 2, "norm": 3 * 2}
+    assert spy.made[-1].replays == 6
+    assert torch.equal(model.generate(ids, max_new_tokens=8, cuda_graph=True), a)  # replays are deterministic
