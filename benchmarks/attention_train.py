@@ -1,10 +1,16 @@
-"""Training cost of one attention layer (forward + backward) per variant, bf16.
+r"""Training cost of one attention layer (forward + backward) per variant, bf16.
 
     python benchmarks/attention_train.py            # prints a table, saves results/train.json
+    python benchmarks/attention_train.py --shapes main --norm-kernel --repeats 3 \
+        --variants mha,mha+norm,mha+norm-torchnorm,mea,mea-torchnorm,mea-nonorm   # the head-norm comparison
 
 Compares MHA, GQA and MEA (folded mixing: one SDPA call over h heads) with and without the head
-norm, and MEA with a materialized per-token mixing pass (what the fold avoids). Each layer is
-torch.compile'd unless --eager. Times with CUDA events after warm-up.
+norm, and MEA with a materialized per-token mixing pass (what the fold avoids). The head norm runs
+as the fused Triton kernel (``mea.ops.triton_norm``) where it is available; the ``-torchnorm``
+variants run the PyTorch form instead (which torch.compile fuses on its own). Each layer is
+torch.compile'd unless --eager. Times with CUDA events after warm-up; with --repeats N the variants
+are timed round-robin N times and the median is kept, so slow drift of the clock hits all alike.
+``--norm-kernel`` also times the head norm alone at the main shape's attention output.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,10 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mea import ModelConfig  # noqa: E402
+from mea.layers import norm as norm_mod  # noqa: E402
 from mea.layers.attention import AttnInputs, MEAttention, build_attention  # noqa: E402
 from mea.layers.rope import RotaryEmbedding, apply_rope  # noqa: E402
 from mea.ops.attention import mix_heads, sdpa  # noqa: E402
 from timing import cuda_ms_per_step  # noqa: E402
+
+SHAPE_MAIN = dict(batch=8, seq=2048, d_model=2048, n_heads=16)
+SHAPES = {"main": [SHAPE_MAIN], "all": [SHAPE_MAIN, dict(batch=16, seq=1024, d_model=768, n_heads=12)]}
 
 
 class MEAMaterialized(MEAttention):
@@ -36,6 +47,19 @@ class MEAMaterialized(MEAttention):
         return self._output(sdpa(q, k, v, causal=True))
 
 
+def variant_specs(h: int) -> dict[str, dict]:
+    """Name -> ModelConfig overrides; ``triton_norm=False`` runs the head norm's PyTorch form."""
+    return {"mha": dict(attention="mha", head_norm=False),
+            "mha+norm": dict(attention="mha", head_norm=True),
+            "mha+norm-torchnorm": dict(attention="mha", head_norm=True, triton_norm=False),
+            "gqa": dict(attention="gqa", n_kv_heads=h // 2, head_norm=False),
+            "mea": dict(attention="mea", head_norm=True),
+            "mea-torchnorm": dict(attention="mea", head_norm=True, triton_norm=False),
+            "mea-nonorm": dict(attention="mea", head_norm=False),
+            "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
+            "mea-materialized": dict(attention="mea", head_norm=True)}
+
+
 def time_layer(layer, x, a, steps, warmup):
     g = torch.randn_like(x)
 
@@ -47,57 +71,161 @@ def time_layer(layer, x, a, steps, warmup):
     return cuda_ms_per_step(step, steps, warmup)
 
 
+def head_norm_kernel_bench(B: int, T: int, h: int, d: int, copy_bw: float) -> dict:
+    """The head norm alone on a bf16 (B, T, h, d) tensor: forward, and forward + backward (grads of x
+    and the weight), as the Triton op, as torch.compile'd PyTorch and as eager PyTorch. Bytes: the
+    forward reads x and writes y, the backward reads x and dy and writes dx (the weight is tiny)."""
+    import triton.testing
+
+    from mea.layers.norm import rms_norm
+
+    x = torch.randn(B, T, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(h, d, device="cuda")).requires_grad_()
+    dy = torch.randn_like(x)
+    elt = x.element_size()
+    rec = dict(shape=[B, T, h, d], dtype="bfloat16", fwd_bytes=2 * x.numel() * elt,
+               fwd_bwd_bytes=5 * x.numel() * elt)
+    rec["fwd_floor_ms"] = rec["fwd_bytes"] / copy_bw * 1e3
+    rec["fwd_bwd_floor_ms"] = rec["fwd_bwd_bytes"] / copy_bw * 1e3
+    impls = {"torch_compiled": torch.compile(rms_norm), "torch_eager": rms_norm}
+    if norm_mod._triton_head_norm is not None:
+        impls = {"triton": norm_mod._triton_head_norm, **impls}
+    ref = None
+    for name, fn in impls.items():
+        y = fn(x, w, 1e-5)
+        gx, gw = torch.autograd.grad(y, (x, w), dy)
+        if ref is None:
+            ref = (y.float(), gx.float(), gw.float())
+        else:  # agreement with the first implementation, relative
+            rec[f"{name}_rel_err_vs_{next(iter(impls))}"] = max(
+                ((a.float() - b).norm() / b.norm()).item() for a, b in zip((y, gx, gw), ref))
+        with torch.no_grad():
+            rec[f"{name}_fwd_ms"] = triton.testing.do_bench(lambda: fn(x, w, 1e-5), warmup=25, rep=100,
+                                                            return_mode="median")
+        # autograd.grad, not backward: no accumulation into x.grad (an extra read and write).
+        rec[f"{name}_fwd_bwd_ms"] = triton.testing.do_bench(
+            lambda: torch.autograd.grad(fn(x, w, 1e-5), (x, w), dy), warmup=25, rep=100, return_mode="median")
+        rec[f"{name}_fwd_tb_s"] = rec["fwd_bytes"] / (rec[f"{name}_fwd_ms"] * 1e-3) / 1e12
+        rec[f"{name}_fwd_bwd_tb_s"] = rec["fwd_bwd_bytes"] / (rec[f"{name}_fwd_bwd_ms"] * 1e-3) / 1e12
+    print(f"\nhead norm alone, bf16 {B}x{T}x{h}x{d}: floor fwd {rec['fwd_floor_ms']:.4f} ms, "
+          f"fwd+bwd {rec['fwd_bwd_floor_ms']:.4f} ms (copy bandwidth {copy_bw / 1e12:.2f} TB/s)")
+    print("| impl | fwd ms | fwd TB/s | fwd+bwd ms | fwd+bwd TB/s |\n|---|---|---|---|---|")
+    for name in impls:
+        print(f"| {name} | {rec[name + '_fwd_ms']:.4f} | {rec[name + '_fwd_tb_s']:.2f} | "
+              f"{rec[name + '_fwd_bwd_ms']:.4f} | {rec[name + '_fwd_bwd_tb_s']:.2f} |")
+    return rec
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second (as benchmarks/decode.py)."""
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=1, help="time the variants round-robin this many times, keep medians")
+    ap.add_argument("--shapes", choices=tuple(SHAPES), default="all")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(variant_specs(2)))
+    ap.add_argument("--norm-kernel", action="store_true", help="also time the head norm alone (main shape)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
-    shapes = [dict(batch=8, seq=2048, d_model=2048, n_heads=16), dict(batch=16, seq=1024, d_model=768, n_heads=12)]
+    import triton
+
+    # Every variant stays compiled while the others are timed (round-robin), so allow more than the
+    # default number of compiled versions per code object.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    has_triton_norm = norm_mod._triton_head_norm is not None
+    if not has_triton_norm:
+        print("note: the Triton head norm is unavailable here; '-torchnorm' variants equal the others")
+    copy_bw = copy_bandwidth()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "compile": not args.eager, "dtype": "bf16 autocast", "what": "one attention layer, forward + backward",
+            "triton_head_norm": has_triton_norm and norm_mod.TRITON_HEAD_NORM, "repeats": args.repeats,
+            "steps": args.steps, "warmup": args.warmup, "copy_tb_s": copy_bw / 1e12}
     records = []
-    for sh in shapes:
+    result = {"meta": meta, "records": records}
+
+    def save():  # after each part, so a run cut short keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+    if args.norm_kernel:
+        sh = SHAPE_MAIN
+        result["head_norm_kernel"] = head_norm_kernel_bench(sh["batch"], sh["seq"], sh["n_heads"],
+                                                            sh["d_model"] // sh["n_heads"], copy_bw)
+        save()
+    for sh in SHAPES[args.shapes]:
         h = sh["n_heads"]
-        variants = {"mha": dict(attention="mha", head_norm=False), "mha+norm": dict(attention="mha", head_norm=True),
-                    "gqa": dict(attention="gqa", n_kv_heads=h // 2, head_norm=False),
-                    "mea": dict(attention="mea", head_norm=True), "mea-nonorm": dict(attention="mea", head_norm=False),
-                    "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
-                    "mea-materialized": dict(attention="mea", head_norm=True)}
+        specs = variant_specs(h)
+        names = args.variants.split(",") if args.variants else list(specs)
+        bad = [n for n in names if n not in specs]
+        if bad:
+            sys.exit(f"--variants: unknown {bad}; expected some of {', '.join(specs)}")
         rec = dict(sh, tokens=sh["batch"] * sh["seq"])
-        for name, kw in variants.items():
+        x = torch.randn(sh["batch"], sh["seq"], sh["d_model"], device="cuda", requires_grad=True)
+        steps = {}
+        for name in names:
+            kw = dict(specs[name])
+            use_triton = kw.pop("triton_norm", True) and norm_mod.TRITON_HEAD_NORM
             cfg = ModelConfig(vocab_size=256, d_model=sh["d_model"], n_layers=1, n_heads=h, max_seq_len=sh["seq"], **kw)
             torch.manual_seed(0)
             layer = (MEAMaterialized(cfg, 0) if name == "mea-materialized" else build_attention(cfg, 0)).cuda()
             fn = layer if args.eager else torch.compile(layer)
-            x = torch.randn(sh["batch"], sh["seq"], sh["d_model"], device="cuda", requires_grad=True)
             pos = torch.arange(sh["seq"], device="cuda")[None].expand(sh["batch"], -1)
             cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(pos, torch.bfloat16)
-            ms = time_layer(fn, x, AttnInputs(cos=cos, sin=sin), args.steps, args.warmup)
+            steps[name] = (fn, AttnInputs(cos=cos, sin=sin), use_triton)
+        times = {n: [] for n in names}
+        saved_flag = norm_mod.TRITON_HEAD_NORM
+        try:
+            for _ in range(max(1, args.repeats)):
+                for name in names:
+                    fn, a, use_triton = steps[name]
+                    # Compiled code guards on this flag: set it the way this variant was compiled.
+                    norm_mod.TRITON_HEAD_NORM = use_triton
+                    times[name].append(time_layer(fn, x, a, args.steps, args.warmup))
+        finally:
+            norm_mod.TRITON_HEAD_NORM = saved_flag
+        for name in names:
+            ms = statistics.median(times[name])
             rec[f"{name}_ms"] = ms
+            if len(times[name]) > 1:
+                rec[f"{name}_ms_all"] = times[name]
             rec.setdefault("tokens_per_s", {})[name] = rec["tokens"] / (ms / 1e3)
-            del layer, fn, x
-            torch.cuda.empty_cache()
-        rec["mea_vs_mha_tokens_per_s"] = rec["tokens_per_s"]["mea"] / rec["tokens_per_s"]["mha"]
-        rec["mea_vs_mha_norm_tokens_per_s"] = rec["tokens_per_s"]["mea"] / rec["tokens_per_s"]["mha+norm"]
+        tps = rec["tokens_per_s"]
+        for a_, b_, key in (("mea", "mha", "mea_vs_mha_tokens_per_s"),
+                            ("mea", "mha+norm", "mea_vs_mha_norm_tokens_per_s"),
+                            ("mea-torchnorm", "mha", "mea_torchnorm_vs_mha_tokens_per_s"),
+                            ("mea", "mea-torchnorm", "mea_triton_vs_torch_norm_tokens_per_s")):
+            if a_ in tps and b_ in tps:
+                rec[key] = tps[a_] / tps[b_]
         records.append(rec)
+        save()
+        del steps, x
+        torch.cuda.empty_cache()
         print(f"B={sh['batch']} T={sh['seq']} D={sh['d_model']} h={h}: " +
-              "  ".join(f"{n} {rec[n + '_ms']:.2f}ms" for n in variants) +
-              f"  | mea/mha tokens/s {rec['mea_vs_mha_tokens_per_s']:.3f}", flush=True)
-    print("\n| shape | mha ms | mha+norm ms | gqa ms | mea ms | mea-nonorm ms | mea h/2 ms | mea materialized ms | mea vs mha |")
-    print("|---|---|---|---|---|---|---|---|---|")
+              "  ".join(f"{n} {rec[n + '_ms']:.3f}ms" for n in names) +
+              (f"  | mea/mha tokens/s {rec['mea_vs_mha_tokens_per_s']:.3f}" if "mea_vs_mha_tokens_per_s" in rec else ""),
+              flush=True)
+    print("\n| shape | " + " | ".join(f"{n} ms" for n in names) + " | mea vs mha |")
+    print("|---|" + "---|" * (len(names) + 1))
     for r in records:
-        print(f"| B{r['batch']} T{r['seq']} D{r['d_model']} h{r['n_heads']} | {r['mha_ms']:.2f} | {r['mha+norm_ms']:.2f} | "
-              f"{r['gqa_ms']:.2f} | {r['mea_ms']:.2f} | {r['mea-nonorm_ms']:.2f} | {r['mea-half_ms']:.2f} | "
-              f"{r['mea-materialized_ms']:.2f} | {r['mea_vs_mha_tokens_per_s']:.3f} |")
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "compile": not args.eager, "dtype": "bf16 autocast", "what": "one attention layer, forward + backward"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+        ratio = f"{r['mea_vs_mha_tokens_per_s']:.3f}" if "mea_vs_mha_tokens_per_s" in r else "-"
+        print(f"| B{r['batch']} T{r['seq']} D{r['d_model']} h{r['n_heads']} | " +
+              " | ".join(f"{r[n + '_ms']:.3f}" for n in names) + f" | {ratio} |")
+    save()
     print(f"saved {args.out}")
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 6 on one GPU, under 4 minutes: (a) the GPU tests of the head-norm kernel, CUDA-graph decoding
+# and the decode kernel; (b) one attention layer's training step at the main shape with the Triton
+# head norm, the compiled PyTorch head norm, no head norm, and MHA, plus the head norm alone;
+# (c) Transformer.generate (125m, batch 64) with and without CUDA graphs.
+# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 6 files there: env.txt, pytest.log,
+# generate.log, generate.json, attention_train.log, attention_train.json)
+# Each part has its own time limit, so one that hangs cannot eat the others' time; the JSON files
+# are written as results come in.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+start=$SECONDS
+stamp() { echo "[$1: rc=$2 at $((SECONDS - start)) s]" | tee -a "$out/env.txt"; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+    --format=csv 2>&1
+  python3 -c "import platform, torch, triton; print('python', platform.python_version(), 'torch', torch.__version__,
+'triton', triton.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name())" 2>&1
+  git rev-parse HEAD 2>/dev/null || true
+} > "$out/env.txt"
+
+# (a) tests: the GPU-marked ones run here (CI runs the rest on CPU under TRITON_INTERPRET=1).
+timeout 110 python3 -m pytest -q -x tests/test_triton_norm.py tests/test_generate_graph.py tests/test_triton_decode.py \
+  -p no:cacheprovider > "$out/pytest.log" 2>&1
+stamp tests $?
+tail -n 3 "$out/pytest.log"
+
+# (c) before (b): it compiles nothing with Inductor, so it is quick and its numbers are not at risk.
+timeout 45 python3 benchmarks/decode.py --generate --preset 125m --batch 64 --prompt-len 512 --new-tokens 128 \
+  --repeats 3 --gen-variants mea,gqa,mha --out "$out/generate.json" > "$out/generate.log" 2>&1
+stamp generate $?
+tail -n 9 "$out/generate.log"
+
+# (b) head norm in training: 4 compiled layers (the bulk of this part is Inductor compile time).
+timeout 70 python3 benchmarks/attention_train.py --shapes main --repeats 3 --norm-kernel \
+  --variants mha,mea,mea-torchnorm,mea-nonorm --out "$out/attention_train.json" > "$out/attention_train.log" 2>&1
+stamp attention_train $?
+tail -n 12 "$out/attention_train.log"
+echo "total $((SECONDS - start)) s"
