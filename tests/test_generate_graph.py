@@ -120,7 +120,7 @@ def test_gpu_graph_tokens_equal_eager(name, spy):
     want = model.generate(ids, max_new_tokens=12, attention_mask=am, cuda_graph=False)
     assert not spy.made
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a failed capture (eager fallback) fails the test
+        warnings.filterwarnings("error", message="generate: capturing")  # a failed capture (eager fallback) fails
         got = model.generate(ids, max_new_tokens=12, attention_mask=am)  # default: on for CUDA
     assert len(spy.made) == 1 and spy.made[0].graph is not None and spy.made[0].replays == 12 - 2
     assert torch.equal(got, want), (got, want)
@@ -190,3 +190,56 @@ def test_gpu_graph_uses_the_triton_kernels(monkeypatch, spy):
     assert calls == {"decode": 3 * 2, "norm": 3 * 2}
     assert spy.made[-1].replays == 6
     assert torch.equal(model.generate(ids, max_new_tokens=8, cuda_graph=True), a)  # replays are deterministic
+
+
+_FALLBACK_SCRIPT = """
+import warnings
+import torch
+import test_generate_graph as t
+from mea import Transformer
+from mea.models import transformer as tm
+
+model = t.tiny("mea")
+ids, am = t.left_padded_prompts()
+want = model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=False)
+step = Transformer._decode_step
+
+def syncing_step(self, tok, cache):
+    if torch.cuda.is_current_stream_capturing():
+        tok.sum().item()  # a host sync: capture fails
+    return step(self, tok, cache)
+
+Transformer._decode_step = syncing_step
+made = []
+class Spy(tm._GraphedDecodeStep):
+    def __init__(self, *a):
+        super().__init__(*a)
+        made.append(self)
+tm._GraphedDecodeStep = Spy
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=True)
+assert any("decoding eagerly" in str(w.message) for w in caught), [str(w.message) for w in caught]
+assert made[-1].failed and made[-1].graph is None
+assert torch.equal(got, want), (got, want)
+# The process stays usable: eager work, and a graph captured afterwards.
+Transformer._decode_step = step
+assert torch.equal(model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=True), want)
+assert made[-1].graph is not None and made[-1].replays == 4
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_failed_capture_falls_back_to_eager():
+    """A step that syncs with the host cannot be captured: generate warns and decodes eagerly, with the
+    same tokens. In a subprocess, so that a failed capture cannot disturb the other tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent)] + sys.path)}
+    res = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

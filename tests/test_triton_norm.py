@@ -204,8 +204,8 @@ def test_gpu_attention_layer_triton_vs_torch_norm(monkeypatch, attention, kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("h,d", [(16, 128), (12, 64), (5, 96), (32, 256)])
+@pytest.mark.parametrize("dtype,h,d", [(torch.bfloat16, 16, 128), (torch.bfloat16, 32, 256), (torch.bfloat16, 5, 96),
+                                       (torch.float16, 12, 64), (torch.float32, 5, 96), (torch.float32, 16, 128)])
 def test_gpu_large(dtype, h, d):
     x, w = make_inputs((4, 1000, h, d), dtype, transposed=True)
     dy = torch.randn(x.shape, device=DEV, dtype=dtype)

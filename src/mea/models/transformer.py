@@ -261,15 +261,30 @@ class _GraphedDecodeStep:
         torch.cuda.current_stream(tok.device).wait_stream(side)
         logits.record_stream(torch.cuda.current_stream(tok.device))
         # Capturing records the kernels without running them: the cache is untouched until a replay.
+        # (By hand rather than `with torch.cuda.graph(...)`: if capture fails, that context manager
+        # leaves its capture stream current, and the eager fallback would then run on it.)
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        torch.cuda.synchronize(tok.device)
+        failure: Optional[Exception] = None
+        with torch.cuda.stream(torch.cuda.Stream(device=tok.device)):
+            graph.capture_begin()
+            try:
                 self.logits = self.model._decode_step(self.tok, self.cache)
-        except RuntimeError as e:  # an op that syncs with the host or is not capturable
+            except Exception as e:  # end the capture whatever happened, then decide
+                failure = e
+            try:
+                graph.capture_end()
+            except RuntimeError as e:
+                failure = failure or e
+        if failure is not None:
+            if not isinstance(failure, RuntimeError):
+                raise failure
+            # An op that syncs with the host or cannot be captured (CUDA reports it as a RuntimeError).
             self.failed = True
+            msg = str(failure).strip().splitlines()
             warnings.warn(f"generate: capturing the decoding step in a CUDA graph failed, decoding eagerly "
-                          f"instead ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                          RuntimeWarning, stacklevel=3)
+                          f"instead ({type(failure).__name__}: {msg[0] if msg else ''})", RuntimeWarning,
+                          stacklevel=3)
             return logits
         self.graph = graph
         return logits
