@@ -255,3 +255,30 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path, co
     a, b = losses(one), losses(two)
     assert [s for s, _ in b] == list(range(1, 7))
     assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
+
+
+def test_sweep_lrs_from_links_best_runs(tmp_path, corpus):
+    """The convergence sweep trains each variant at the best rate of an earlier sweep, reusing its runs."""
+    import csv
+
+    from mea.train.sweep import sweep
+
+    train = TrainConfig(max_steps=3, batch_size=2, warmup_steps=1, log_every=1, eval_every=3, eval_batches=1,
+                        save_every=3, grad_clip=0.0)
+    common = dict(preset="tiny", model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
+    sweep(out=str(tmp_path / "lr"), variants=["mha"], lrs=[1e-3, 3e-3], **common)
+    rows = list(csv.DictReader(open(tmp_path / "lr" / "results.csv")))
+    best = min(rows, key=lambda r: float(r["final_val_loss"]))
+    sweep(out=str(tmp_path / "conv"), variants=["mha"], lrs=[], seeds=[0, 1], lrs_from=str(tmp_path / "lr"), **common)
+    conv = list(csv.DictReader(open(tmp_path / "conv" / "results.csv")))
+    assert {float(r["lr"]) for r in conv} == {float(best["lr"])}
+    assert [r["status"] for r in conv] == ["finished", "finished"]
+    seed0 = next(r for r in conv if r["seed"] == "0")
+    assert Path(seed0["run_dir"]).is_symlink()  # linked from the learning-rate sweep, not retrained
+    assert Path(seed0["run_dir"]).resolve() == Path(best["run_dir"]).resolve()
+    with pytest.raises(FileNotFoundError, match="lrs_from"):
+        sweep(out=str(tmp_path / "x"), variants=["mha"], lrs=[], lrs_from=str(tmp_path / "nope"), **common)
+    # a deadline already passed starts nothing, and says so in the results
+    sweep(out=str(tmp_path / "late"), variants=["mha"], lrs=[1e-3], deadline_s=1e-9, **common)
+    late = list(csv.DictReader(open(tmp_path / "late" / "results.csv")))
+    assert late[0]["status"] == "missing"

@@ -1,9 +1,12 @@
 """`mea sweep`: a grid of (attention variant x learning rate x seed) pretraining runs.
 
-Runs go sequentially on one device, or one per GPU at once (``--gpus 0,1,2,3``: each run is a
-``mea pretrain`` subprocess pinned to one GPU). The sweep is resumable: finished or diverged runs
-are kept, interrupted ones resume from their checkpoints. Results: ``results.csv``, a plot of final
-validation loss against learning rate per variant, and the loss curves at each variant's best rate.
+Runs go sequentially on one device, or several at once (``--gpus 0,1 --procs_per_gpu 3``: each run is
+a ``mea pretrain`` subprocess pinned to one GPU; small models leave a GPU idle enough that a few runs
+share it well). The sweep is resumable: finished or diverged runs are kept, interrupted ones resume
+from their checkpoints. ``lrs_from`` takes each variant's best learning rate from an earlier sweep
+(and links its finished runs instead of training them again): the convergence experiment.
+Results: ``results.csv``, a plot of final validation loss against learning rate per variant, and the
+loss curves at each variant's best rate.
 """
 from __future__ import annotations
 
@@ -63,8 +66,9 @@ def run_name(variant: str, lr: float, seed: int) -> str:
 
 def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: list[float] = [1e-3, 3e-3, 1e-2],
           seeds: list[int] = [0], preset: str = "tiny", model: Optional[dict] = None, data: DataConfig = DataConfig(),
-          train: TrainConfig = TrainConfig(), gpus: Optional[list[int]] = None, device: str = "auto",
-          compile: bool = False) -> str:
+          train: TrainConfig = TrainConfig(), gpus: Optional[list[int]] = None, procs_per_gpu: int = 1,
+          device: str = "auto", compile: bool = False, lrs_from: Optional[str] = None,
+          deadline_s: Optional[float] = None) -> str:
     """Train every (variant, learning rate, seed); collect final validation losses and plot them.
 
     Args:
@@ -76,32 +80,49 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
         model: ModelConfig overrides shared by all runs.
         data: corpus and sequence length.
         train: optimization settings (train.lr and train.seed are set per run).
-        gpus: run one process per listed GPU at once; default: sequentially in this process.
+        gpus: run subprocesses on these GPUs at once; default: sequentially in this process.
+        procs_per_gpu: runs sharing each GPU at once.
         device: device for sequential runs (auto, cpu, cuda).
         compile: torch.compile each model.
+        lrs_from: an earlier sweep directory: instead of ``lrs``, train each variant at its best
+            learning rate there; its finished runs with the same settings are linked, not retrained.
+        deadline_s: start no new run after this many seconds (running ones finish); the sweep can be
+            continued later by running it again.
     """
-    if not variants or not lrs or not seeds:
+    if not variants or not seeds or not (lrs or lrs_from):
         raise ValueError("variants, lrs and seeds: each needs at least one entry")
+    if procs_per_gpu < 1:
+        raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
+    t_start = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     parsed = {v: parse_variant(v) for v in variants}
+    best = _best_from(Path(lrs_from), variants) if lrs_from else {}
+    # Jobs go LR-major, so a sweep cut short by its deadline still covers every variant at the first rates.
     jobs = []
-    for v in variants:
-        for lr in lrs:
+    for lr_i in range(1 if lrs_from else len(lrs)):
+        for v in variants:
+            lr = best[v] if lrs_from else lrs[lr_i]
             for seed in seeds:
                 kw = dict(parsed[v])
                 kw["model"] = {**(model or {}), **kw.get("model", {})}
                 jobs.append((v, lr, seed, out_dir / run_name(v, lr, seed), kw))
+    if lrs_from:
+        _link_finished(jobs, Path(lrs_from))
     todo = [j for j in jobs if not _done(j[3])]
     print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already done", file=sys.stderr)
+    deadline = t_start + deadline_s if deadline_s else None
     if gpus:
-        _run_parallel(todo, preset, data, train, gpus, compile)
+        _run_parallel(todo, preset, data, train, [g for _ in range(procs_per_gpu) for g in gpus], compile, deadline)
     else:
         from tqdm.auto import tqdm
 
         from .pretrain import pretrain
 
         for v, lr, seed, run_dir, kw in tqdm(todo, desc="sweep", dynamic_ncols=True):
+            if deadline and time.time() > deadline:
+                print("sweep: deadline reached; run the sweep again to continue", file=sys.stderr)
+                break
             tr = dataclasses.replace(train, lr=lr, seed=seed)
             resume = (run_dir / "config.yaml").exists()
             pretrain(out=str(run_dir), preset=preset, data=data, train=tr, resume=resume, device=device,
@@ -122,14 +143,43 @@ def _done(run_dir: Path) -> bool:
     return f.exists() and json.loads(f.read_text()).get("status") in ("finished", "diverged")
 
 
-def _run_parallel(todo, preset, data, train, gpus, compile) -> None:
-    """One `mea pretrain` subprocess per GPU; a finished GPU takes the next run."""
+def _best_from(sweep_dir: Path, variants: list[str]) -> dict[str, float]:
+    csv_path = sweep_dir / "results.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"lrs_from: {csv_path} not found (run that sweep first)")
+    rows = []
+    for r in csv.DictReader(open(csv_path)):
+        r["lr"] = float(r["lr"])
+        r["final_val_loss"] = float(r["final_val_loss"]) if r["final_val_loss"] else None
+        rows.append(r)
+    best = best_lrs(rows)
+    missing = [v for v in variants if v not in best]
+    if missing:
+        raise ValueError(f"lrs_from: {csv_path} has no finished run of {', '.join(missing)}")
+    return {v: best[v][0] for v in variants}
+
+
+def _link_finished(jobs, src_dir: Path) -> None:
+    """Link runs the earlier sweep already finished (same variant, rate and seed) into this sweep."""
+    for v, lr, seed, run_dir, _ in jobs:
+        src = src_dir / run_name(v, lr, seed)
+        if not run_dir.exists() and _done(src):
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.symlink_to(os.path.relpath(src.resolve(), run_dir.parent.resolve()), target_is_directory=True)
+
+
+def _run_parallel(todo, preset, data, train, slots, compile, deadline=None) -> None:
+    """`mea pretrain` subprocesses, one per slot (a GPU id, repeated for runs sharing a GPU)."""
     import yaml
 
     queue, running = list(todo), {}
     while queue or running:
-        for gpu in gpus:
-            if gpu not in running and queue:
+        if deadline and queue and time.time() > deadline:
+            print(f"sweep: deadline reached, {len(queue)} runs not started; run the sweep again to continue",
+                  file=sys.stderr)
+            queue = []
+        for slot, gpu in enumerate(slots):
+            if slot not in running and queue:
                 v, lr, seed, run_dir, kw = queue.pop(0)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 conf = {"out": str(run_dir), "preset": preset, "data": dataclasses.asdict(data),
@@ -142,13 +192,14 @@ def _run_parallel(todo, preset, data, train, gpus, compile) -> None:
                     args.append("--resume=true")
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
                 logf = open(run_dir / "stdout.log", "a")
-                running[gpu] = (subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT), logf, run_dir)
+                running[slot] = (subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT), logf, run_dir)
                 print(f"[gpu {gpu}] {run_dir}", file=sys.stderr)
         time.sleep(2)
-        for gpu, (proc, logf, run_dir) in list(running.items()):
+        for slot, (proc, logf, run_dir) in list(running.items()):
+            gpu = slots[slot]
             if proc.poll() is not None:
                 logf.close()
-                del running[gpu]
+                del running[slot]
                 if proc.returncode != 0 and not _done(run_dir):
                     print(f"[gpu {gpu}] {run_dir} failed with exit code {proc.returncode}; see {run_dir / 'stdout.log'}",
                           file=sys.stderr)
