@@ -168,3 +168,53 @@ def test_paper_table_layout():
         "| m (acc) | 70.00 | 50.00 | 60.00 |",
         "| m (acc_norm) | 75.00 | 50.00 | 62.50 |",
     ]
+
+
+def test_evaluate_many_combines_models_and_resumes(tmp_path):
+    from mea.eval.many import combined_table, evaluate_many
+    from mea.models.export import save_hf
+
+    a = save_hf(tiny_model(), tmp_path / "a", tokenizer="gpt2")
+    torch.manual_seed(1)
+    other = mea.Transformer(mea.ModelConfig(vocab_size=50304, d_model=32, n_layers=2, n_heads=4, attention="mha",
+                                            max_seq_len=128)).eval()
+    b = save_hf(other, tmp_path / "b", tokenizer="gpt2")
+    table = evaluate_many(models=[str(a), str(b)], out=str(tmp_path / "out"), tasks="piqa,winogrande", limit=4,
+                          batch_size=4, device="cpu")
+    text = Path(table).read_text()
+    assert text.startswith("| Model | PIQA (acc_norm) | WinoGrande (acc) | Avg. |")
+    rows = [line for line in text.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    assert len(rows) == 2 and "±" in rows[0]
+    assert "Examples per task: PIQA 4, WinoGrande 4." in text
+    import csv
+
+    got = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert [r["model"] for r in got] == ["a", "b"] and got[0]["piqa_metric"] == "acc_norm"
+    # a re-run reuses finished results
+    before = os.path.getmtime(tmp_path / "out" / "a" / "results.json")
+    evaluate_many(models=[str(a), str(b)], out=str(tmp_path / "out"), tasks="piqa,winogrande", limit=4, device="cpu")
+    assert os.path.getmtime(tmp_path / "out" / "a" / "results.json") == before
+    with pytest.raises(FileNotFoundError, match="models"):
+        evaluate_many(models=[str(tmp_path / "missing")], out=str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        evaluate_many(sweep=str(tmp_path), out=str(tmp_path / "x"))
+    # a gap of many standard errors is reported, a small one is not
+    run = lambda name, acc: {"name": name, "tasks": {"piqa": {"n": 1000, "acc": acc, "acc_stderr": 0.01,
+                                                              "acc_norm": acc, "acc_norm_stderr": 0.01}}}
+    assert "none." in combined_table([run("x", 0.60), run("y", 0.61)])
+    assert "y vs x on PIQA: +10.00 points" in combined_table([run("x", 0.50), run("y", 0.60)])
+
+
+def test_best_models_of_a_sweep(tmp_path):
+    from mea.eval.many import best_models
+
+    lines = ["variant,lr,seed,status,final_val_loss,best_val_loss,steps,tokens,run_dir"]
+    for variant, lr, loss in (("mha", 1e-3, 4.0), ("mha", 3e-3, 3.5), ("mea", 1e-3, 3.9), ("mea", 3e-3, None)):
+        run = tmp_path / variant / f"lr{lr:.2e}_s0"
+        run.mkdir(parents=True)
+        status = "finished" if loss else "diverged"
+        (run / "status.json").write_text(json.dumps({"status": status, "val_loss": loss}))
+        lines.append(f"{variant},{lr},0,{status},{loss or ''},{loss or ''},10,100,{run}")
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
+    assert best_models(str(tmp_path)) == [("mha lr=3.00e-03 s0", str(tmp_path / "mha" / "lr3.00e-03_s0")),
+                                          ("mea lr=1.00e-03 s0", str(tmp_path / "mea" / "lr1.00e-03_s0"))]

@@ -54,6 +54,7 @@ COMMANDS = {
     "pretrain": ("mea.train.pretrain", "pretrain"),
     "sweep": ("mea.train.sweep", "sweep"),
     "evaluate": ("mea.eval.evaluate", "evaluate"),
+    "evaluate-many": ("mea.eval.many", "evaluate_many"),
     "export-hf": ("mea.models.export", "export_hf"),
     "import-gguf": ("mea.convert.gguf", "import_gguf"),
     "convert": ("mea.convert.convert", "convert"),

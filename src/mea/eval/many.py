@@ -1,0 +1,200 @@
+"""`mea evaluate-many`: zero-shot evaluation of several models (e.g. every run of a sweep) into one table.
+
+Each model is scored by `mea evaluate` (in this process, or one subprocess per GPU slot at once with
+``--gpus``); finished models are skipped on a re-run. The combined table puts the models side by side
+with their standard errors, and lists, per task, which differences from the first model exceed
+twice the combined standard error (at small scale most scores sit near chance; this says which gaps
+the data can tell apart).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .evaluate import DEFAULT_TASKS
+
+
+def sweep_models(sweep: str) -> list[tuple[str, str]]:
+    """(name, run directory) of every finished run of a `mea sweep` (its results.csv)."""
+    csv_path = Path(sweep) / "results.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"sweep: {csv_path} not found (run the sweep first)")
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["status"] == "finished"]
+    if not rows:
+        raise ValueError(f"sweep: {csv_path} lists no finished run")
+    return [(f"{r['variant']} lr={float(r['lr']):.2e} s{r['seed']}", r["run_dir"]) for r in rows]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def best_models(sweep: str) -> list[tuple[str, str]]:
+    """(name, run directory) of each variant's best run (lowest final validation loss) of a sweep."""
+    rows = []
+    for name, path in sweep_models(sweep):
+        status = json.loads((Path(path) / "status.json").read_text()) if (Path(path) / "status.json").is_file() else {}
+        rows.append((name, path, status.get("val_loss")))
+    best: dict[str, tuple[str, str, float]] = {}
+    for name, path, loss in rows:
+        variant = name.split(" lr=")[0]
+        if loss is not None and (variant not in best or loss < best[variant][2]):
+            best[variant] = (name, path, loss)
+    return [(n, p) for n, p, _ in best.values()]
+
+
+def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = None, best_of: Optional[str] = None,
+                  out: str = "runs/evaluate-many",
+                  tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 32,
+                  gpus: Optional[list[int]] = None, procs_per_gpu: int = 1, device: str = "auto",
+                  perplexity: bool = False) -> str:
+    """Evaluate several models on the same tasks; write OUT/table.md and OUT/results.csv.
+
+    Args:
+        models: model folders or run directories (anything `mea evaluate` takes).
+        sweep: a `mea sweep` directory: evaluate each of its finished runs (after ``models``).
+        best_of: a `mea sweep` directory: evaluate each variant's best run there (before ``sweep``'s).
+        out: folder for one sub-folder of results per model and the combined table.
+        tasks: comma-separated tasks (see `mea evaluate`).
+        limit: score only the first N examples of each task.
+        batch_size: sequences per forward pass.
+        gpus: evaluate on these GPUs at once, one subprocess per slot; default: one after another here.
+        procs_per_gpu: evaluations sharing each GPU at once.
+        device: device for in-process evaluation.
+        perplexity: also report validation perplexity of the corpus.
+
+    Returns:
+        The path of the combined table.
+    """
+    todo: list[tuple[str, str]] = [(Path(m).name, m) for m in (models or [])]
+    if best_of:
+        todo += best_models(best_of)
+    if sweep:
+        todo += sweep_models(sweep)
+    seen: set[Path] = set()  # one model reached twice (a run linked into another sweep) is scored once
+    todo = [(n, p) for n, p in todo if not (Path(p).resolve() in seen or seen.add(Path(p).resolve()))]
+    if not todo:
+        raise ValueError("models: nothing to evaluate (give models or a sweep)")
+    for name, path in todo:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"models: {path} does not exist")
+    if procs_per_gpu < 1:
+        raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, path, out_dir / _safe(name)) for name, path in todo]
+    pending = [j for j in jobs if not (j[2] / "results.json").is_file()]
+    print(f"evaluate-many: {len(jobs)} models, {len(jobs) - len(pending)} already done", file=sys.stderr)
+    common = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "perplexity": perplexity}
+    if gpus:
+        _run_parallel(pending, common, [g for _ in range(procs_per_gpu) for g in gpus])
+    else:
+        from .evaluate import evaluate
+
+        for name, path, res_dir in pending:
+            evaluate(path, device=device, out=str(res_dir), name=name, **common)
+    runs = []
+    for name, _, res_dir in jobs:
+        f = res_dir / "results.json"
+        if f.is_file():
+            runs.append(json.loads(f.read_text()))
+        else:
+            print(f"evaluate-many: {name} has no results (see {res_dir / 'stdout.log'})", file=sys.stderr)
+    if not runs:
+        raise RuntimeError("evaluate-many: no model was evaluated")
+    table = combined_table(runs)
+    (out_dir / "table.md").write_text(table + "\n")
+    write_csv(runs, out_dir / "results.csv")
+    print(table)
+    return str(out_dir / "table.md")
+
+
+def _run_parallel(pending, common, slots) -> None:
+    queue, running = list(pending), {}
+    while queue or running:
+        for slot, gpu in enumerate(slots):
+            if slot not in running and queue:
+                name, path, res_dir = queue.pop(0)
+                res_dir.mkdir(parents=True, exist_ok=True)
+                args = [sys.executable, "-m", "mea.cli", "evaluate", str(path), "--out", str(res_dir), "--name", name,
+                        "--device", "cuda", "--tasks", common["tasks"], "--batch_size", str(common["batch_size"]),
+                        "--perplexity", str(common["perplexity"]).lower()]
+                if common["limit"]:
+                    args += ["--limit", str(common["limit"])]
+                logf = open(res_dir / "stdout.log", "w")
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+                running[slot] = (subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT), logf, name)
+                print(f"[gpu {gpu}] evaluating {name}", file=sys.stderr)
+        time.sleep(2)
+        for slot, (proc, logf, name) in list(running.items()):
+            if proc.poll() is not None:
+                logf.close()
+                del running[slot]
+                if proc.returncode:
+                    print(f"[gpu {slots[slot]}] {name} failed with exit code {proc.returncode}", file=sys.stderr)
+
+
+def headline(row: dict) -> tuple[Optional[float], Optional[float], str]:
+    """The paper's number for a task: acc_norm where the task has it, else acc; with its stderr."""
+    if row.get("acc_norm") is not None:
+        return row["acc_norm"], row.get("acc_norm_stderr"), "acc_norm"
+    return row.get("acc"), row.get("acc_stderr"), "acc"
+
+
+def combined_table(runs: list[dict]) -> str:
+    """Models as rows, tasks as columns: headline accuracy ± stderr (percent) and the average; then
+    the differences from the first model that exceed twice their combined standard error."""
+    from .evaluate import TASK_LABELS, _pct
+
+    tasks = list(dict.fromkeys(t for r in runs for t in r["tasks"]))
+    lines = ["| Model | " + " | ".join(f"{TASK_LABELS.get(t, t)} ({headline(runs[0]['tasks'].get(t, {}))[2]})"
+                                       for t in tasks) + " | Avg. |",
+             "|" + "---|" * (len(tasks) + 2)]
+    for r in runs:
+        cells, vals = [], []
+        for t in tasks:
+            v, se, _ = headline(r["tasks"].get(t, {}))
+            vals.append(v)
+            cells.append("—" if v is None else f"{_pct(v)} ± {_pct(se)}")
+        got = [v for v in vals if v is not None]
+        avg = sum(got) / len(got) if got and len(got) == len(vals) else None
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {_pct(avg)} |")
+    ref = runs[0]
+    notes = []
+    for r in runs[1:]:
+        for t in tasks:
+            a, sa, _ = headline(ref["tasks"].get(t, {}))
+            b, sb, _ = headline(r["tasks"].get(t, {}))
+            if None in (a, b, sa, sb):
+                continue
+            se = math.sqrt(sa ** 2 + sb ** 2)
+            if se > 0 and abs(b - a) > 2 * se:
+                notes.append(f"{r['name']} vs {ref['name']} on {TASK_LABELS.get(t, t)}: "
+                             f"{100 * (b - a):+.2f} points ({abs(b - a) / se:.1f} standard errors)")
+    n = {t: max(r["tasks"].get(t, {}).get("n", 0) for r in runs) for t in tasks}
+    lines += ["", "Examples per task: " + ", ".join(f"{TASK_LABELS.get(t, t)} {n[t]:,}" for t in tasks) + ".",
+              "Differences from the first row beyond 2 standard errors: "
+              + ("; ".join(notes) if notes else "none") + "."]
+    return "\n".join(lines)
+
+
+def write_csv(runs: list[dict], path: Path) -> None:
+    tasks = list(dict.fromkeys(t for r in runs for t in r["tasks"]))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", *[f"{t}_{k}" for t in tasks for k in ("metric", "value", "stderr", "n")], "average"])
+        for r in runs:
+            row, vals = [r["name"]], []
+            for t in tasks:
+                v, se, metric = headline(r["tasks"].get(t, {}))
+                row += [metric, v, se, r["tasks"].get(t, {}).get("n")]
+                vals.append(v)
+            row.append(sum(vals) / len(vals) if vals and None not in vals else None)
+            w.writerow(row)
