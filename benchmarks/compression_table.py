@@ -52,6 +52,22 @@ def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -
             "metrics": res["tasks"], "limit": limit}
 
 
+def best_run(sweep: str, variant: Optional[str]) -> str:
+    """The seed-0 run of ``variant`` at its best learning rate in a `mea sweep` directory."""
+    import csv
+
+    from mea.train.sweep import best_lrs, run_name
+
+    if not variant:
+        raise ValueError(f"variant: {sweep} is a sweep directory; say which variant's best run to convert")
+    rows = [dict(r, lr=float(r["lr"]), final_val_loss=float(r["final_val_loss"]) if r["final_val_loss"] else None)
+            for r in csv.DictReader(open(Path(sweep).expanduser() / "results.csv"))]
+    best = best_lrs(rows)
+    if variant not in best:
+        raise ValueError(f"variant: {sweep} has no finished run of {variant!r}")
+    return str(Path(sweep).expanduser() / run_name(variant, best[variant][0], 0))
+
+
 def _load(path: str):
     from mea.convert.convert import load_source
 
@@ -68,11 +84,12 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
                       heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
                       tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
-                      batch_size: int = 8) -> list[dict]:
+                      batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True) -> list[dict]:
     """Build the compression table.
 
     Args:
-        model: the pretrained model: an HF LLaMA-family folder or a mea run directory.
+        model: the pretrained model: an HF LLaMA-family folder or a mea run directory; or a `mea sweep`
+            directory, whose best run (seed 0) of ``variant`` is taken.
         kv_heads: the h' values to convert to.
         inits: conversion inits (svd, activation, mean-pool; mean-pool is the GQA/MQA baseline).
         layers: --layers SPEC of the conversion.
@@ -89,28 +106,32 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         limit: examples per zero-shot task (None: all).
         device: cpu, cuda.
         batch_size: windows per perplexity batch.
+        variant: with a sweep directory as ``model``: which variant's best run to convert.
+        zero_shot_before: also score the converted models before healing (else perplexity alone).
     """
     from mea.convert.convert import calibrate, convert_loaded, load_source
     from mea.convert.corpus import corpus_for_model, corpus_windows
 
+    model = str(Path(model).expanduser())
+    model = best_run(model, variant) if (Path(model) / "results.csv").is_file() else model
     out_dir = Path(out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     src, tok_dir = load_source(model)
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
     settings = {k: v for k, v in locals().items() if k in (
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
-        "heal_batch_size", "heal_lr", "heal_seq_len", "tasks", "limit", "device")}
+        "heal_batch_size", "heal_lr", "heal_seq_len", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
     rows: list[dict] = []
 
-    def measure(name: str, h: Optional[int], init: str, stage: str, path: str, net=None) -> None:
+    def measure(name: str, h: Optional[int], init: str, stage: str, path: str, net=None, zero_shot: bool = True) -> None:
         t0 = time.time()
         net = net if net is not None else _load(path)
         row = {"model": name, "kv_heads": h, "init": init, "stage": stage, "path": path,
                "kv_bytes_per_token": net.config.kv_cache_bytes_per_token,
                "val_ppl": perplexity(net.to(device), val, batch_size, device)}
         net.cpu()
-        if tasks:
+        if tasks and zero_shot:
             row["zero_shot"] = _zero_shot(path, tasks, limit, device)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
@@ -125,7 +146,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         for init in inits:
             conv = out_dir / f"kv{h}-{init}"
             report = convert_loaded(src, tok_dir, h, init, layers, calib, conv, source=model, overwrite=True)
-            measure("converted", h, init, "before healing", str(conv))
+            measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)
             rows[-1]["k_rel_err_mean"] = _mean_err(report, "k_rel_err")
             rows[-1]["v_rel_err_mean"] = _mean_err(report, "v_rel_err")
             _save(out_dir, settings, rows)

@@ -417,3 +417,22 @@ def test_retokenize_corpus_keeps_the_text(tmp_path):
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     w = corpus_windows(tmp_path, "val", 64, 16, corpus=str(corpus))
     assert w.shape == (4, 16) and int(w.max()) <= 256
+
+
+def test_compression_table_takes_a_sweeps_best_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = ["variant,lr,seed,status,final_val_loss,best_val_loss,steps,tokens,run_dir",
+            "mha,0.001,0,finished,4.0,4.0,10,100,x", "mha,0.003,0,finished,3.5,3.5,10,100,y",
+            "mha,0.01,0,diverged,,5.0,3,30,z", "mea,0.003,0,finished,3.0,3.0,10,100,w"]
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+    assert mod.best_run(str(tmp_path), "mha") == str(tmp_path / "mha" / "lr3.00e-03_s0")
+    with pytest.raises(ValueError, match="variant"):
+        mod.best_run(str(tmp_path), None)
+    with pytest.raises(ValueError, match="diff"):
+        mod.best_run(str(tmp_path), "diff")
