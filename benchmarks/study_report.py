@@ -1,0 +1,265 @@
+"""Tables and plots of docs/results.md from the study's run directories (runs/study by default).
+
+    python benchmarks/study_report.py --runs runs/study --out docs/study
+
+Reads the learning-rate sweep, the convergence sweep, the zero-shot table and the compression tables
+that configs/study/*.yaml produce, and writes:
+  OUT/tables.md            every table of docs/results.md, numbers only
+  OUT/summary.json         the same numbers, machine-readable
+  OUT/loss_vs_lr.png       final validation loss against peak learning rate per variant
+  OUT/convergence.png      validation loss against tokens at each variant's best rate (all seeds)
+  OUT/metrics/...          each run's metrics.jsonl, config.yaml and status.json (small, committed)
+Parts whose runs are missing are skipped with a note.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mea.train.metrics import read_metrics  # noqa: E402
+from mea.train.sweep import best_lrs  # noqa: E402
+
+
+def read_sweep(path: Path) -> list[dict]:
+    rows = []
+    for r in csv.DictReader(open(path / "results.csv")):
+        r["lr"] = float(r["lr"])
+        r["seed"] = int(r["seed"])
+        r["final_val_loss"] = float(r["final_val_loss"]) if r["final_val_loss"] else None
+        r["best_val_loss"] = float(r["best_val_loss"]) if r["best_val_loss"] else None
+        # run_dir as written on the machine that ran it: resolve it under this sweep directory
+        rel = Path(r["run_dir"])
+        r["dir"] = path / rel.relative_to(rel.parents[1]) if len(rel.parts) >= 2 else path / rel
+        rows.append(r)
+    return rows
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    return [(x["tokens"], x["val_loss"]) for x in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in x]
+
+
+def lr_table(rows: list[dict], tolerance: float) -> tuple[str, dict]:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lrs = sorted({r["lr"] for r in rows})
+    best = best_lrs(rows)
+    lines = ["| variant | " + " | ".join(f"{lr:.1e}" for lr in lrs) + " | best lr | largest stable lr | "
+             f"largest lr within {tolerance} nats of best |", "|" + "---|" * (len(lrs) + 4)]
+    summary = {}
+    for v in variants:
+        cells, stable, near = [], [], []
+        for lr in lrs:
+            r = next((x for x in rows if x["variant"] == v and x["lr"] == lr and x["seed"] == 0), None)
+            if r is None or r["status"] == "missing":
+                cells.append("not run")
+            elif r["status"] == "diverged":
+                cells.append(f"diverged (step {r['steps']})")
+            elif r["final_val_loss"] is None:
+                cells.append(r["status"])
+            else:
+                bold = v in best and lr == best[v][0]
+                cells.append(f"**{r['final_val_loss']:.3f}**" if bold else f"{r['final_val_loss']:.3f}")
+                if math.isfinite(r["final_val_loss"]):
+                    stable.append(lr)
+                    if v in best and r["final_val_loss"] <= best[v][1] + tolerance:
+                        near.append(lr)
+        b = best.get(v, (None, None))
+        summary[v] = {"best_lr": b[0], "best_val_loss": b[1], "largest_stable_lr": max(stable) if stable else None,
+                      "largest_near_best_lr": max(near) if near else None,
+                      "losses": {f"{lr:.2e}": c for lr, c in zip(lrs, cells)}}
+        fmt = lambda x: "-" if x is None else f"{x:.1e}"
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {fmt(b[0])} | {fmt(summary[v]['largest_stable_lr'])} | "
+                     f"{fmt(summary[v]['largest_near_best_lr'])} |")
+    return "\n".join(lines), summary
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float):
+    """First token count at which a validation curve reaches ``target`` (linear between evaluations)."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return t0
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return curve[0][0] if curve and curve[0][1] <= target else None
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    n = min(len(c) for c in curves)
+    return [(curves[0][i][0], statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
+
+
+def convergence_table(rows: list[dict]) -> tuple[str, dict]:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = ["| variant | lr | seeds | final val loss (mean) | spread (max - min) | per seed | ppl |",
+             "|---|---|---|---|---|---|---|"]
+    summary, curves = {}, {}
+    for v in variants:
+        done = [r for r in rows if r["variant"] == v and r["final_val_loss"] is not None]
+        if not done:
+            lines.append(f"| {v} | - | 0 | not run | | | |")
+            continue
+        losses = [r["final_val_loss"] for r in sorted(done, key=lambda r: r["seed"])]
+        m = statistics.fmean(losses)
+        curves[v] = mean_curve([val_curve(r["dir"]) for r in done])
+        summary[v] = {"lr": done[0]["lr"], "seeds": len(done), "mean": m, "spread": max(losses) - min(losses),
+                      "per_seed": losses, "tokens": curves[v][-1][0] if curves[v] else None}
+        lines.append(f"| {v} | {done[0]['lr']:.1e} | {len(done)} | {m:.4f} | {max(losses) - min(losses):.4f} | "
+                     + ", ".join(f"{x:.4f}" for x in losses) + f" | {math.exp(m):.2f} |")
+    if "mha" in summary:
+        target = summary["mha"]["mean"]
+        lines += ["", f"Tokens each variant needs to reach mha's final validation loss ({target:.4f}, mean of its seeds), "
+                  "from the seed-averaged curves (evaluations every 25 steps, linear between them):", "",
+                  "| variant | tokens to reach | fraction of mha's budget |", "|---|---|---|"]
+        total = summary["mha"]["tokens"]
+        for v, c in curves.items():
+            t = tokens_to_reach(c, target)
+            summary[v]["tokens_to_mha_final"] = t
+            lines.append(f"| {v} | " + ("not reached" if t is None else f"{t / 1e6:.2f}M") + " | "
+                         + ("-" if t is None else f"{t / total:.2f}") + " |")
+    return "\n".join(lines), summary
+
+
+def plot_lr(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    finite = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
+    top = max(finite) if finite else 10
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r["lr"], r["final_val_loss"]) for r in rows if r["variant"] == v and r["final_val_loss"] is not None)
+        line = ax.plot(*zip(*pts), "o-", label=v)[0] if pts else None
+        bad = [r["lr"] for r in rows if r["variant"] == v and r["status"] == "diverged"]
+        if bad and line is not None:
+            ax.plot(bad, [top + 0.05] * len(bad), "x", color=line.get_color(), ms=9, mew=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("Learning-rate sweep, 25M non-embedding params, 8.2M tokens (x: diverged)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def plot_convergence(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        color = f"C{i}"
+        for r in rows:
+            if r["variant"] == v and r["final_val_loss"] is not None:
+                c = val_curve(r["dir"])
+                kw = dict(color=color, alpha=0.9 if r["seed"] == 0 else 0.5, ls="-" if r["seed"] == 0 else "--",
+                          label=f"{v} (lr {r['lr']:.1e})" if r["seed"] == 0 else None)
+                for a in (ax, zoom):
+                    a.plot([t / 1e6 for t, _ in c], [x for _, x in c], **kw)
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Validation loss at each variant's best lr (dashed: seed 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    zoom.set_xlabel("tokens (M)")
+    zoom.set_title("last half")
+    zoom.grid(alpha=0.3)
+    lows = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
+    if lows:
+        zoom.set_ylim(min(lows) - 0.05, min(lows) + 0.6)
+        zoom.set_xlim(left=max(t for r in rows if r["final_val_loss"] is not None for t, _ in val_curve(r["dir"])) / 2e6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def copy_metrics(sweep_dir: Path, dest: Path) -> None:
+    for status in sweep_dir.glob("*/*/status.json"):
+        run = status.parent
+        if run.is_symlink():
+            continue  # linked from another sweep: copied there
+        d = dest / sweep_dir.name / run.parent.name / run.name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("metrics.jsonl", "config.yaml", "status.json"):
+            if (run / f).is_file():
+                shutil.copy(run / f, d / f)
+    if (sweep_dir / "results.csv").is_file():
+        (dest / sweep_dir.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sweep_dir / "results.csv", dest / sweep_dir.name / "results.csv")
+
+
+def compression_section(path: Path) -> str:
+    res = json.loads((path / "results.json").read_text())
+    s = res["settings"]
+    head = (f"Source: `{Path(s['model']).name}`; layers: {s['layers']}; validation: {s['val_windows'][0]} windows of "
+            f"{s['val_windows'][1]} tokens; healing: {s['heal_steps']} steps x {s['heal_batch_size']} x "
+            f"{s['heal_seq_len']} = {s['heal_steps'] * s['heal_batch_size'] * s['heal_seq_len']:,} tokens at lr "
+            f"{s['heal_lr']}; zero-shot limit: {s.get('limit') or 'none'}.")
+    return head + "\n\n" + (path / "table.md").read_text()
+
+
+def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0.1) -> None:
+    """Write the study's tables, plots and compact metrics.
+
+    Args:
+        runs: the study's run directory.
+        out: where tables.md, summary.json, the PNGs and metrics/ go.
+        tolerance: a learning rate counts as near-best within this many nats of the best final loss.
+    """
+    root, dest = Path(runs), Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    parts, summary = [], {}
+    if (root / "lr_sweep" / "results.csv").is_file():
+        rows = read_sweep(root / "lr_sweep")
+        table, summary["lr_sweep"] = lr_table(rows, tolerance)
+        parts += ["## Experiment 1: final validation loss by peak learning rate (seed 0)", "", table, ""]
+        plot_lr(rows, dest / "loss_vs_lr.png")
+        copy_metrics(root / "lr_sweep", dest / "metrics")
+    else:
+        parts += ["## Experiment 1: not run yet", ""]
+    if (root / "convergence" / "results.csv").is_file():
+        rows = read_sweep(root / "convergence")
+        for r in rows:  # seed-0 runs are links into the learning-rate sweep
+            if not r["dir"].exists():
+                r["dir"] = root / "lr_sweep" / r["dir"].relative_to(root / "convergence")
+        table, summary["convergence"] = convergence_table(rows)
+        parts += ["## Experiment 2: convergence at each variant's best learning rate", "", table, ""]
+        plot_convergence(rows, dest / "convergence.png")
+        copy_metrics(root / "convergence", dest / "metrics")
+    else:
+        parts += ["## Experiment 2: not run yet", ""]
+    if (root / "downstream" / "table.md").is_file():
+        parts += ["## Experiment 3: zero-shot accuracy (%, ± standard error)", "",
+                  (root / "downstream" / "table.md").read_text(), ""]
+        shutil.copy(root / "downstream" / "results.csv", dest / "downstream.csv")
+    else:
+        parts += ["## Experiment 3: not run yet", ""]
+    for name, title in (("compress_own", "Experiment 4a: our MHA model at h' = h/2"),
+                        ("smollm2_all", "Experiment 4b: SmolLM2-135M, all layers"),
+                        ("smollm2_middle", "Experiment 4c: SmolLM2-135M, middle layers only")):
+        if (root / name / "results.json").is_file():
+            parts += [f"## {title}", "", compression_section(root / name), ""]
+            shutil.copy(root / name / "results.json", dest / f"{name}.json")
+            summary[name] = json.loads((root / name / "results.json").read_text())["rows"]
+        else:
+            parts += [f"## {title}: not run yet", ""]
+    (dest / "tables.md").write_text("\n".join(parts))
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\n".join(parts))
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
