@@ -214,3 +214,25 @@ def test_gpu_torch_compile():
 @pytest.mark.gpu
 def test_gpu_registered_on_import():
     assert mea_decode_fast in decode_mod._FAST_DECODE
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.float32, 128), (torch.bfloat16, 16),
+                                     (torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 256)])
+def test_launch_tiles_fit_shared_memory(dtype, d):
+    """Key tiles stay 16 KB whatever the dtype and head dim (fp32 at d=16 once asked for 234 KB of
+    shared memory on an H200, over its 227 KB), and the tuned bf16 tiles are kept."""
+    from mea.ops.triton_decode import decode_launch_config
+
+    esize = torch.tensor([], dtype=dtype).element_size()
+    cfg = decode_launch_config(8, 16, 4096, d, torch.device("cpu"), elem_bytes=esize)
+    assert cfg["block_n"] * cfg["block_d"] * esize <= 16384
+    assert 2 * cfg["num_stages"] * cfg["block_n"] * cfg["block_d"] * esize <= 160 * 1024
+    if dtype == torch.bfloat16 and d in (64, 128):
+        assert cfg["block_n"] == {64: 128, 128: 64}[d]
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_small_head_dim_decoding():
+    """The shape that overflowed shared memory: fp32, d=16, a prompt of 7 tokens."""
+    inputs = make_inputs(3, 6, 4, 7, 100, 16, torch.float32, max_len=128)
+    assert rel_err(mea_decode_triton(*inputs), reference(*inputs)) < 1e-5

@@ -229,7 +229,7 @@ def _capability(device_index: int) -> tuple[int, int]:
 @lru_cache(maxsize=4096)
 def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int, device: torch.device,
                          num_splits: int = 0, block_n: int = 0, num_warps: int = 0,
-                         num_stages: int = 0, keys_major: int = -1) -> dict:
+                         num_stages: int = 0, keys_major: int = -1, elem_bytes: int = 2) -> dict:
     """Tile sizes and the number of sequence slices for one launch; a nonzero argument overrides
     (``keys_major``: -1 = choose, 0 = query rows as the MMA's M dimension, 1 = keys). Cached:
     treat the returned dict as read-only.
@@ -243,7 +243,11 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     """
     block_m = min(max(16, _next_pow2(n_rows)), 64)
     m_blocks = _cdiv(n_rows, block_m)
-    block_n = block_n or max(64, 8192 // max(head_dim, 1))  # 16 KB bf16 tiles: 64 keys at d=128, 128 at 64
+    # 16 KB key tiles: 64 keys at d=128 and 128 at d=64 in bf16. The size in bytes (not in keys) is what
+    # must stay put: fp32, or a small head dim with keys uncapped, overflowed shared memory (234 KB
+    # asked of 227 KB on an H200 for fp32 at d=16 with 512-key tiles).
+    block_d = max(16, _next_pow2(head_dim))
+    block_n = block_n or min(128, max(32, 16384 // (block_d * elem_bytes)))
     n_blocks = max(1, _cdiv(cache_len, block_n))
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
@@ -258,7 +262,7 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     if keys_major < 0:
         keys_major = int(hopper)
     return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, num_splits=num_splits, split_len=split_len,
-                block_d=max(16, _next_pow2(head_dim)), num_warps=num_warps or 4,
+                block_d=block_d, num_warps=num_warps or 4,
                 num_stages=num_stages or (4 if hopper else 3), keys_major=bool(keys_major))
 
 
@@ -268,7 +272,8 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_m
     B, h, Lq, d = q.shape
     hk, T = k_cache.shape[1], k_cache.shape[2]
     n_rows = h * Lq
-    cfg = decode_launch_config(B, n_rows, T, d, q.device, num_splits, block_n, num_warps, num_stages, keys_major)
+    cfg = decode_launch_config(B, n_rows, T, d, q.device, num_splits, block_n, num_warps, num_stages, keys_major,
+                               q.element_size())
     out = torch.empty((B, h, Lq, d), dtype=q.dtype, device=q.device)
     direct = cfg["num_splits"] == 1
     if direct:
