@@ -6,10 +6,11 @@ import os
 import torch
 from torch import Tensor, nn
 
-# The head norm's fused Triton kernel (mea.ops.triton_norm) takes CUDA tensors when this is True;
-# MEA_TRITON_NORM=0 in the environment, or setting it to False, keeps the PyTorch form everywhere
-# (benchmarks compare the two). torch.compile guards on it, so flipping it recompiles.
-TRITON_HEAD_NORM = os.environ.get("MEA_TRITON_NORM", "1") != "0"
+# The head norm's fused Triton kernel (mea.ops.triton_norm) takes CUDA tensors when this is True
+# (MEA_TRITON_NORM=1 in the environment). Off by default: on an H200 its backward took 0.52 ms where
+# the torch.compile'd PyTorch form takes 0.27 ms (bf16, 8x2048x16x128; docs/performance.md), so the
+# compiled PyTorch form is the faster default. torch.compile guards on it; flipping it recompiles.
+TRITON_HEAD_NORM = os.environ.get("MEA_TRITON_NORM", "0") == "1"
 
 # Loaded only where CUDA is present, so a CPU-only `import mea` never imports triton.
 _triton_head_norm = None
@@ -44,8 +45,8 @@ class HeadNorm(nn.Module):
 
     The paper's "head-level GroupNorm": each head's output is normalized on its own. It is the
     nonlinearity that keeps a head-level mix of outputs from folding into W_O.
-    Input (..., h, d). On CUDA (with triton, and ``TRITON_HEAD_NORM``) one fused Triton kernel per
-    direction; elsewhere ``rms_norm``, which stays the reference.
+    Input (..., h, d). ``rms_norm`` (the reference, fused by torch.compile); with ``TRITON_HEAD_NORM``
+    on CUDA tensors, one Triton kernel per direction instead.
     """
 
     def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5):
