@@ -46,6 +46,10 @@ def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -
     from mea.eval.evaluate import evaluate
 
     res = evaluate(path, tasks=",".join(tasks), limit=limit, device=device, perplexity=False)
+    return _summary(res, limit)
+
+
+def _summary(res: dict, limit: Optional[int]) -> dict:
     acc = {t: m.get("acc_norm", m.get("acc")) for t, m in res["tasks"].items()}
     got = [v for v in acc.values() if v is not None]
     return {"tasks": acc, "average": sum(got) / len(got) if got and len(got) == len(acc) else None,
@@ -84,7 +88,9 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
                       heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
                       tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
-                      batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True) -> list[dict]:
+                      batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True,
+                      eval_at_end: bool = False, eval_gpus: Optional[list[int]] = None,
+                      eval_procs: int = 1) -> list[dict]:
     """Build the compression table.
 
     Args:
@@ -108,6 +114,11 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         batch_size: windows per perplexity batch.
         variant: with a sweep directory as ``model``: which variant's best run to convert.
         zero_shot_before: also score the converted models before healing (else perplexity alone).
+        eval_at_end: score zero-shot at the end, every model through one `mea evaluate-many`.
+        eval_gpus: with ``eval_at_end``, evaluate on these GPUs at once, ``eval_procs`` processes per
+            GPU: lm-eval's per-request work is CPU-bound, so parallel processes finish several times
+            sooner than one model after another.
+        eval_procs: zero-shot evaluations sharing each GPU at once.
     """
     from mea.convert.convert import calibrate, convert_loaded, load_source
     from mea.convert.corpus import corpus_for_model, corpus_windows
@@ -123,6 +134,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         "heal_batch_size", "heal_lr", "heal_seq_len", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
     rows: list[dict] = []
+    deferred: list[tuple[int, str]] = []  # (row index, model path) scored at the end (eval_at_end)
 
     def measure(name: str, h: Optional[int], init: str, stage: str, path: str, net=None, zero_shot: bool = True) -> None:
         t0 = time.time()
@@ -132,7 +144,10 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                "val_ppl": perplexity(net.to(device), val, batch_size, device)}
         net.cpu()
         if tasks and zero_shot:
-            row["zero_shot"] = _zero_shot(path, tasks, limit, device)
+            if eval_at_end:
+                deferred.append((len(rows), path))
+            else:
+                row["zero_shot"] = _zero_shot(path, tasks, limit, device)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -165,6 +180,17 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                                        eval_every=heal_steps, eval_batches=4, save_every=heal_steps),
                      device=device, progress=True)
             measure("healed", h, init, f"healed {heal_steps * heal_batch_size * heal_seq_len:,} tokens", str(run))
+    if deferred:
+        from mea.eval.many import evaluate_many, result_dirname
+
+        res_dir = out_dir / "zero_shot"
+        evaluate_many(models=[p for _, p in deferred], out=str(res_dir), tasks=",".join(tasks), limit=limit,
+                      batch_size=batch_size, gpus=eval_gpus, procs_per_gpu=eval_procs, device=device)
+        for i, p in deferred:
+            f = res_dir / result_dirname(Path(p).name) / "results.json"
+            if f.is_file():
+                rows[i]["zero_shot"] = _summary(json.loads(f.read_text()), limit)
+        _save(out_dir, settings, rows)
     print(markdown_table(rows))
     return rows
 

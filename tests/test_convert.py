@@ -383,6 +383,14 @@ def test_compression_table_script_tiny(tmp_path):
     assert "| healed | 2 | svd |" in (out / "table.md").read_text()
     # Healing changed the weights: a different perplexity from the same start.
     assert rows[3]["val_ppl"] != rows[1]["val_ppl"]
+    # Zero-shot scored at the end through evaluate-many fills the same rows.
+    rows = mod.compression_table(str(run), kv_heads=[2], inits=["svd"], out=str(tmp_path / "t2"), corpus=str(corpus),
+                                 calib_tokens=256, val_tokens=128, seq_len=32, heal_steps=1, heal_batch_size=2,
+                                 heal_seq_len=32, heal_lr=1e-3, batch_size=2, tasks=["piqa"], limit=2,
+                                 zero_shot_before=False, eval_at_end=True)
+    assert [("zero_shot" in r) for r in rows] == [True, False, True]
+    assert rows[0]["zero_shot"]["limit"] == 2 and 0 <= rows[2]["zero_shot"]["average"] <= 1
+    assert (tmp_path / "t2" / "zero_shot" / "table.md").is_file()
 
 
 def test_retokenize_corpus_keeps_the_text(tmp_path):

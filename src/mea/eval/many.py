@@ -32,7 +32,8 @@ def sweep_models(sweep: str) -> list[tuple[str, str]]:
     return [(f"{r['variant']} lr={float(r['lr']):.2e} s{r['seed']}", r["run_dir"]) for r in rows]
 
 
-def _safe(name: str) -> str:
+def result_dirname(name: str) -> str:
+    """The folder of a model's results under OUT: its name with path-unsafe characters replaced."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -89,7 +90,7 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
         raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(name, path, out_dir / _safe(name)) for name, path in todo]
+    jobs = [(name, path, out_dir / result_dirname(name)) for name, path in todo]
     pending = [j for j in jobs if not (j[2] / "results.json").is_file()]
     print(f"evaluate-many: {len(jobs)} models, {len(jobs) - len(pending)} already done", file=sys.stderr)
     common = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "perplexity": perplexity}
