@@ -125,6 +125,11 @@ def convergence_table(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def budget(rows: list[dict]) -> str:
+    tokens = max((int(r["tokens"]) for r in rows if r.get("tokens") and r["status"] == "finished"), default=0)
+    return f"{tokens / 1e6:.2f}M tokens"
+
+
 def plot_lr(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -143,7 +148,7 @@ def plot_lr(rows: list[dict], out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("Learning-rate sweep, 25M non-embedding params, 8.2M tokens (x: diverged)")
+    ax.set_title(f"Learning-rate sweep, 25M non-embedding params, {budget(rows)} (x: diverged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -233,6 +238,13 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
         for r in rows:  # seed-0 runs are links into the learning-rate sweep
             if not r["dir"].exists():
                 r["dir"] = root / "lr_sweep" / r["dir"].relative_to(root / "convergence")
+        # Variants the convergence sweep did not repeat: their best run of the learning-rate sweep.
+        if (root / "lr_sweep" / "results.csv").is_file():
+            sweep_rows = read_sweep(root / "lr_sweep")
+            have = {r["variant"] for r in rows}
+            for v, (lr, _) in best_lrs(sweep_rows).items():
+                if v not in have:
+                    rows += [r for r in sweep_rows if r["variant"] == v and r["lr"] == lr]
         table, summary["convergence"] = convergence_table(rows)
         parts += ["## Experiment 2: convergence at each variant's best learning rate", "", table, ""]
         plot_convergence(rows, dest / "convergence.png")

