@@ -73,6 +73,23 @@ def test_run_directory_layout(tmp_path, corpus):
         run(r, corpus)
 
 
+def test_saved_config_retrains_the_same_variant(tmp_path, corpus):
+    """`mea pretrain --config RUN/config.yaml` builds the run's model, not the command's default (mea)."""
+    import yaml
+
+    from mea.train.pretrain import resolve_model_config
+
+    run(tmp_path / "r", corpus, steps=2, attention="mha")
+    conf = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert conf["attention"] == "mha"
+    cfg = resolve_model_config(conf["preset"], conf["attention"], conf["n_kv_heads"], conf["head_norm"], conf["model"],
+                               conf["data"]["seq_len"])
+    assert cfg.attention == "mha" and cfg.n_kv_heads == cfg.n_heads and not cfg.head_norm
+    r = subprocess.run([sys.executable, "-m", "mea.cli", "pretrain", "--config", str(tmp_path / "r" / "config.yaml"),
+                        "--print_config"], capture_output=True, text=True)
+    assert r.returncode == 0 and yaml.safe_load(r.stdout)["attention"] == "mha"
+
+
 def test_resume_matches_uninterrupted_run_step_for_step(tmp_path, corpus):
     run(tmp_path / "full", corpus, attention="mea", n_kv_heads=1, save_every=3)
     halted = run(tmp_path / "cut", corpus, attention="mea", n_kv_heads=1, save_every=3, halt_after=5)

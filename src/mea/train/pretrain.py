@@ -297,6 +297,9 @@ def _save(out_dir, step, tokens, wrapped, optimizer, cfg, train, info, val_loss)
 def _write_config(out_dir: Path, preset, cfg: ModelConfig, data, train, init_from, compile, parallel) -> None:
     import yaml
 
-    conf = {"out": str(out_dir), "preset": preset, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
+    # The variant is also written at the top level: `mea pretrain --config RUN/config.yaml` then trains
+    # the same model (a missing top-level `attention` would take the command's default, mea).
+    conf = {"out": str(out_dir), "preset": preset, "attention": cfg.attention, "n_kv_heads": cfg.n_kv_heads,
+            "head_norm": cfg.head_norm, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
             "train": dataclasses.asdict(train), "init_from": init_from, "compile": compile, "parallel": parallel}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
