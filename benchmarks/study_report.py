@@ -148,7 +148,7 @@ def plot_lr(rows: list[dict], out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title(f"Learning-rate sweep, 25M non-embedding params, {budget(rows)} (x: diverged)")
+    ax.set_title(f"Learning-rate sweep, 25.7M non-embedding params, {budget(rows)} (x: diverged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
