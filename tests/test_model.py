@@ -298,12 +298,33 @@ def test_kv_cache_bytes_halved_for_mea():
     (dict(attention="gqa", n_kv_heads=3), "n_kv_heads"),
     (dict(attention="flash"), "attention"),
     (dict(attention="mha", n_kv_heads=2), "n_kv_heads"),
+    (dict(attention="mea", head_norm_init=0.0), "head_norm_init"),
 ])
 def test_bad_configs_name_the_field(kw, field):
     base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4)
     base.update(kw)
     with pytest.raises(ValueError, match=rf"^{field}:"):
         ModelConfig(**base)
+
+
+@pytest.mark.parametrize("attention", ["mea", "diff", "mha"])
+def test_head_norm_init_scales_the_normalized_outputs(attention):
+    """head_norm_init sets the head norm's weight at initialization: the attention output going into
+    o_proj scales with it (0.25 -> RMS 0.25 per head channel instead of 1)."""
+    outs = {}
+    for init in (1.0, 0.25):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=97, d_model=48, n_layers=1, n_heads=4, attention=attention, head_norm=True,
+                          head_norm_init=init)
+        model = Transformer(cfg)
+        attn = model.model.layers[0].self_attn
+        assert torch.all(attn.head_norm.weight == init)
+        seen = []
+        attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        model(torch.randint(0, 97, (2, 9)))
+        outs[init] = seen[0]
+    torch.testing.assert_close(outs[0.25], outs[1.0] * 0.25)
+    assert ModelConfig.from_dict(ModelConfig(head_norm_init=0.5).to_dict()).head_norm_init == 0.5
 
 
 def test_explicit_head_dim_allows_nondividing_heads():

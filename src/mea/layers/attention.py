@@ -52,7 +52,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, hk * d, bias=False)
         self.v_proj = nn.Linear(D, hk * d, bias=False)
         self.o_proj = nn.Linear(h * d, D, bias=False)
-        self.head_norm = HeadNorm(h, d, config.head_norm_eps) if config.head_norm else None
+        self.head_norm = HeadNorm(h, d, config.head_norm_eps, config.head_norm_init) if config.head_norm else None
 
     def _heads(self, t: Tensor, n: int) -> Tensor:
         B, L, _ = t.shape

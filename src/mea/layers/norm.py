@@ -49,10 +49,10 @@ class HeadNorm(nn.Module):
     on CUDA tensors, one Triton kernel per direction instead.
     """
 
-    def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5):
+    def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5, init: float = 1.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.weight = nn.Parameter(torch.full((n_heads, head_dim), float(init)))
 
     def forward(self, x: Tensor) -> Tensor:
         if (_triton_head_norm is not None and TRITON_HEAD_NORM and x.is_cuda and x.dtype in _TRITON_DTYPES

@@ -20,6 +20,10 @@ class ModelConfig:
     ``n_kv_heads`` is the number of stored key/value heads: for ``gqa`` the number of groups (it must
     divide ``n_heads``), for ``mea`` the number h' of component heads (any 1 <= h' <= n_heads).
     ``head_norm=None`` picks the variant's default (on for ``mea`` and ``diff``).
+    ``head_norm_init`` is the head norm's initial weight: 1.0 is a plain RMSNorm, whose unit-RMS head
+    outputs are several times larger at initialization than un-normalized attention outputs;
+    smaller values start the normalized variants at that smaller scale (the Differential
+    Transformer's (1 - lambda_init) factor plays this role for ``diff``).
     ``layer_kv_heads`` gives each layer its own stored-head count (KV-cache compression of a subset
     of layers); ``None`` means every layer has ``n_kv_heads``.
     """
@@ -37,6 +41,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     head_norm_eps: float = 1e-5
+    head_norm_init: float = 1.0
     tie_embeddings: bool = True
     init_std: float = 0.02
     name: str = "custom"
@@ -59,6 +64,8 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.head_dim < 1:
             raise ValueError(f"head_dim: must be positive, got {self.head_dim}")
+        if not self.head_norm_init > 0:
+            raise ValueError(f"head_norm_init: must be positive, got {self.head_norm_init!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         h = self.n_heads
