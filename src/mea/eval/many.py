@@ -11,10 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -118,28 +115,19 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
 
 
 def _run_parallel(pending, common, slots) -> None:
-    queue, running = list(pending), {}
-    while queue or running:
-        for slot, gpu in enumerate(slots):
-            if slot not in running and queue:
-                name, path, res_dir = queue.pop(0)
-                res_dir.mkdir(parents=True, exist_ok=True)
-                args = [sys.executable, "-m", "mea.cli", "evaluate", str(path), "--out", str(res_dir), "--name", name,
-                        "--device", "cuda", "--tasks", common["tasks"], "--batch_size", str(common["batch_size"]),
-                        "--perplexity", str(common["perplexity"]).lower()]
-                if common["limit"]:
-                    args += ["--limit", str(common["limit"])]
-                logf = open(res_dir / "stdout.log", "w")
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-                running[slot] = (subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT), logf, name)
-                print(f"[gpu {gpu}] evaluating {name}", file=sys.stderr)
-        time.sleep(2)
-        for slot, (proc, logf, name) in list(running.items()):
-            if proc.poll() is not None:
-                logf.close()
-                del running[slot]
-                if proc.returncode:
-                    print(f"[gpu {slots[slot]}] {name} failed with exit code {proc.returncode}", file=sys.stderr)
+    from ..procs import Job, run_on_gpus
+
+    jobs = []
+    for name, path, res_dir in pending:
+        args = [sys.executable, "-m", "mea.cli", "evaluate", str(path), "--out", str(res_dir), "--name", name,
+                "--device", "cuda", "--tasks", common["tasks"], "--batch_size", str(common["batch_size"]),
+                "--perplexity", str(common["perplexity"]).lower()]
+        if common["limit"]:
+            args += ["--limit", str(common["limit"])]
+        jobs.append(Job(name, args, res_dir / "stdout.log"))
+    for name, code in run_on_gpus(jobs, slots).items():
+        if code:
+            print(f"evaluate-many: {name} failed with exit code {code}", file=sys.stderr)
 
 
 def headline(row: dict) -> tuple[Optional[float], Optional[float], str]:

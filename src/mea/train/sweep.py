@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,40 +168,30 @@ def _link_finished(jobs, src_dir: Path) -> None:
 
 
 def _run_parallel(todo, preset, data, train, slots, compile, deadline=None) -> None:
-    """`mea pretrain` subprocesses, one per slot (a GPU id, repeated for runs sharing a GPU)."""
+    """`mea pretrain` subprocesses on GPU slots (a GPU id, repeated for runs sharing a GPU)."""
     import yaml
 
-    queue, running = list(todo), {}
-    while queue or running:
-        if deadline and queue and time.time() > deadline:
-            print(f"sweep: deadline reached, {len(queue)} runs not started; run the sweep again to continue",
-                  file=sys.stderr)
-            queue = []
-        for slot, gpu in enumerate(slots):
-            if slot not in running and queue:
-                v, lr, seed, run_dir, kw = queue.pop(0)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                conf = {"out": str(run_dir), "preset": preset, "data": dataclasses.asdict(data),
-                        "train": dataclasses.asdict(dataclasses.replace(train, lr=lr, seed=seed)),
-                        "compile": compile, "progress": False, **kw}
-                conf_file = run_dir / "sweep_args.yaml"
-                conf_file.write_text(yaml.safe_dump(conf))
-                args = [sys.executable, "-m", "mea.cli", "pretrain", "--config", str(conf_file)]
-                if (run_dir / "config.yaml").exists():
-                    args.append("--resume=true")
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-                logf = open(run_dir / "stdout.log", "a")
-                running[slot] = (subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT), logf, run_dir)
-                print(f"[gpu {gpu}] {run_dir}", file=sys.stderr)
-        time.sleep(2)
-        for slot, (proc, logf, run_dir) in list(running.items()):
-            gpu = slots[slot]
-            if proc.poll() is not None:
-                logf.close()
-                del running[slot]
-                if proc.returncode != 0 and not _done(run_dir):
-                    print(f"[gpu {gpu}] {run_dir} failed with exit code {proc.returncode}; see {run_dir / 'stdout.log'}",
-                          file=sys.stderr)
+    from ..procs import Job, run_on_gpus
+
+    jobs, dirs = [], {}
+    for v, lr, seed, run_dir, kw in todo:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        conf = {"out": str(run_dir), "preset": preset, "data": dataclasses.asdict(data),
+                "train": dataclasses.asdict(dataclasses.replace(train, lr=lr, seed=seed)),
+                "compile": compile, "progress": False, **kw}
+        conf_file = run_dir / "sweep_args.yaml"
+        conf_file.write_text(yaml.safe_dump(conf))
+        args = [sys.executable, "-m", "mea.cli", "pretrain", "--config", str(conf_file)]
+        if (run_dir / "config.yaml").exists():
+            args.append("--resume=true")
+        jobs.append(Job(str(run_dir), args, run_dir / "stdout.log"))
+        dirs[str(run_dir)] = run_dir
+    codes = run_on_gpus(jobs, slots, deadline)
+    if len(codes) < len(jobs):
+        print("sweep: run the sweep again to start the rest", file=sys.stderr)
+    for name, code in codes.items():
+        if code != 0 and not _done(dirs[name]):  # a diverged run exits 1 but is done
+            print(f"sweep: {name} failed with exit code {code}; see {dirs[name] / 'stdout.log'}", file=sys.stderr)
 
 
 def collect(jobs) -> list[dict]:
