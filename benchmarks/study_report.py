@@ -189,6 +189,23 @@ def plot_convergence(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def scaling_table(fit: dict) -> str:
+    """Per variant and size the optimal rate; the power law; the prediction and, once run, its check."""
+    lines = ["| variant | size | N non-emb. | grid-best lr | lr* (parabola) | note |", "|---|---|---|---|---|---|"]
+    tail = []
+    for v, res in fit["variants"].items():
+        for p in res["points"]:
+            lines.append(f"| {v} | {p['size']} | {p['N']:,} | {p['grid_best_lr']:.2e} | {p['lr_star']:.2e} | "
+                         + (f"at the grid's {p['edge']} edge" if p.get("edge") else "") + " |")
+        f, pred, check = res.get("fit"), res.get("prediction"), res.get("check")
+        if f:
+            tail.append(f"- {v}: lr* = {f['a']:.4g} N^{f['b']:.3f} (b ± {f.get('b_se') or 0:.3f}, {f['n_points']} sizes)"
+                        + (f"; predicted at {pred['size']} (N = {pred['N']:,}): {pred['lr']:.2e}" if pred else "")
+                        + (f"; measured there: {check['lr_star']:.2e} ({check['ratio_measured_to_predicted']:.2f}x the "
+                           "prediction)" if check and check.get("ratio_measured_to_predicted") else ""))
+    return "\n".join(lines + [""] + tail)
+
+
 def copy_metrics(sweep_dir: Path, dest: Path) -> None:
     for status in sweep_dir.glob("*/*/status.json"):
         run = status.parent
@@ -257,6 +274,21 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
         shutil.copy(root / "downstream" / "results.csv", dest / "downstream.csv")
     else:
         parts += ["## Experiment 3: not run yet", ""]
+    if (root / "head_norm_init" / "results.csv").is_file():
+        rows = read_sweep(root / "head_norm_init")
+        table, summary["head_norm_init"] = lr_table(rows, tolerance)
+        parts += ["## Follow-up: the head norm's initial scale (seed 0)", "", table, ""]
+        copy_metrics(root / "head_norm_init", dest / "metrics")
+    fit = root / "lr_scaling" / "fit" / "lr_scaling.json"
+    if fit.is_file():
+        parts += ["## Experiment 5: learning rate from a scaling fit", "", scaling_table(json.loads(fit.read_text())), ""]
+        for f in ("lr_scaling.json", "lr_scaling.png", "loss_vs_lr.png"):
+            if (fit.parent / f).is_file():
+                shutil.copy(fit.parent / f, dest / ("lr_scaling_grids.png" if f == "loss_vs_lr.png" else f))
+        for sweep_dir in sorted((root / "lr_scaling").glob("s*")) + sorted((root / "lr_scaling" / "check").glob("*")):
+            copy_metrics(sweep_dir, dest / "metrics" / "lr_scaling")
+    else:
+        parts += ["## Experiment 5: not run yet", ""]
     for name, title in (("compress_own", "Experiment 4a: our MHA model at h' = h/2"),
                         ("smollm2_all", "Experiment 4b: SmolLM2-135M, all layers"),
                         ("smollm2_middle", "Experiment 4c: SmolLM2-135M, middle layers only")):
