@@ -1,0 +1,73 @@
+"""benchmarks/study_report.py on fabricated sweep directories: the tables say what the runs say."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("study_report", ROOT / "benchmarks" / "study_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sweep(root: Path, name: str, runs: dict) -> None:
+    """runs: (variant, lr, seed) -> final loss, or None for a diverged run. Curves fall linearly to it."""
+    lines = ["variant,lr,seed,status,final_val_loss,best_val_loss,steps,tokens,run_dir"]
+    for (variant, lr, seed), final in runs.items():
+        d = root / name / variant.replace(":", "_").replace("=", "-") / f"lr{lr:.2e}_s{seed}"
+        d.mkdir(parents=True)
+        status = "finished" if final is not None else "diverged"
+        recs = [{"step": s, "tokens": s * 100, "loss": 8.0, "val_loss": 8.0 - (8.0 - (final or 9.0)) * s / 4}
+                for s in (1, 2, 3, 4)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "status.json").write_text(json.dumps({"status": status, "val_loss": final}))
+        (d / "config.yaml").write_text("preset: tiny\n")
+        lines.append(f"{variant},{lr},{seed},{status},{final if final is not None else ''},{final or ''},4,400,"
+                     f"runs/study/{name}/{d.parent.name}/{d.name}")
+    (root / name / "results.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_report_tables_and_plots(tmp_path):
+    mod = _load()
+    runs = tmp_path / "runs"
+    _sweep(runs, "lr_sweep", {("mha", 1e-3, 0): 5.0, ("mha", 3e-3, 0): 4.8, ("mha", 1e-2, 0): None,
+                              ("mea", 1e-3, 0): 4.9, ("mea", 3e-3, 0): 4.7, ("mea", 1e-2, 0): 4.75})
+    _sweep(runs, "convergence", {("mha", 3e-3, 1): 4.82, ("mea", 3e-3, 1): 4.72})
+    # seed 0 of the convergence sweep is a link into the learning-rate sweep, as `lrs_from` makes it
+    for v in ("mha", "mea"):
+        (runs / "convergence" / v / "lr3.00e-03_s0").symlink_to(runs / "lr_sweep" / v / "lr3.00e-03_s0")
+    with open(runs / "convergence" / "results.csv", "a") as f:
+        f.write("mha,0.003,0,finished,4.8,4.8,4,400,runs/study/convergence/mha/lr3.00e-03_s0\n")
+        f.write("mea,0.003,0,finished,4.7,4.7,4,400,runs/study/convergence/mea/lr3.00e-03_s0\n")
+    out = tmp_path / "docs"
+    mod.main(runs=str(runs), out=str(out), tolerance=0.1)
+    text = (out / "tables.md").read_text()
+    assert "| mha | 5.000 | **4.800** | diverged (step 4) | 3.0e-03 | 3.0e-03 | 3.0e-03 |" in text
+    assert "| mea | 4.900 | **4.700** | 4.750 | 3.0e-03 | 1.0e-02 | 1.0e-02 |" in text
+    assert "| mha | 3.0e-03 | 2 | 4.8100 | 0.0200 | 4.8000, 4.8200 |" in text
+    assert "| mea | 3.0e-03 | 2 | 4.7100 | 0.0200 | 4.7000, 4.7200 |" in text
+    # mea's mean curve reaches mha's final 4.81 before the end of its budget
+    row = next(line for line in text.splitlines() if line.startswith("| mea |") and "M |" in line)
+    assert float(row.split("|")[3]) < 1.0
+    assert "Experiment 3: not run yet" in text and "Experiment 5: not run yet" in text
+    for png in ("loss_vs_lr.png", "convergence.png"):
+        assert (out / png).stat().st_size > 1000
+    # compact per-run metrics are copied, links are not duplicated
+    assert (out / "metrics" / "lr_sweep" / "mha" / "lr3.00e-03_s0" / "metrics.jsonl").is_file()
+    assert not (out / "metrics" / "convergence" / "mha" / "lr3.00e-03_s0").exists()
+    assert (out / "metrics" / "convergence" / "mha" / "lr3.00e-03_s1" / "metrics.jsonl").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr_sweep"]["mea"]["best_lr"] == pytest.approx(3e-3)
+
+
+def test_tokens_to_reach_interpolates():
+    mod = _load()
+    curve = [(100, 6.0), (200, 5.0), (300, 4.0)]
+    assert mod.tokens_to_reach(curve, 4.5) == pytest.approx(250)
+    assert mod.tokens_to_reach(curve, 3.0) is None
+    assert mod.tokens_to_reach(curve, 7.0) == 100
