@@ -293,6 +293,8 @@ def test_sweep_lrs_from_links_best_runs(tmp_path, corpus):
     seed0 = next(r for r in conv if r["seed"] == "0")
     assert Path(seed0["run_dir"]).is_symlink()  # linked from the learning-rate sweep, not retrained
     assert Path(seed0["run_dir"]).resolve() == Path(best["run_dir"]).resolve()
+    with pytest.raises(ValueError, match="share the run directory"):
+        sweep(out=str(tmp_path / "y"), variants=["mha"], lrs=[6.3e-3, 6.301e-3], **common)
     with pytest.raises(FileNotFoundError, match="lrs_from"):
         sweep(out=str(tmp_path / "x"), variants=["mha"], lrs=[], lrs_from=str(tmp_path / "nope"), **common)
     # a deadline already passed starts nothing, and says so in the results

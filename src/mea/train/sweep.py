@@ -106,6 +106,12 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
                 kw = dict(parsed[v])
                 kw["model"] = {**(model or {}), **kw.get("model", {})}
                 jobs.append((v, lr, seed, out_dir / run_name(v, lr, seed), kw))
+    seen: dict[Path, float] = {}
+    for v, lr, seed, run_dir, _ in jobs:
+        if run_dir in seen and seen[run_dir] != lr:
+            raise ValueError(f"lrs: {seen[run_dir]!r} and {lr!r} share the run directory {run_dir} (run names keep "
+                             "3 significant digits); make the rates differ in those")
+        seen[run_dir] = lr
     if lrs_from:
         _link_finished(jobs, Path(lrs_from))
     todo = [j for j in jobs if not _done(j[3])]
