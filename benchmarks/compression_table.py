@@ -58,14 +58,11 @@ def _summary(res: dict, limit: Optional[int]) -> dict:
 
 def best_run(sweep: str, variant: Optional[str]) -> str:
     """The seed-0 run of ``variant`` at its best learning rate in a `mea sweep` directory."""
-    import csv
-
-    from mea.train.sweep import best_lrs, run_name
+    from mea.train.sweep import best_lrs, read_results, run_name
 
     if not variant:
         raise ValueError(f"variant: {sweep} is a sweep directory; say which variant's best run to convert")
-    rows = [dict(r, lr=float(r["lr"]), final_val_loss=float(r["final_val_loss"]) if r["final_val_loss"] else None)
-            for r in csv.DictReader(open(Path(sweep).expanduser() / "results.csv"))]
+    rows = read_results(sweep)
     best = best_lrs(rows)
     if variant not in best:
         raise ValueError(f"variant: {sweep} has no finished run of {variant!r}")

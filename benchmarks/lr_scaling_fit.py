@@ -25,7 +25,6 @@ gets no fit.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -35,7 +34,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mea.models.config import ModelConfig  # noqa: E402
-from mea.train.sweep import parse_variant, run_name  # noqa: E402
+from mea.train.sweep import parse_variant, read_results, run_name  # noqa: E402
 
 DONE = ("finished", "diverged")
 # Settings that may differ between the runs of one fit: the swept rate, the seed, the run directory.
@@ -111,20 +110,6 @@ def fit_power_law(ns: list[float], lrs: list[float], predict_n: Optional[float] 
 
 
 # ------------------------------------------------------------------------------------- reading
-def read_results(sweep: Path) -> list[dict]:
-    rows = []
-    with open(sweep / "results.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            r["lr"] = float(r["lr"])
-            r["seed"] = int(r["seed"])
-            r["final_val_loss"] = float(r["final_val_loss"]) if r.get("final_val_loss") else None
-            # run_dir as written on the machine that ran the sweep: take VARIANT/lrX_sN under this sweep
-            rel = Path(r["run_dir"])
-            r["dir"] = sweep.joinpath(*rel.parts[-2:]) if len(rel.parts) >= 2 else sweep / rel
-            rows.append(r)
-    return rows
-
-
 def run_config(run_dir: Path) -> Optional[dict]:
     """The run's config as `mea pretrain` wrote it (config.yaml, the full ModelConfig under model:),
     or, for a run that never started, rebuilt from the sweep's sweep_args.yaml."""

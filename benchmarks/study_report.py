@@ -13,7 +13,6 @@ Parts whose runs are missing are skipped with a note.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -24,21 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mea.train.metrics import read_metrics  # noqa: E402
-from mea.train.sweep import best_lrs  # noqa: E402
-
-
-def read_sweep(path: Path) -> list[dict]:
-    rows = []
-    for r in csv.DictReader(open(path / "results.csv")):
-        r["lr"] = float(r["lr"])
-        r["seed"] = int(r["seed"])
-        r["final_val_loss"] = float(r["final_val_loss"]) if r["final_val_loss"] else None
-        r["best_val_loss"] = float(r["best_val_loss"]) if r["best_val_loss"] else None
-        # run_dir as written on the machine that ran it: resolve it under this sweep directory
-        rel = Path(r["run_dir"])
-        r["dir"] = path / rel.relative_to(rel.parents[1]) if len(rel.parts) >= 2 else path / rel
-        rows.append(r)
-    return rows
+from mea.train.sweep import best_lrs, plot_loss_vs_lr, read_results  # noqa: E402
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -126,34 +111,8 @@ def convergence_table(rows: list[dict]) -> tuple[str, dict]:
 
 
 def budget(rows: list[dict]) -> str:
-    tokens = max((int(r["tokens"]) for r in rows if r.get("tokens") and r["status"] == "finished"), default=0)
+    tokens = max((r["tokens"] for r in rows if r["tokens"] and r["status"] == "finished"), default=0)
     return f"{tokens / 1e6:.2f}M tokens"
-
-
-def plot_lr(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    finite = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
-    top = max(finite) if finite else 10
-    for v in dict.fromkeys(r["variant"] for r in rows):
-        pts = sorted((r["lr"], r["final_val_loss"]) for r in rows if r["variant"] == v and r["final_val_loss"] is not None)
-        line = ax.plot(*zip(*pts), "o-", label=v)[0] if pts else None
-        bad = [r["lr"] for r in rows if r["variant"] == v and r["status"] == "diverged"]
-        if bad and line is not None:
-            ax.plot(bad, [top + 0.05] * len(bad), "x", color=line.get_color(), ms=9, mew=2)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title(f"Learning-rate sweep, 25.7M non-embedding params, {budget(rows)} (x: diverged)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
 
 
 def plot_convergence(rows: list[dict], out: Path) -> None:
@@ -242,22 +201,23 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
     root, dest = Path(runs), Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     parts, summary = [], {}
-    if (root / "lr_sweep" / "results.csv").is_file():
-        rows = read_sweep(root / "lr_sweep")
+    sweep_rows = read_results(root / "lr_sweep") if (root / "lr_sweep" / "results.csv").is_file() else None
+    if sweep_rows:
+        rows = sweep_rows
         table, summary["lr_sweep"] = lr_table(rows, tolerance)
         parts += ["## Experiment 1: final validation loss by peak learning rate (seed 0)", "", table, ""]
-        plot_lr(rows, dest / "loss_vs_lr.png")
+        plot_loss_vs_lr(rows, dest / "loss_vs_lr.png",
+                        f"Learning-rate sweep, 25.7M non-embedding params, {budget(rows)} (x: diverged)")
         copy_metrics(root / "lr_sweep", dest / "metrics")
     else:
         parts += ["## Experiment 1: not run yet", ""]
     if (root / "convergence" / "results.csv").is_file():
-        rows = read_sweep(root / "convergence")
+        rows = read_results(root / "convergence")
         for r in rows:  # seed-0 runs are links into the learning-rate sweep
             if not r["dir"].exists():
                 r["dir"] = root / "lr_sweep" / r["dir"].relative_to(root / "convergence")
         # Variants the convergence sweep did not repeat: their best run of the learning-rate sweep.
-        if (root / "lr_sweep" / "results.csv").is_file():
-            sweep_rows = read_sweep(root / "lr_sweep")
+        if sweep_rows:
             have = {r["variant"] for r in rows}
             for v, (lr, _) in best_lrs(sweep_rows).items():
                 if v not in have:
@@ -275,7 +235,7 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
     else:
         parts += ["## Experiment 3: not run yet", ""]
     if (root / "head_norm_init" / "results.csv").is_file():
-        rows = read_sweep(root / "head_norm_init")
+        rows = read_results(root / "head_norm_init")
         table, summary["head_norm_init"] = lr_table(rows, tolerance)
         parts += ["## Follow-up: the head norm's initial scale (seed 0)", "", table, ""]
         copy_metrics(root / "head_norm_init", dest / "metrics")

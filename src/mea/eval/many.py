@@ -20,13 +20,19 @@ from .evaluate import DEFAULT_TASKS
 
 def sweep_models(sweep: str) -> list[tuple[str, str]]:
     """(name, run directory) of every finished run of a `mea sweep` (its results.csv)."""
+    return [(name, path) for name, path, _ in _finished_runs(sweep)]
+
+
+def _finished_runs(sweep: str) -> list[tuple[str, str, float]]:
+    from ..train.sweep import read_results
+
     csv_path = Path(sweep) / "results.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"sweep: {csv_path} not found (run the sweep first)")
-    rows = [r for r in csv.DictReader(open(csv_path)) if r["status"] == "finished"]
+    rows = [r for r in read_results(sweep) if r["status"] == "finished"]
     if not rows:
         raise ValueError(f"sweep: {csv_path} lists no finished run")
-    return [(f"{r['variant']} lr={float(r['lr']):.2e} s{r['seed']}", r["run_dir"]) for r in rows]
+    return [(f"{r['variant']} lr={r['lr']:.2e} s{r['seed']}", r["run_dir"], r["final_val_loss"]) for r in rows]
 
 
 def result_dirname(name: str) -> str:
@@ -36,12 +42,8 @@ def result_dirname(name: str) -> str:
 
 def best_models(sweep: str) -> list[tuple[str, str]]:
     """(name, run directory) of each variant's best run (lowest final validation loss) of a sweep."""
-    rows = []
-    for name, path in sweep_models(sweep):
-        status = json.loads((Path(path) / "status.json").read_text()) if (Path(path) / "status.json").is_file() else {}
-        rows.append((name, path, status.get("val_loss")))
     best: dict[str, tuple[str, str, float]] = {}
-    for name, path, loss in rows:
+    for name, path, loss in _finished_runs(sweep):
         variant = name.split(" lr=")[0]
         if loss is not None and (variant not in best or loss < best[variant][2]):
             best[variant] = (name, path, loss)

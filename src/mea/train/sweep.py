@@ -148,16 +148,27 @@ def _done(run_dir: Path) -> bool:
     return f.exists() and json.loads(f.read_text()).get("status") in ("finished", "diverged")
 
 
+def read_results(sweep_dir: str | Path) -> list[dict]:
+    """A sweep's results.csv as rows with numbers for numbers (None where empty), plus ``dir``: the run
+    directory under ``sweep_dir`` (``run_dir`` is the path on the machine that ran the sweep)."""
+    sweep_dir = Path(sweep_dir).expanduser()
+    rows = []
+    with open(sweep_dir / "results.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            r["lr"], r["seed"] = float(r["lr"]), int(r["seed"])
+            for key, kind in (("final_val_loss", float), ("best_val_loss", float), ("steps", int), ("tokens", int)):
+                r[key] = kind(r[key]) if r.get(key) else None
+            rel = Path(r["run_dir"])
+            r["dir"] = sweep_dir.joinpath(*rel.parts[-2:])
+            rows.append(r)
+    return rows
+
+
 def _best_from(sweep_dir: Path, variants: list[str]) -> dict[str, float]:
     csv_path = sweep_dir / "results.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"lrs_from: {csv_path} not found (run that sweep first)")
-    rows = []
-    for r in csv.DictReader(open(csv_path)):
-        r["lr"] = float(r["lr"])
-        r["final_val_loss"] = float(r["final_val_loss"]) if r["final_val_loss"] else None
-        rows.append(r)
-    best = best_lrs(rows)
+    best = best_lrs(read_results(sweep_dir))
     missing = [v for v in variants if v not in best]
     if missing:
         raise ValueError(f"lrs_from: {csv_path} has no finished run of {', '.join(missing)}")
@@ -230,7 +241,9 @@ def best_lrs(rows: list[dict]) -> dict[str, tuple[float, float]]:
     return best
 
 
-def plot_sweep(rows: list[dict], out_dir: Path) -> None:
+def plot_loss_vs_lr(rows: list[dict], path: Path, title: str = "final loss vs learning rate (x = diverged)") -> None:
+    """Final validation loss (mean over seeds) against peak learning rate, one line per variant;
+    diverged rates are marked x above the highest finite loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,13 +266,21 @@ def plot_sweep(rows: list[dict], out_dir: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss")
-    ax.set_title("final loss vs learning rate (x = diverged)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_lr.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def plot_sweep(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_loss_vs_lr(rows, out_dir / "loss_vs_lr.png")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for v, (lr, _) in best_lrs(rows).items():
         for r in rows:
