@@ -106,11 +106,12 @@ class Transformer(nn.Module):
         return AttnInputs(cos=cos, sin=sin, mask=mask, cache=cache, positions=positions, kv_len=kv_len)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                      position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
+                      position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None,
+                      whole_cache: bool = False) -> Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (batch, seq), got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
-        a = self._attn_inputs(input_ids, attention_mask, position_ids, cache, x.dtype)
+        a = self._attn_inputs(input_ids, attention_mask, position_ids, cache, x.dtype, whole_cache)
         for layer in self.model.layers:
             x = layer(x, a)
         if cache is not None:
@@ -135,12 +136,7 @@ class Transformer(nn.Module):
         The same computation as ``self(tok, cache=cache)[:, -1]`` but over the cache's whole buffer
         (``whole_cache``): fixed shapes, no host synchronization, so a CUDA graph can capture it.
         """
-        x = self.model.embed_tokens(tok)
-        a = self._attn_inputs(tok, None, None, cache, x.dtype, whole_cache=True)
-        for layer in self.model.layers:
-            x = layer(x, a)
-        cache.seqlens += tok.shape[1]
-        return self.lm_head(self.model.norm(x))[:, -1]
+        return self.lm_head(self.hidden_states(tok, cache=cache, whole_cache=True))[:, -1]
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, attention_mask: Optional[Tensor] = None,
