@@ -444,3 +444,57 @@ def test_compression_table_takes_a_sweeps_best_run(tmp_path):
         mod.best_run(str(tmp_path), None)
     with pytest.raises(ValueError, match="diff"):
         mod.best_run(str(tmp_path), "diff")
+
+
+def byte_tokenizer_folder(path):
+    """An HF tokenizer folder that is not GPT-2: byte-level characters (256 ids) plus end-of-text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.WordLevel(chars, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                                 pre_tokenizers.Split("", "isolated")])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 128}))
+    return path
+
+
+def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
+    """`mea pretrain --init-from` a model with its own tokenizer (SmolLM2, or one converted from it)
+    keeps that tokenizer in RUN/tokenizer; evaluation and export of the run use it, not GPT-2 (whose
+    ids would index past the model's embedding), and a run that lost it is a clear error."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from mea.convert.corpus import retokenize_corpus
+    from mea.eval.evaluate import load_for_eval
+    from mea.models.export import export_hf, tokenizer_folder
+    from mea.train.pretrain import pretrain
+    from mea.train.config import DataConfig, TrainConfig
+
+    src = byte_tokenizer_folder(tmp_path / "llama")
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    assert tokenizer_folder(src) == src
+    corpus = retokenize_corpus(src / "tokenizer.json", str(tiny_corpus(tmp_path / "corpus")), out=tmp_path / "re",
+                               progress=False)
+    run = tmp_path / "healed"
+    pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(corpus), seq_len=32),
+             train=TrainConfig(max_steps=2, batch_size=2, eval_every=2, eval_batches=1, save_every=2, log_every=1),
+             device="cpu", compile=False, progress=False)
+    assert tokenizer_folder(run) == run / "tokenizer"
+    assert tokenizer_folder(run / "checkpoints" / "latest") == run / "tokenizer"
+    _, tok, _ = load_for_eval(str(run))
+    assert len(tok) == 257 and tok.encode("ab") == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")]
+    out = tmp_path / "exported"
+    export_hf(str(run), str(out))
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((src / "tokenizer.json").read_text())
+    shutil.rmtree(run / "tokenizer")
+    with pytest.raises(ValueError, match="260 token embeddings but its tokenizer has 50,257"):
+        load_for_eval(str(run))

@@ -195,7 +195,7 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
 
     Returns:
         (model in float32 on CPU, the folder whose ``tokenizer.json`` tokenizes its text, or None
-        for mea checkpoints, which use the project's GPT-2 tokenizer).
+        for a model on the project's GPT-2 tokenizer; see :func:`mea.models.export.tokenizer_folder`).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -220,7 +220,9 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
     else:
         from ..train.checkpoint import load_model
 
-        model, tok_dir = load_model(p), None
+        from ..models.export import tokenizer_folder
+
+        model, tok_dir = load_model(p), tokenizer_folder(p)
     return model.float().eval(), tok_dir
 
 

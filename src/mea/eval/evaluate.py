@@ -85,13 +85,27 @@ def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any
         tok = AutoTokenizer.from_pretrained(str(path))
         kind = f"HF folder ({hf.config.model_type})"
     else:
+        from ..models.export import tokenizer_folder
         from ..models.modeling_mea import MEAForCausalLM
         from ..train.checkpoint import load_model
 
         core = load_model(path, dtype=dtype)
         hf = MEAForCausalLM.from_core(core)
-        tok = gpt2_hf_tokenizer()
+        tok_dir = tokenizer_folder(path)
+        if tok_dir is None:
+            tok = gpt2_hf_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
         kind = f"mea checkpoint ({core.config.attention})"
+    # A tokenizer with more ids than the model's embedding would index out of range (on CUDA, a
+    # device-side assert far from the cause): say which two disagree instead.
+    vocab = hf.get_input_embeddings().num_embeddings
+    if len(tok) > vocab:
+        raise ValueError(f"model: {path} has {vocab:,} token embeddings but its tokenizer has {len(tok):,} ids; "
+                         "a run continued from another model's weights needs that model's tokenizer "
+                         "(mea pretrain --init-from keeps it in RUN/tokenizer)")
     return hf.to(device).eval(), tok, kind
 
 

@@ -8,6 +8,8 @@
 - :func:`load_hf` loads a saved ``mea`` folder or a LLaMA folder as a core model;
   :func:`load_transformer` also takes a run or checkpoint directory.
 - :func:`write_remote_code` puts the files that ``trust_remote_code=True`` needs into a folder.
+- :func:`tokenizer_folder` finds the tokenizer a model was trained with (an HF folder's own files, or
+  the ``tokenizer/`` a run started ``--init-from`` such a folder keeps); ``None`` means mea's GPT-2.
 
 transformers is imported inside the functions that need it.
 """
@@ -51,6 +53,45 @@ def _dtype(dtype: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:
     if dtype not in names:
         raise ValueError(f"dtype: unknown {dtype!r}; expected one of {', '.join(names)}")
     return names[dtype]
+
+
+# ---------------------------------------------------------------------------------------- tokenizers
+RUN_TOKENIZER_DIR = "tokenizer"  # inside a run directory: the tokenizer of the model it started from
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def tokenizer_folder(model: PathLike) -> Optional[Path]:
+    """The folder holding the tokenizer of ``model`` (an HF folder, a run or a checkpoint directory).
+
+    An HF folder answers for itself. A run continued from a model with its own tokenizer (``mea pretrain
+    --init-from`` an HF folder, e.g. SmolLM2 or a converted model) keeps a copy in ``RUN/tokenizer``,
+    found from the run or from any of its checkpoints. ``None``: the model uses mea's GPT-2 tokenizer.
+    """
+    p = Path(model).expanduser()
+    if (p / "config.json").is_file():
+        return p if _has_tokenizer(p) else None
+    # a run directory, or a checkpoint inside RUN/checkpoints/ (possibly through the `latest` link)
+    for d in (p, p.parent, p.parent.parent):
+        if (d / RUN_TOKENIZER_DIR).is_dir() and _has_tokenizer(d / RUN_TOKENIZER_DIR):
+            return d / RUN_TOKENIZER_DIR
+        if (d / "config.yaml").is_file():
+            break
+    return None
+
+
+def copy_tokenizer(src: PathLike, dst: PathLike) -> Path:
+    """Copy the tokenizer files of folder ``src`` into ``dst`` (created); returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not src.is_dir() or not found:
+        raise FileNotFoundError(f"tokenizer: {src} is not a folder with tokenizer files ({', '.join(TOKENIZER_FILES[:3])})")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in found:
+        shutil.copyfile(src / f, dst / f)
+    return dst
 
 
 # ---------------------------------------------------------------------------------------- remote code
@@ -189,11 +230,7 @@ def _save_tokenizer(tokenizer: Any, out: Path, config) -> None:
             setattr(config, key, eos)
     elif isinstance(tokenizer, (str, os.PathLike)):
         src = Path(tokenizer)
-        found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-        if not src.is_dir() or not found:
-            raise FileNotFoundError(f"tokenizer: {src} is not a folder with tokenizer files ({', '.join(TOKENIZER_FILES[:3])})")
-        for f in found:
-            shutil.copyfile(src / f, out / f)
+        copy_tokenizer(src, out)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(src))
@@ -246,18 +283,20 @@ def export_hf(run_dir: str, out_dir: str, dtype: Optional[str] = None, tokenizer
     """Turn a ``mea pretrain`` run (its latest checkpoint) or one checkpoint into a Hugging Face folder.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` after ``import mea``, or
-    with ``trust_remote_code=True`` without mea; it includes the GPT-2 tokenizer.
+    with ``trust_remote_code=True`` without mea; it includes the run's tokenizer (GPT-2, or the one of
+    the model the run was initialized from, see :func:`tokenizer_folder`).
 
     Args:
         run_dir: a run directory (``config.yaml`` + ``checkpoints/latest``) or a checkpoint directory.
         out_dir: the folder to write.
         dtype: store the weights as float32, bfloat16 or float16 (default: as in the checkpoint).
-        tokenizer: also write the GPT-2 tokenizer files.
+        tokenizer: also write the tokenizer files.
     """
     from ..train.checkpoint import load_model
 
     model = load_model(run_dir)
-    out = save_hf(model, out_dir, tokenizer="gpt2" if tokenizer else None, dtype=dtype)
+    tok = (tokenizer_folder(run_dir) or "gpt2") if tokenizer else None
+    out = save_hf(model, out_dir, tokenizer=tok, dtype=dtype)
     print(f"exported {run_dir} ({model.config.attention}, {model.num_params():,} parameters) to {out}")
     return str(out)
 

@@ -175,6 +175,12 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         out_dir.mkdir(parents=True, exist_ok=True)
         log.path.unlink(missing_ok=True)
         _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
+        if init_from:  # the run's text is in that model's tokenizer: evaluate and export need it too
+            from ..models.export import RUN_TOKENIZER_DIR, copy_tokenizer, tokenizer_folder
+
+            tok_dir = tokenizer_folder(init_from)
+            if tok_dir is not None:
+                copy_tokenizer(tok_dir, out_dir / RUN_TOKENIZER_DIR)
 
     net.to(dev)
     if compile:
