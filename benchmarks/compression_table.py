@@ -130,17 +130,20 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
         "heal_batch_size", "heal_lr", "heal_seq_len", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
+    done = _earlier_rows(out_dir, settings)
     rows: list[dict] = []
     deferred: list[tuple[int, str]] = []  # (row index, model path) scored at the end (eval_at_end)
 
     def measure(name: str, h: Optional[int], init: str, stage: str, path: str, net=None, zero_shot: bool = True) -> None:
         t0 = time.time()
-        net = net if net is not None else _load(path)
-        row = {"model": name, "kv_heads": h, "init": init, "stage": stage, "path": path,
-               "kv_bytes_per_token": net.config.kv_cache_bytes_per_token,
-               "val_ppl": perplexity(net.to(device), val, batch_size, device)}
-        net.cpu()
-        if tasks and zero_shot:
+        row = done.get((name, h, init, stage))
+        if row is None:
+            net = net if net is not None else _load(path)
+            row = {"model": name, "kv_heads": h, "init": init, "stage": stage, "path": path,
+                   "kv_bytes_per_token": net.config.kv_cache_bytes_per_token,
+                   "val_ppl": perplexity(net.to(device), val, batch_size, device)}
+            net.cpu()
+        if tasks and zero_shot and "zero_shot" not in row:
             if eval_at_end:
                 deferred.append((len(rows), path))
             else:
@@ -151,17 +154,25 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         _save(out_dir, settings, rows)
 
     measure("original", src.config.n_kv_heads, "-", "-", model, src)
-    # One calibration of the original model serves every conversion (it does not depend on h' or init).
-    calib = calibrate(src, tok_dir, calib_tokens, seq_len, corpus=corpus, batch_size=batch_size)
+    calib = None
     converted = []
     for h in kv_heads:
         for init in inits:
             conv = out_dir / f"kv{h}-{init}"
-            report = convert_loaded(src, tok_dir, h, init, layers, calib, conv, source=model, overwrite=True)
-            measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)
-            rows[-1]["k_rel_err_mean"] = _mean_err(report, "k_rel_err")
-            rows[-1]["v_rel_err_mean"] = _mean_err(report, "v_rel_err")
-            _save(out_dir, settings, rows)
+            if (("converted", h, init, "before healing") in done and (conv / "conversion.json").is_file()
+                    and (conv / "config.json").is_file()):
+                measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)
+            else:
+                # One calibration of the original model serves every conversion (it does not depend on h' or init).
+                if calib is None:
+                    calib = calibrate(src, tok_dir, calib_tokens, seq_len, corpus=corpus, batch_size=batch_size)
+                done.pop(("converted", h, init, "before healing"), None)
+                done.pop(("healed", h, init, _heal_stage(heal_steps, heal_batch_size, heal_seq_len)), None)
+                report = convert_loaded(src, tok_dir, h, init, layers, calib, conv, source=model, overwrite=True)
+                measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)
+                rows[-1]["k_rel_err_mean"] = _mean_err(report, "k_rel_err")
+                rows[-1]["v_rel_err_mean"] = _mean_err(report, "v_rel_err")
+                _save(out_dir, settings, rows)
             converted.append((h, init, conv))
     del src
     if heal_steps > 0:
@@ -169,14 +180,18 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         from mea.train.pretrain import pretrain
 
         heal_corpus = str(corpus_for_model(tok_dir, corpus))
+        stage = _heal_stage(heal_steps, heal_batch_size, heal_seq_len)
         for h, init, conv in converted:
             run = out_dir / f"kv{h}-{init}-healed"
-            pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=heal_corpus, seq_len=heal_seq_len),
-                     train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
-                                       warmup_steps=max(1, heal_steps // 20), log_every=max(1, heal_steps // 50),
-                                       eval_every=heal_steps, eval_batches=4, save_every=heal_steps),
-                     device=device, progress=True)
-            measure("healed", h, init, f"healed {heal_steps * heal_batch_size * heal_seq_len:,} tokens", str(run))
+            if not _finished(run):
+                done.pop(("healed", h, init, stage), None)
+                # A healing run that an earlier call started and did not finish continues (or restarts).
+                pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=heal_corpus, seq_len=heal_seq_len),
+                         train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
+                                           warmup_steps=max(1, heal_steps // 20), log_every=max(1, heal_steps // 50),
+                                           eval_every=heal_steps, eval_batches=4, save_every=heal_steps),
+                         resume=(run / "config.yaml").is_file(), device=device, progress=True)
+            measure("healed", h, init, stage, str(run))
     if deferred:
         from mea.eval.many import evaluate_many, result_dirname
 
@@ -190,6 +205,27 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         _save(out_dir, settings, rows)
     print(markdown_table(rows))
     return rows
+
+
+def _heal_stage(steps: int, batch_size: int, seq_len: int) -> str:
+    return f"healed {steps * batch_size * seq_len:,} tokens"
+
+
+def _finished(run: Path) -> bool:
+    f = run / "status.json"
+    return f.is_file() and json.loads(f.read_text()).get("status") == "finished"
+
+
+def _earlier_rows(out_dir: Path, settings: dict) -> dict:
+    """Rows that an earlier, interrupted call with the same settings finished, by (model, h', init, stage),
+    so that a second call continues the table instead of converting and healing again."""
+    f = out_dir / "results.json"
+    if not f.is_file():
+        return {}
+    saved = json.loads(f.read_text())
+    if saved.get("settings") != json.loads(json.dumps(settings)):
+        raise ValueError(f"out: {out_dir} holds a table made with other settings; choose another --out or delete it")
+    return {(r["model"], r["kv_heads"], r["init"], r["stage"]): r for r in saved.get("rows", [])}
 
 
 def _mean_err(report: dict, key: str) -> Optional[float]:

@@ -393,6 +393,43 @@ def test_compression_table_script_tiny(tmp_path):
     assert (tmp_path / "t2" / "zero_shot" / "table.md").is_file()
 
 
+@pytest.mark.slow
+def test_compression_table_continues_an_interrupted_call(tmp_path):
+    """A second call with the same settings keeps the finished rows (no new conversion, no new
+    healing) and heals what the first call left unfinished; other settings in the same folder are a
+    clear error."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    corpus = tiny_corpus(tmp_path / "corpus")
+    run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
+    out = tmp_path / "table"
+    kw = dict(kv_heads=[2], inits=["svd", "mean-pool"], out=str(out), corpus=str(corpus), calib_tokens=256,
+              val_tokens=128, seq_len=32, heal_steps=2, heal_batch_size=2, heal_seq_len=32, heal_lr=1e-4, batch_size=2)
+    first = mod.compression_table(str(run), **kw)
+    stamps = {p.name: (p / "conversion.json").stat().st_mtime_ns for p in out.glob("kv2-*") if not p.name.endswith("healed")}
+    # As if the call had been killed while healing mean-pool: its run unfinished, its row not saved.
+    shutil.rmtree(out / "kv2-mean-pool-healed" / "checkpoints")
+    (out / "kv2-mean-pool-healed" / "status.json").unlink()
+    saved = json.loads((out / "results.json").read_text())
+    saved["rows"] = saved["rows"][:-1]
+    (out / "results.json").write_text(json.dumps(saved))
+    svd_metrics = (out / "kv2-svd-healed" / "metrics.jsonl").read_text()
+    second = mod.compression_table(str(run), **kw)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(second[:4]) == strip(first[:4])
+    assert {p: (out / p / "conversion.json").stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "kv2-svd-healed" / "metrics.jsonl").read_text() == svd_metrics
+    assert second[4]["stage"] == first[4]["stage"] and math.isfinite(second[4]["val_ppl"])
+    with pytest.raises(ValueError, match="other settings"):
+        mod.compression_table(str(run), **{**kw, "heal_lr": 1e-3})
+
+
 def test_retokenize_corpus_keeps_the_text(tmp_path):
     """The corpus re-encoded with another tokenizer.json holds the same documents, in the same order."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
