@@ -95,6 +95,33 @@ def test_mean_pool_groups(h, hk, sizes):
         torch.testing.assert_close(w_comp[j], w[members].mean(0))
 
 
+def test_weak_heads_of_a_rank_one_fit_of_orthogonal_heads(tmp_path, capsys):
+    """Three orthogonal KV heads of different norms fitted by one component: svd keeps the largest
+    and leaves the other groups' query heads with mixing near 0 ('weak', reported and warned about);
+    mean-pool keeps every head."""
+    from mea.convert.convert import weak_heads
+
+    model = tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=1, d_model=48)
+    d = model.config.head_dim
+    with torch.no_grad():
+        for w in (model.model.layers[0].self_attn.k_proj.weight, model.model.layers[0].self_attn.v_proj.weight):
+            q, _ = torch.linalg.qr(torch.randn(48, 48, dtype=torch.float64))
+            basis = q[:, : 3 * d].T.reshape(3, d, 48)  # orthonormal rows: the three heads are orthogonal
+            w.copy_((basis * torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64)[:, None, None]).reshape(3 * d, 48))
+    _, rows = compress_model(model, 1, "svd", "all")
+    assert rows[0]["weak_heads"] == [2, 3, 4, 5]  # query heads of KV heads 1 and 2 (groups of 2)
+    _, rows = compress_model(model, 1, "mean-pool", "all")
+    assert rows[0]["weak_heads"] == []
+    assert weak_heads(torch.ones(1, 6), torch.ones(1, 6)) == []
+    assert weak_heads(torch.tensor([[1.0, 0.2, 1.0]]), torch.tensor([[1.0, 1.0, -0.1]])) == [1, 2]
+    # The command reports them per layer and warns.
+    run = save_run(model, tmp_path / "run")
+    report = convert(str(run), 1, init="svd", out=str(tmp_path / "kv1"), calib_tokens=0)
+    assert report["per_layer"][0]["weak_heads"] == [2, 3, 4, 5]
+    assert "warning: 4 of 6 query heads" in capsys.readouterr().err
+    assert json.loads((tmp_path / "kv1" / "conversion.json").read_text())["per_layer"][0]["weak_heads"] == [2, 3, 4, 5]
+
+
 def test_rope_commutes_with_the_fit():
     """The weight-space fit is a fit of post-RoPE keys with the same error: RoPE rotates every head
     alike, so rotate(mix^T K_comp) = mix^T rotate(K_comp) and rotations keep norms."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -156,6 +157,7 @@ def compress_model(model: Transformer, kv_heads: int, init: str = "svd", layers:
             "attn_params_after": None,  # filled from the built model below
             "kv_bytes_per_token_before": 2 * hk * d * 2,
             "kv_bytes_per_token_after": 2 * hn * d * 2,
+            "weak_heads": weak_heads(k_mix, v_mix) if i in sel else [],
         })
 
     new = Transformer(new_cfg).to(device=ref.device, dtype=ref.dtype)
@@ -166,10 +168,28 @@ def compress_model(model: Transformer, kv_heads: int, init: str = "svd", layers:
     return new, rows
 
 
+WEAK_MIX = 0.3
+
+
+def weak_heads(k_mix: Tensor, v_mix: Tensor, threshold: float = WEAK_MIX) -> list[int]:
+    """Query heads whose key or value mixing column is below ``threshold`` x the layer's largest.
+
+    A rank-h' fit of nearly orthogonal heads keeps the largest ones and gives the others a mixing
+    weight near 0, so those query heads start with almost no keys or values. Under AdamW a mixing
+    entry moves by about lr per step, so healing at a fine-tuning rate cannot revive them (measured
+    on SmolLM2 at h' = 1: docs/compression.md). ``mean-pool`` never has any.
+    """
+    out = set()
+    for mix in (k_mix, v_mix):
+        norms = mix.double().norm(dim=0)  # (h,): one column per query head
+        out |= {int(i) for i in torch.nonzero(norms < threshold * norms.max()).flatten()}
+    return sorted(out)
+
+
 def format_table(rows: list[dict]) -> str:
     """The per-layer report as a fixed-width table (errors relative, on calibration text when known)."""
     head = (f"{'layer':>5} {'heads':>7} {'K err':>8} {'V err':>8} {'K err(W)':>9} {'V err(W)':>9} "
-            f"{'attn params':>19} {'KV B/token':>12}")
+            f"{'attn params':>19} {'KV B/token':>12} {'weak':>4}")
     lines = [head, "-" * len(head)]
 
     def pct(x):
@@ -180,7 +200,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['layer']:>5} {r['kv_heads_before']:>3}->{r['kv_heads_after']:<3} {pct(r['k_rel_err'])} "
             f"{pct(r['v_rel_err'])} {pct(r['k_rel_err_weights']):>9} {pct(r['v_rel_err_weights']):>9} "
             f"{r['attn_params_before']:>9,}->{r['attn_params_after']:<9,} "
-            f"{r['kv_bytes_per_token_before']:>5}->{r['kv_bytes_per_token_after']:<6}"
+            f"{r['kv_bytes_per_token_before']:>5}->{r['kv_bytes_per_token_after']:<6} {len(r.get('weak_heads', [])):>4}"
         )
     tb = sum(r["kv_bytes_per_token_before"] for r in rows)
     ta = sum(r["kv_bytes_per_token_after"] for r in rows)
@@ -356,6 +376,13 @@ def convert_loaded(src: Transformer, tokenizer_dir: Optional[Path], kv_heads: in
     out_dir = Path(out)
     _write(new, tokenizer_dir, out_dir, report, overwrite)
     print(format_table(rows))
+    weak = sum(len(r["weak_heads"]) for r in rows)
+    if weak:
+        n_q = sum(src.config.n_heads for r in rows if r["compressed"])
+        print(f"warning: {weak} of {n_q} query heads of the compressed layers start with key or value mixing "
+              f"below {WEAK_MIX} of their layer's largest ('weak' column): their keys or values are nearly gone, "
+              "and healing at a fine-tuning learning rate does not bring them back (mean-pool keeps every head; "
+              "see docs/compression.md)", file=sys.stderr)
     print(f"wrote {out_dir}")
     return report
 
