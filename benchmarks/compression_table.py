@@ -84,6 +84,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       layers: str = "all", out: str = "benchmarks/results/compression", corpus: str = "prose",
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
                       heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
+                      heal_mixing_lr_mult: float = 1.0,
                       tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
                       batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True,
                       eval_at_end: bool = False, eval_gpus: Optional[list[int]] = None,
@@ -105,6 +106,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         heal_batch_size: sequences per healing step (the token budget is heal_steps x this x heal_seq_len).
         heal_lr: peak learning rate of healing.
         heal_seq_len: tokens per healing sequence.
+        heal_mixing_lr_mult: the mixing matrices' peak lr in healing = heal_lr x this
+            (``--train.mixing_lr_mult``); at a healing lr Adam barely moves them otherwise.
         tasks: zero-shot tasks for `mea evaluate` (None: no zero-shot columns).
         limit: examples per zero-shot task (None: all).
         device: cpu, cuda.
@@ -128,7 +131,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
     settings = {k: v for k, v in locals().items() if k in (
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
-        "heal_batch_size", "heal_lr", "heal_seq_len", "tasks", "limit", "device", "variant")}
+        "heal_batch_size", "heal_lr", "heal_seq_len", "heal_mixing_lr_mult", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
     done = _earlier_rows(out_dir, settings)
     rows: list[dict] = []
@@ -189,7 +192,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                 pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=heal_corpus, seq_len=heal_seq_len),
                          train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
                                            warmup_steps=max(1, heal_steps // 20), log_every=max(1, heal_steps // 50),
-                                           eval_every=heal_steps, eval_batches=4, save_every=heal_steps),
+                                           eval_every=heal_steps, eval_batches=4, save_every=heal_steps,
+                                           mixing_lr_mult=heal_mixing_lr_mult),
                          resume=(run / "config.yaml").is_file(), device=device, progress=True)
             measure("healed", h, init, stage, str(run))
     if deferred:

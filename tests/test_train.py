@@ -90,10 +90,19 @@ def test_saved_config_retrains_the_same_variant(tmp_path, corpus):
     assert r.returncode == 0 and yaml.safe_load(r.stdout)["attention"] == "mha"
 
 
-def test_resume_matches_uninterrupted_run_step_for_step(tmp_path, corpus):
-    run(tmp_path / "full", corpus, attention="mea", n_kv_heads=1, save_every=3)
-    halted = run(tmp_path / "cut", corpus, attention="mea", n_kv_heads=1, save_every=3, halt_after=5)
+@pytest.mark.parametrize("mixing_lr_mult", [1.0, 10.0])
+def test_resume_matches_uninterrupted_run_step_for_step(tmp_path, corpus, mixing_lr_mult):
+    train = {"mixing_lr_mult": mixing_lr_mult}
+    run(tmp_path / "full", corpus, attention="mea", n_kv_heads=1, save_every=3, train=train)
+    halted = run(tmp_path / "cut", corpus, attention="mea", n_kv_heads=1, save_every=3, halt_after=5, train=train)
     assert halted["status"] == "halted"
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_0000003" / "trainer.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert [g["lr_mult"] for g in state["optimizer"]["param_groups"]] == [1.0, 1.0] + ([mixing_lr_mult] if mixing_lr_mult != 1 else [])
+    if mixing_lr_mult == 1:  # a checkpoint from before lr_mult existed (no such key in its groups) resumes the same
+        for g in state["optimizer"]["param_groups"]:
+            del g["lr_mult"]
+        torch.save(state, ckpt)
     # the halted run logged steps 4-5 past its last checkpoint (3): resume drops and redoes them
     from mea.train.pretrain import pretrain
 
@@ -208,6 +217,87 @@ def test_weight_decay_groups():
     assert "model.layers.0.self_attn.k_mix" in {names[id(p)] for p in d2["params"]}
 
 
+def test_mixing_lr_mult_groups():
+    from mea import ModelConfig, Transformer
+    from mea.train.optim import param_groups
+
+    for attention, mixing in [("mea", {"k_mix", "v_mix"}), ("talking_heads", {"pre_mix", "post_mix"})]:
+        m = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, attention=attention,
+                                    **({"n_kv_heads": 1} if attention == "mea" else {})))
+        names = {id(p): n for n, p in m.named_parameters()}
+        want = {n for n in names.values() if n.split(".")[-1] in mixing}
+        assert len(want) == 4
+        for decay_mixing in (False, True):
+            groups = param_groups(m, TrainConfig(mixing_lr_mult=10.0, decay_mixing=decay_mixing, weight_decay=0.1))
+            assert len(groups) == 3 and [g["lr_mult"] for g in groups] == [1.0, 1.0, 10.0]
+            assert {names[id(p)] for p in groups[2]["params"]} == want
+            assert groups[2]["weight_decay"] == (0.1 if decay_mixing else 0.0)
+            assert not want & {names[id(p)] for g in groups[:2] for p in g["params"]}
+            assert sum(len(g["params"]) for g in groups) == len(names)
+        # multiplier 1: the two groups as before (earlier checkpoints' optimizer states load)
+        groups = param_groups(m, TrainConfig())
+        assert len(groups) == 2 and [g["lr_mult"] for g in groups] == [1.0, 1.0]
+        assert want <= {names[id(p)] for p in groups[1]["params"]}
+    # a model without mixing gets no empty third group
+    mha = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, attention="mha"))
+    assert len(param_groups(mha, TrainConfig(mixing_lr_mult=10.0))) == 2
+
+
+def _record_training(monkeypatch):
+    """Patch build_optimizer: keep the model's initial parameters and every step's group lrs."""
+    import mea.train.optim as optim
+
+    rec = {"init": None, "lrs": []}
+    build = optim.build_optimizer
+
+    def build_and_record(model, cfg, device_type):
+        rec["init"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build(model, cfg, device_type)
+        step = opt.step
+
+        def recording_step(*a, **k):
+            rec["lrs"].append([(g["lr"], g["lr_mult"]) for g in opt.param_groups])
+            return step(*a, **k)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(optim, "build_optimizer", build_and_record)
+    return rec
+
+
+def test_mixing_lr_mult_scales_the_scheduled_lr(tmp_path, corpus, monkeypatch):
+    rec = _record_training(monkeypatch)
+    run(tmp_path / "r", corpus, steps=3, attention="mea", n_kv_heads=1, save_every=3,
+        train={"mixing_lr_mult": 10.0, "warmup_steps": 2})
+    cfg = TrainConfig(max_steps=3, lr=3e-3, warmup_steps=2, mixing_lr_mult=10.0)
+    assert len(rec["lrs"]) == 3
+    for step, groups in enumerate(rec["lrs"]):
+        assert [m for _, m in groups] == [1.0, 1.0, 10.0]
+        assert groups[0][0] == groups[1][0] == pytest.approx(lr_at(step, cfg))
+        assert groups[2][0] == pytest.approx(lr_at(step, cfg) * 10.0)
+
+
+def test_mixing_lr_mult_moves_the_mixing_further(tmp_path, corpus, monkeypatch):
+    from mea.train.checkpoint import load_model
+
+    moved = {}
+    for mult in (1.0, 100.0):
+        rec = _record_training(monkeypatch)
+        out = tmp_path / f"m{mult:g}"
+        run(out, corpus, steps=2, attention="mea", n_kv_heads=1, save_every=2,
+            train={"mixing_lr_mult": mult, "lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0})
+        final = dict(load_model(out).named_parameters())
+        moved[mult] = {n: float((final[n].detach() - p).abs().max()) for n, p in rec["init"].items()}
+    assert rec["init"]["model.layers.0.self_attn.k_mix"].shape == (1, 2)
+    for n in moved[1.0]:
+        if n.split(".")[-1] in ("k_mix", "v_mix"):
+            # Adam: about lr per step (2e-4 in all) against 100x that
+            assert moved[100.0][n] > 50 * moved[1.0][n] and moved[1.0][n] < 5e-4, (n, moved[1.0][n], moved[100.0][n])
+        else:  # the rest trains at the same lr (same seed, same data): it moves alike
+            assert moved[100.0][n] < 3 * moved[1.0][n] + 1e-6, n
+
+
 def test_sweep_bookkeeping(tmp_path, corpus):
     from mea.train.sweep import parse_variant, sweep
 
@@ -239,6 +329,9 @@ def test_config_errors_are_clear(tmp_path):
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="train.max_steps"):
         TrainConfig(max_steps=0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="train.mixing_lr_mult"):
+            TrainConfig(mixing_lr_mult=bad)
     for bad in (["pretrain", "--train.nope=1"], ["pretrain", "--train.lr=fast"]):
         r = subprocess.run([sys.executable, "-m", "mea.cli", *bad], capture_output=True, text=True)
         assert r.returncode != 0

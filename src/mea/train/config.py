@@ -33,6 +33,8 @@ class TrainConfig:
         decay_fraction: for ``wsd``, the fraction of steps in the final decay.
         weight_decay: decoupled weight decay of the matrices (AdamW).
         decay_mixing: also decay MEA/talking-heads mixing matrices (off: they start as identity).
+        mixing_lr_mult: peak lr of the mixing matrices = lr x this; they are tiny and start at
+            identity/replication, so at fine-tuning rates Adam barely moves them.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         eps: AdamW epsilon.
@@ -57,6 +59,7 @@ class TrainConfig:
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
     decay_mixing: bool = False
+    mixing_lr_mult: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -77,6 +80,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr: must be positive, got {self.lr}")
+        if not self.mixing_lr_mult > 0:  # also rejects NaN
+            raise ValueError(f"train.mixing_lr_mult: must be positive, got {self.mixing_lr_mult}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:

@@ -215,8 +215,8 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     step = start_step
     for step in range(start_step, train.max_steps):
         lr = lr_at(step, train)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        for g in optimizer.param_groups:  # lr_mult: the mixing matrices' multiplier (train.mixing_lr_mult)
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         loss_sum = torch.zeros((), device=dev)
         for micro in range(train.grad_accum):
             x, y = train_ds.batch(step * train.grad_accum + micro, train.batch_size, data.seq_len,
