@@ -160,7 +160,8 @@ if has smollm2 && [ -f "$SMOL" ]; then
 print(corpus_for_model(Path('$CACHE/models/SmolLM2-135M-Instruct.Q4_1')))"
   ( export CUDA_VISIBLE_DEVICES=0; table smollm2_compression smollm2_all ) > "$OUT/smollm2_all.log" 2>&1 &
   p1=$!
-  ( export CUDA_VISIBLE_DEVICES=$G1; (( NGPU >= 2 )) && kernels; table smollm2_middle smollm2_middle ) \
+  ( export CUDA_VISIBLE_DEVICES=$G1; (( NGPU >= 2 )) && kernels; table smollm2_middle smollm2_middle
+    table smollm2_mixlr smollm2_mixlr ) \
     > "$OUT/gpu1.log" 2>&1 &
   wait $p1 $!
 elif has smollm2; then
