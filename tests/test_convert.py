@@ -384,10 +384,8 @@ def tiny_corpus(path):
     return path
 
 
-@pytest.mark.slow
-def test_compression_table_script_tiny(tmp_path):
-    """The result-table script end to end at a tiny size: original, each init before and after a
-    few healing steps, every row with cache bytes and a finite perplexity."""
+def compression_table_module():
+    """benchmarks/compression_table.py, imported (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
@@ -395,6 +393,14 @@ def test_compression_table_script_tiny(tmp_path):
         "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_compression_table_script_tiny(tmp_path):
+    """The result-table script end to end at a tiny size: original, each init before and after a
+    few healing steps, every row with cache bytes and a finite perplexity."""
+    mod = compression_table_module()
     corpus = tiny_corpus(tmp_path / "corpus")
     run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
     out = tmp_path / "table"
@@ -425,14 +431,9 @@ def test_compression_table_continues_an_interrupted_call(tmp_path):
     """A second call with the same settings keeps the finished rows (no new conversion, no new
     healing) and heals what the first call left unfinished; other settings in the same folder are a
     clear error."""
-    import importlib.util
     import shutil
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = compression_table_module()
     corpus = tiny_corpus(tmp_path / "corpus")
     run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
     out = tmp_path / "table"
@@ -492,13 +493,7 @@ def test_retokenize_corpus_keeps_the_text(tmp_path):
 
 
 def test_compression_table_takes_a_sweeps_best_run(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = compression_table_module()
     rows = ["variant,lr,seed,status,final_val_loss,best_val_loss,steps,tokens,run_dir",
             "mha,0.001,0,finished,4.0,4.0,10,100,x", "mha,0.003,0,finished,3.5,3.5,10,100,y",
             "mha,0.01,0,diverged,,5.0,3,30,z", "mea,0.003,0,finished,3.0,3.0,10,100,w"]
