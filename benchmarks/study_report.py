@@ -257,6 +257,13 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
             parts += [f"## {title}", "", compression_section(root / name), ""]
             shutil.copy(root / name / "results.json", dest / f"{name}.json")
             summary[name] = json.loads((root / name / "results.json").read_text())["rows"]
+            # The healing runs' loss curves (the table keeps only their final perplexity).
+            for run in sorted((root / name).glob("*-healed")):
+                d = dest / "metrics" / name / run.name
+                d.mkdir(parents=True, exist_ok=True)
+                for f in ("metrics.jsonl", "config.yaml", "status.json"):
+                    if (run / f).is_file():
+                        shutil.copy(run / f, d / f)
         else:
             parts += [f"## {title}: not run yet", ""]
     (dest / "tables.md").write_text("\n".join(parts))

@@ -44,9 +44,20 @@ def test_report_tables_and_plots(tmp_path):
     with open(runs / "convergence" / "results.csv", "a") as f:
         f.write("mha,0.003,0,finished,4.8,4.8,4,400,runs/study/convergence/mha/lr3.00e-03_s0\n")
         f.write("mea,0.003,0,finished,4.7,4.7,4,400,runs/study/convergence/mea/lr3.00e-03_s0\n")
+    # a compression table with one healing run
+    comp = runs / "compress_own"
+    (comp / "kv4-svd-healed").mkdir(parents=True)
+    (comp / "kv4-svd-healed" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    settings = {"model": "runs/study/mha_base", "layers": "all", "val_windows": [128, 512], "heal_steps": 8,
+                "heal_batch_size": 32, "heal_seq_len": 512, "heal_lr": 1e-4, "limit": 1000}
+    (comp / "results.json").write_text(json.dumps({"settings": settings, "rows": [{"model": "original"}]}))
+    (comp / "table.md").write_text("| model |\n|---|\n| original |\n")
     out = tmp_path / "docs"
     mod.main(runs=str(runs), out=str(out), tolerance=0.1)
     text = (out / "tables.md").read_text()
+    assert "## Experiment 4a: our MHA model at h' = h/2" in text and "8 steps x 32 x 512 = 131,072 tokens" in text
+    assert (out / "metrics" / "compress_own" / "kv4-svd-healed" / "metrics.jsonl").is_file()
+    assert (out / "compress_own.json").is_file() and "Experiment 4c: SmolLM2-135M, middle layers only: not run yet" in text
     assert "| mha | 5.000 | **4.800** | diverged (step 4) | 3.0e-03 | 3.0e-03 | 3.0e-03 |" in text
     assert "| mea | 4.900 | **4.700** | 4.750 | 3.0e-03 | 1.0e-02 | 1.0e-02 |" in text
     assert "| mha | 3.0e-03 | 2 | 4.8100 | 0.0200 | 4.8000, 4.8200 |" in text
