@@ -90,6 +90,24 @@ def test_saved_config_retrains_the_same_variant(tmp_path, corpus):
     assert r.returncode == 0 and yaml.safe_load(r.stdout)["attention"] == "mha"
 
 
+def test_model_fields_from_the_command_line_are_typed():
+    """`--model.d_model 64 --model.head_norm_init 0.1` arrives as text; the config reads it as the
+    field's type, and a value of the wrong type or an unknown field is still a clear error."""
+    import yaml
+
+    from mea.train.pretrain import resolve_model_config
+
+    r = subprocess.run([sys.executable, "-m", "mea.cli", "pretrain", "--model.d_model", "64", "--model.head_norm_init",
+                        "0.1", "--model.tie_embeddings", "false", "--print_config"], capture_output=True, text=True)
+    model = yaml.safe_load(r.stdout)["model"]
+    cfg = resolve_model_config("tiny", "mea", None, None, model, 64)
+    assert (cfg.d_model, cfg.head_norm_init, cfg.tie_embeddings) == (64, 0.1, False)
+    with pytest.raises(ValueError, match="d_model: expected int"):
+        resolve_model_config("tiny", "mea", None, None, {"d_model": "wide"}, 64)
+    with pytest.raises(ValueError, match="dmodel: not a ModelConfig field"):
+        resolve_model_config("tiny", "mea", None, None, {"dmodel": "64"}, 64)
+
+
 @pytest.mark.parametrize("mixing_lr_mult", [1.0, 10.0])
 def test_resume_matches_uninterrupted_run_step_for_step(tmp_path, corpus, mixing_lr_mult):
     train = {"mixing_lr_mult": mixing_lr_mult}

@@ -181,6 +181,22 @@ class ModelConfig:
         return flops + L * attn
 
 
+def parse_text_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Values typed as text (``--model.d_model 256`` on the command line reaches us as the string
+    "256") read as YAML for every field that is not a string; everything else is left as it is."""
+    import yaml
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    out = dict(values)
+    for key, val in values.items():
+        if isinstance(val, str) and key in types and "str" not in types[key]:
+            try:
+                out[key] = yaml.safe_load(val)
+            except yaml.YAMLError:
+                pass  # left as text: _check_types names the field
+    return out
+
+
 def _check_types(values: dict[str, Any]) -> None:
     """Reject values of the wrong type (from YAML or the command line) with the field's name."""
     kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list[int]": (list, tuple)}

@@ -57,7 +57,9 @@ def load_init_model(path: str) -> Transformer:
 
 def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Optional[int],
                          head_norm: Optional[bool], model: Optional[dict], seq_len: int) -> ModelConfig:
-    over: dict[str, Any] = dict(model or {})
+    from ..models.config import parse_text_values
+
+    over: dict[str, Any] = parse_text_values(model or {})
     for key, val in (("attention", attention), ("n_kv_heads", n_kv_heads), ("head_norm", head_norm)):
         if val is not None:
             over[key] = val
