@@ -250,6 +250,7 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
     else:
         parts += ["## Experiment 5: not run yet", ""]
     for name, title in (("compress_own", "Experiment 4a: our MHA model at h' = h/2"),
+                        ("compress_own_mixlr", "Experiment 4a follow-up: healed with the mixing at 300x the lr"),
                         ("smollm2_all", "Experiment 4b: SmolLM2-135M, all layers"),
                         ("smollm2_middle", "Experiment 4c: SmolLM2-135M, middle layers only"),
                         ("smollm2_mixlr", "Experiment 4b follow-up: SmolLM2-135M healed with the mixing at 300x the lr")):

@@ -105,7 +105,7 @@ if has downstream || has own; then
       > "$OUT/downstream.log" 2>&1 &
     pids="$pids $!"
   fi
-  if has own && [ ! -f runs/study/compress_own/.done ]; then
+  if has own && ! { [ -f runs/study/compress_own/.done ] && [ -f runs/study/compress_own_mixlr/.done ]; }; then
     (
       export CUDA_VISIBLE_DEVICES=$G1
       base=runs/study/mha_base
@@ -113,8 +113,11 @@ if has downstream || has own; then
         resume=""; [ -f $base/config.yaml ] && resume="--resume true"
         stage $(( $(left) - 60 )) $PY -m mea.cli pretrain --config configs/study/mha_base.yaml $resume ${EXTRA_SWEEP_PRETRAIN:-}
       fi
-      grep -qs '"finished"' $base/status.json && stage $(( $(left) - 30 )) $PY benchmarks/compression_table.py \
-        --config configs/study/compress_own.yaml ${EXTRA_TABLE:-} && touch runs/study/compress_own/.done
+      for t in compress_own compress_own_mixlr; do
+        [ -f runs/study/$t/.done ] && continue
+        grep -qs '"finished"' $base/status.json && stage $(( $(left) - 30 )) $PY benchmarks/compression_table.py \
+          --config configs/study/$t.yaml ${EXTRA_TABLE:-} && touch runs/study/$t/.done
+      done
     ) > "$OUT/own.log" 2>&1 &
     pids="$pids $!"
   fi
