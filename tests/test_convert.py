@@ -458,22 +458,37 @@ def test_compression_table_continues_an_interrupted_call(tmp_path):
         mod.compression_table(str(run), **{**kw, "heal_lr": 1e-3})
 
 
-def test_retokenize_corpus_keeps_the_text(tmp_path):
-    """The corpus re-encoded with another tokenizer.json holds the same documents, in the same order."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+def byte_tokenizer():
+    """A tokenizer that is not GPT-2: byte-level characters (256 ids) plus end-of-text (id 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from mea.convert.corpus import corpus_windows, retokenize_corpus
-    from mea.data.shards import TokenDataset, read_manifest
-    from mea.data.tokenizer import load_tokenizer
-
-    corpus = tiny_corpus(tmp_path / "corpus")
-    # A different vocabulary: byte-level characters only (256 ids plus the end-of-text token).
     chars = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     tok = Tokenizer(models.WordLevel(chars, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
                                                  pre_tokenizers.Split("", "isolated")])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def byte_tokenizer_folder(path):
+    """``byte_tokenizer`` as an HF tokenizer folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    byte_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 128}))
+    return path
+
+
+def test_retokenize_corpus_keeps_the_text(tmp_path):
+    """The corpus re-encoded with another tokenizer.json holds the same documents, in the same order."""
+    from mea.convert.corpus import corpus_windows, retokenize_corpus
+    from mea.data.shards import TokenDataset, read_manifest
+    from mea.data.tokenizer import load_tokenizer
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    # A different vocabulary: byte-level characters only (256 ids plus the end-of-text token).
+    tok = byte_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))
     out = retokenize_corpus(tmp_path / "tokenizer.json", str(corpus), out=tmp_path / "re", progress=False)
     m = read_manifest(out)
@@ -503,23 +518,6 @@ def test_compression_table_takes_a_sweeps_best_run(tmp_path):
         mod.best_run(str(tmp_path), None)
     with pytest.raises(ValueError, match="diff"):
         mod.best_run(str(tmp_path), "diff")
-
-
-def byte_tokenizer_folder(path):
-    """An HF tokenizer folder that is not GPT-2: byte-level characters (256 ids) plus end-of-text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    chars = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.WordLevel(chars, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
-                                                 pre_tokenizers.Split("", "isolated")])
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 128}))
-    return path
 
 
 def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
