@@ -165,16 +165,20 @@ def scaling_table(fit: dict) -> str:
     return "\n".join(lines + [""] + tail)
 
 
+def copy_run(run: Path, dest: Path) -> None:
+    """A run's small files (metrics.jsonl, config.yaml, status.json) into ``dest``; no weights."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "config.yaml", "status.json"):
+        if (run / f).is_file():
+            shutil.copy(run / f, dest / f)
+
+
 def copy_metrics(sweep_dir: Path, dest: Path) -> None:
     for status in sweep_dir.glob("*/*/status.json"):
         run = status.parent
         if run.is_symlink():
             continue  # linked from another sweep: copied there
-        d = dest / sweep_dir.name / run.parent.name / run.name
-        d.mkdir(parents=True, exist_ok=True)
-        for f in ("metrics.jsonl", "config.yaml", "status.json"):
-            if (run / f).is_file():
-                shutil.copy(run / f, d / f)
+        copy_run(run, dest / sweep_dir.name / run.parent.name / run.name)
     if (sweep_dir / "results.csv").is_file():
         (dest / sweep_dir.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(sweep_dir / "results.csv", dest / sweep_dir.name / "results.csv")
@@ -260,11 +264,7 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
             summary[name] = json.loads((root / name / "results.json").read_text())["rows"]
             # The healing runs' loss curves (the table keeps only their final perplexity).
             for run in sorted((root / name).glob("*-healed")):
-                d = dest / "metrics" / name / run.name
-                d.mkdir(parents=True, exist_ok=True)
-                for f in ("metrics.jsonl", "config.yaml", "status.json"):
-                    if (run / f).is_file():
-                        shutil.copy(run / f, d / f)
+                copy_run(run, dest / "metrics" / name / run.name)
         else:
             parts += [f"## {title}: not run yet", ""]
     (dest / "tables.md").write_text("\n".join(parts))
