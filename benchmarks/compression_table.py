@@ -197,17 +197,33 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                          resume=(run / "config.yaml").is_file(), device=device, progress=True)
             measure("healed", h, init, stage, str(run))
     if deferred:
-        from mea.eval.many import evaluate_many, result_dirname
+        from mea.eval.many import evaluate_many
 
         res_dir = out_dir / "zero_shot"
         evaluate_many(models=[p for _, p in deferred], out=str(res_dir), tasks=",".join(tasks), limit=limit,
                       batch_size=batch_size, gpus=eval_gpus, procs_per_gpu=eval_procs, device=device)
-        for i, p in deferred:
-            f = res_dir / result_dirname(Path(p).name) / "results.json"
-            if f.is_file():
-                rows[i]["zero_shot"] = _summary(json.loads(f.read_text()), limit)
         _save(out_dir, settings, rows)
+        rows = collect_zero_shot(out_dir)
     print(markdown_table(rows))
+    return rows
+
+
+def collect_zero_shot(out: str | Path) -> list[dict]:
+    """Fill the rows of OUT/results.json that lack zero-shot scores from OUT/zero_shot/, where
+    evaluate-many leaves one folder per model as it finishes it. A call stopped while scoring at the end
+    thus keeps the models it scored; it also serves a report made from such a folder."""
+    from mea.eval.many import result_dirname
+
+    out_dir = Path(out)
+    saved = json.loads((out_dir / "results.json").read_text())
+    rows, found = saved["rows"], False
+    for row in rows:
+        f = out_dir / "zero_shot" / result_dirname(Path(row.get("path", "")).name) / "results.json"
+        if "zero_shot" not in row and f.is_file():
+            row["zero_shot"] = _summary(json.loads(f.read_text()), saved["settings"].get("limit"))
+            found = True
+    if found:
+        _save(out_dir, saved["settings"], rows)
     return rows
 
 

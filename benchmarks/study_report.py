@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compression_table, a sibling script
 
 from mea.train.metrics import read_metrics  # noqa: E402
 from mea.train.sweep import best_lrs, plot_loss_vs_lr, read_results  # noqa: E402
@@ -185,6 +186,9 @@ def copy_metrics(sweep_dir: Path, dest: Path) -> None:
 
 
 def compression_section(path: Path) -> str:
+    from compression_table import collect_zero_shot  # the table of a call stopped while scoring, completed
+
+    collect_zero_shot(path)
     res = json.loads((path / "results.json").read_text())
     s = res["settings"]
     head = (f"Source: `{Path(s['model']).name}`; layers: {s['layers']}; validation: {s['val_windows'][0]} windows of "

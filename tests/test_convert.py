@@ -424,6 +424,13 @@ def test_compression_table_script_tiny(tmp_path):
     assert [("zero_shot" in r) for r in rows] == [True, False, True]
     assert rows[0]["zero_shot"]["limit"] == 2 and 0 <= rows[2]["zero_shot"]["average"] <= 1
     assert (tmp_path / "t2" / "zero_shot" / "table.md").is_file()
+    # Stopped while scoring at the end: the scores already written under zero_shot/ are collected.
+    saved = json.loads((tmp_path / "t2" / "results.json").read_text())
+    for r in saved["rows"]:
+        r.pop("zero_shot", None)
+    (tmp_path / "t2" / "results.json").write_text(json.dumps(saved))
+    assert mod.collect_zero_shot(tmp_path / "t2") == json.loads(json.dumps(rows))
+    assert "| piqa | avg |" in (tmp_path / "t2" / "table.md").read_text()
 
 
 @pytest.mark.slow
