@@ -84,7 +84,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       layers: str = "all", out: str = "benchmarks/results/compression", corpus: str = "prose",
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
                       heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
-                      heal_mixing_lr_mult: float = 1.0,
+                      heal_mixing_lr_mult: float = 1.0, heal_original: bool = False,
                       tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
                       batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True,
                       eval_at_end: bool = False, eval_gpus: Optional[list[int]] = None,
@@ -108,6 +108,9 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         heal_seq_len: tokens per healing sequence.
         heal_mixing_lr_mult: the mixing matrices' peak lr in healing = heal_lr x this
             (``--train.mixing_lr_mult``); at a healing lr Adam barely moves them otherwise.
+        heal_original: also heal the uncompressed model with the same tokens (row "healed", init "-"):
+            the control that tells what healing gains from the corpus alone, e.g. when the corpus is
+            not the model's own pretraining text.
         tasks: zero-shot tasks for `mea evaluate` (None: no zero-shot columns).
         limit: examples per zero-shot task (None: all).
         device: cpu, cuda.
@@ -133,6 +136,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
         "heal_batch_size", "heal_lr", "heal_seq_len", "heal_mixing_lr_mult", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
+    if heal_original:  # only when set, so that tables made before this option continue
+        settings["heal_original"] = True
     done = _earlier_rows(out_dir, settings)
     rows: list[dict] = []
     deferred: list[tuple[int, str]] = []  # (row index, model path) scored at the end (eval_at_end)
@@ -158,7 +163,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
 
     measure("original", src.config.n_kv_heads, "-", "-", model, src)
     calib = None
-    converted = []
+    converted = [(src.config.n_kv_heads, "-", Path(model))] if heal_original else []
     for h in kv_heads:
         for init in inits:
             conv = out_dir / f"kv{h}-{init}"
@@ -185,7 +190,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         heal_corpus = str(corpus_for_model(tok_dir, corpus))
         stage = _heal_stage(heal_steps, heal_batch_size, heal_seq_len)
         for h, init, conv in converted:
-            run = out_dir / f"kv{h}-{init}-healed"
+            run = out_dir / ("original-healed" if init == "-" else f"kv{h}-{init}-healed")
             if not _finished(run):
                 done.pop(("healed", h, init, stage), None)
                 # A healing run that an earlier call started and did not finish continues (or restarts).

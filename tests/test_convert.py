@@ -406,16 +406,19 @@ def test_compression_table_script_tiny(tmp_path):
     out = tmp_path / "table"
     rows = mod.compression_table(str(run), kv_heads=[2], inits=["svd", "mean-pool"], out=str(out), corpus=str(corpus),
                                  calib_tokens=256, val_tokens=128, seq_len=32, heal_steps=2, heal_batch_size=2,
-                                 heal_seq_len=32, heal_lr=1e-3, batch_size=2)
+                                 heal_seq_len=32, heal_lr=1e-3, batch_size=2, heal_original=True)
     assert [(r["model"], r["init"]) for r in rows] == [
-        ("original", "-"), ("converted", "svd"), ("converted", "mean-pool"), ("healed", "svd"), ("healed", "mean-pool")]
-    assert [r["kv_bytes_per_token"] for r in rows] == [2 * 2 * 4 * 8 * 2] + [2 * 2 * 2 * 8 * 2] * 4
+        ("original", "-"), ("converted", "svd"), ("converted", "mean-pool"), ("healed", "-"), ("healed", "svd"),
+        ("healed", "mean-pool")]
+    full, half = 2 * 2 * 4 * 8 * 2, 2 * 2 * 2 * 8 * 2
+    assert [r["kv_bytes_per_token"] for r in rows] == [full, half, half, full, half, half]
     assert all(math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1 for r in rows)
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["settings"]["val_windows"] == [4, 32]
+    assert saved["settings"]["heal_original"] and (out / "original-healed" / "status.json").is_file()
     assert "| healed | 2 | svd |" in (out / "table.md").read_text()
-    # Healing changed the weights: a different perplexity from the same start.
-    assert rows[3]["val_ppl"] != rows[1]["val_ppl"]
+    # Healing changed the weights: a different perplexity from the same start (the control too).
+    assert rows[4]["val_ppl"] != rows[1]["val_ppl"] and rows[3]["val_ppl"] != rows[0]["val_ppl"]
     # Zero-shot scored at the end through evaluate-many fills the same rows.
     rows = mod.compression_table(str(run), kv_heads=[2], inits=["svd"], out=str(tmp_path / "t2"), corpus=str(corpus),
                                  calib_tokens=256, val_tokens=128, seq_len=32, heal_steps=1, heal_batch_size=2,
@@ -562,3 +565,19 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
     shutil.rmtree(run / "tokenizer")
     with pytest.raises(ValueError, match="260 token embeddings but its tokenizer has 50,257"):
         load_for_eval(str(run))
+
+
+def test_study_compression_configs_name_real_options():
+    """Every compression config of the study names only options that compression_table has (a typo would
+    otherwise surface on the GPU, minutes into a paid run)."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    params = set(inspect.signature(compression_table_module().compression_table).parameters)
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "study").glob("*.yaml"))
+    tables = [c for c in configs if "kv_heads" in (yaml.safe_load(c.read_text()) or {})]
+    assert len(tables) >= 5
+    for c in tables:
+        assert set(yaml.safe_load(c.read_text())) <= params, c.name
