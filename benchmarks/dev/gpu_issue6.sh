@@ -31,7 +31,7 @@ stamp tests $?
 tail -n 3 "$out/pytest.log"
 
 # (c) before (b): it compiles nothing with Inductor, so it is quick and its numbers are not at risk.
-timeout 45 python3 benchmarks/decode.py --generate --preset 125m --batch 64 --prompt-len 512 --new-tokens 128 \
+timeout 75 python3 benchmarks/decode.py --generate --preset 125m --batch 64 --prompt-len 512 --new-tokens 128 \
   --repeats 3 --gen-variants mea,gqa,mha --out "$out/generate.json" > "$out/generate.log" 2>&1
 stamp generate $?
 tail -n 9 "$out/generate.log"
