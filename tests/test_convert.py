@@ -581,3 +581,24 @@ def test_study_compression_configs_name_real_options():
     assert len(tables) >= 5
     for c in tables:
         assert set(yaml.safe_load(c.read_text())) <= params, c.name
+
+
+def test_convert_needs_the_models_own_fast_tokenizer(tmp_path):
+    """A LLaMA folder without tokenizer files, or with a tokenizer that has no tokenizer.json, is a clear
+    error before anything is converted (calibration would otherwise read GPT-2 ids as the model's)."""
+    import transformers
+
+    from mea.convert.convert import load_source
+
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    src = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        load_source(src)
+    (src / "tokenizer.model").write_bytes(b"sentencepiece")  # a slow tokenizer only
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        load_source(src)
+    byte_tokenizer().save(str(src / "tokenizer.json"))
+    _, tok_dir = load_source(src)
+    assert tok_dir == src

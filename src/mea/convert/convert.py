@@ -217,12 +217,18 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
         (model in float32 on CPU, the folder whose ``tokenizer.json`` tokenizes its text, or None
         for a model on the project's GPT-2 tokenizer; see :func:`mea.models.export.tokenizer_folder`).
     """
+    from ..models.export import tokenizer_folder
+
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model: {p} does not exist")
     cfg_file = p / "config.json"
     if cfg_file.exists():
         model_type = json.loads(cfg_file.read_text()).get("model_type")
+        if model_type == "llama" and tokenizer_folder(p) is None:
+            # Without one, calibration would read GPT-2 ids as if they were this model's.
+            raise FileNotFoundError(f"model: {p} has no tokenizer files (tokenizer.json); copy the model's "
+                                    "tokenizer into the folder")
         if model_type == "llama":
             from ..models.export import load_hf_llama
 
@@ -236,13 +242,16 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
                 f"model: {cfg_file} has model_type={model_type!r}; convert handles LLaMA-family ('llama') "
                 "and mea folders, and mea run directories"
             )
-        tok_dir = p if (p / "tokenizer.json").exists() else None
     else:
         from ..train.checkpoint import load_model
 
-        from ..models.export import tokenizer_folder
-
-        model, tok_dir = load_model(p), tokenizer_folder(p)
+        model = load_model(p)
+    tok_dir = tokenizer_folder(p)
+    if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
+        raise ValueError(
+            f"model: the tokenizer in {tok_dir} has no tokenizer.json (a fast tokenizer), which calibration reads; "
+            f"write one with: python -c \"from transformers import AutoTokenizer; "
+            f"AutoTokenizer.from_pretrained('{tok_dir}').save_pretrained('{tok_dir}')\"")
     return model.float().eval(), tok_dir
 
 
