@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
     """
     from mea.convert.convert import calibrate, convert_loaded, load_source
     from mea.convert.corpus import corpus_for_model, corpus_windows
+    from mea.eval.many import result_dirname
 
     model = str(Path(model).expanduser())
     model = best_run(model, variant) if (Path(model) / "results.csv").is_file() else model
@@ -161,21 +163,37 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         print(json.dumps(row), flush=True)
         _save(out_dir, settings, rows)
 
+    # What a continued call must redo when an earlier call's folder lost its weights (the GPU study
+    # packs results without them): a model whose zero-shot scores are still missing needs its weights.
+    stage = _heal_stage(heal_steps, heal_batch_size, heal_seq_len)
+
+    def needs_weights(key: tuple, path: Path, zero_shot: bool) -> bool:
+        scored = "zero_shot" in done.get(key, {}) or (out_dir / "zero_shot" / result_dirname(path.name) / "results.json").is_file()
+        return bool(tasks) and zero_shot and not scored
+
+    def heal_run(h: int, init: str) -> Path:
+        return out_dir / ("original-healed" if init == "-" else f"kv{h}-{init}-healed")
+
+    def heal_again(h: int, init: str) -> bool:
+        run = heal_run(h, init)
+        return not _finished(run) or (not _has_weights(run) and needs_weights(("healed", h, init, stage), run, True))
+
     measure("original", src.config.n_kv_heads, "-", "-", model, src)
     calib = None
     converted = [(src.config.n_kv_heads, "-", Path(model))] if heal_original else []
     for h in kv_heads:
         for init in inits:
             conv = out_dir / f"kv{h}-{init}"
-            if (("converted", h, init, "before healing") in done and (conv / "conversion.json").is_file()
-                    and (conv / "config.json").is_file()):
+            key = ("converted", h, init, "before healing")
+            weights_needed = needs_weights(key, conv, zero_shot_before) or (heal_steps > 0 and heal_again(h, init))
+            if (key in done and (conv / "conversion.json").is_file() and (conv / "config.json").is_file()
+                    and (_has_weights(conv) or not weights_needed)):
                 measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)
             else:
                 # One calibration of the original model serves every conversion (it does not depend on h' or init).
                 if calib is None:
                     calib = calibrate(src, tok_dir, calib_tokens, seq_len, corpus=corpus, batch_size=batch_size)
-                done.pop(("converted", h, init, "before healing"), None)
-                done.pop(("healed", h, init, _heal_stage(heal_steps, heal_batch_size, heal_seq_len)), None)
+                done.pop(key, None)  # (its healed row stays with its healing run, redone below only if needed)
                 report = convert_loaded(src, tok_dir, h, init, layers, calib, conv, source=model, overwrite=True)
                 measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)
                 rows[-1]["k_rel_err_mean"] = _mean_err(report, "k_rel_err")
@@ -188,11 +206,12 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         from mea.train.pretrain import pretrain
 
         heal_corpus = str(corpus_for_model(tok_dir, corpus))
-        stage = _heal_stage(heal_steps, heal_batch_size, heal_seq_len)
         for h, init, conv in converted:
-            run = out_dir / ("original-healed" if init == "-" else f"kv{h}-{init}-healed")
-            if not _finished(run):
+            run = heal_run(h, init)
+            if heal_again(h, init):
                 done.pop(("healed", h, init, stage), None)
+                if _finished(run):  # finished, but its weights are gone and its scores still missing
+                    shutil.rmtree(run)
                 # A healing run that an earlier call started and did not finish continues (or restarts).
                 pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=heal_corpus, seq_len=heal_seq_len),
                          train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
@@ -236,9 +255,24 @@ def _heal_stage(steps: int, batch_size: int, seq_len: int) -> str:
     return f"healed {steps * batch_size * seq_len:,} tokens"
 
 
+def _has_weights(path: Path) -> bool:
+    """Whether a converted folder or a healing run still holds its weights."""
+    from mea.train.checkpoint import CheckpointError, latest_checkpoint
+
+    if (path / "model.safetensors").is_file():
+        return True
+    try:
+        return latest_checkpoint(path) is not None
+    except CheckpointError:
+        return False
+
+
 def _finished(run: Path) -> bool:
     f = run / "status.json"
     return f.is_file() and json.loads(f.read_text()).get("status") == "finished"
+
+
+ADDITIVE_SETTINGS = ("heal_original",)
 
 
 def _earlier_rows(out_dir: Path, settings: dict) -> dict:
@@ -248,7 +282,9 @@ def _earlier_rows(out_dir: Path, settings: dict) -> dict:
     if not f.is_file():
         return {}
     saved = json.loads(f.read_text())
-    if saved.get("settings") != json.loads(json.dumps(settings)):
+    # Settings that only add rows (the healed-original control) leave the earlier rows valid.
+    same = lambda d: {k: v for k, v in d.items() if k not in ADDITIVE_SETTINGS}
+    if same(saved.get("settings", {})) != same(json.loads(json.dumps(settings))):
         raise ValueError(f"out: {out_dir} holds a table made with other settings; choose another --out or delete it")
     return {(r["model"], r["kv_heads"], r["init"], r["stage"]): r for r in saved.get("rows", [])}
 

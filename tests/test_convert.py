@@ -466,6 +466,10 @@ def test_compression_table_continues_an_interrupted_call(tmp_path):
     assert second[4]["stage"] == first[4]["stage"] and math.isfinite(second[4]["val_ppl"])
     with pytest.raises(ValueError, match="other settings"):
         mod.compression_table(str(run), **{**kw, "heal_lr": 1e-3})
+    # The healed-original control only adds a row: the table continues with it.
+    third = mod.compression_table(str(run), **{**kw, "heal_original": True})
+    assert strip(third[:3]) == strip(second[:3]) and strip(third[4:]) == strip(second[3:])
+    assert (third[3]["model"], third[3]["init"]) == ("healed", "-")
 
 
 def byte_tokenizer():
@@ -602,3 +606,39 @@ def test_convert_needs_the_models_own_fast_tokenizer(tmp_path):
     byte_tokenizer().save(str(src / "tokenizer.json"))
     _, tok_dir = load_source(src)
     assert tok_dir == src
+
+
+@pytest.mark.slow
+def test_compression_table_continues_from_results_without_weights(tmp_path):
+    """A results folder that travelled without weights (the GPU study packs metrics only) continues:
+    what is scored stays, a model whose zero-shot is missing gets its weights back by converting or
+    healing again, and nothing else is redone."""
+    import shutil
+    from pathlib import Path
+
+    mod = compression_table_module()
+    corpus = tiny_corpus(tmp_path / "corpus")
+    run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
+    out = tmp_path / "table"
+    kw = dict(kv_heads=[2], inits=["svd", "mean-pool"], out=str(out), corpus=str(corpus), calib_tokens=256,
+              val_tokens=128, seq_len=32, heal_steps=1, heal_batch_size=2, heal_seq_len=32, heal_lr=1e-4, batch_size=2,
+              tasks=["piqa"], limit=2, eval_at_end=True)
+    first = mod.compression_table(str(run), **kw)
+    for d in out.glob("kv2-*"):  # as packed: no weights anywhere
+        shutil.rmtree(d / "checkpoints") if d.name.endswith("healed") else (d / "model.safetensors").unlink()
+    saved = json.loads((out / "results.json").read_text())
+    for r in saved["rows"]:  # as if the scoring of these two had been cut off
+        if Path(r["path"]).name in ("kv2-mean-pool", "kv2-svd-healed"):
+            r.pop("zero_shot")
+            shutil.rmtree(out / "zero_shot" / Path(r["path"]).name)
+    (out / "results.json").write_text(json.dumps(saved))
+    stamp = lambda p: (out / p / "conversion.json").stat().st_mtime_ns
+    before = {p: stamp(p) for p in ("kv2-svd", "kv2-mean-pool")}
+    second = mod.compression_table(str(run), **kw)
+    assert all("zero_shot" in r for r in second)
+    assert stamp("kv2-mean-pool") != before["kv2-mean-pool"]  # converted again: its scores were missing
+    assert stamp("kv2-svd") != before["kv2-svd"]  # converted again: its healing had to run again
+    assert (out / "kv2-svd-healed" / "checkpoints").is_dir()
+    assert not (out / "kv2-mean-pool-healed" / "checkpoints").exists()  # scored and finished: left alone
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "zero_shot")}
+    assert [strip(r) for r in second][:3] == [strip(r) for r in json.loads(json.dumps(first))][:3]
