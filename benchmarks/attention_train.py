@@ -11,6 +11,8 @@ in its PyTorch form, which torch.compile fuses on its own (the library's default
 torch.compile'd unless --eager. Times with CUDA events after warm-up; with --repeats N the variants
 are timed round-robin N times and the median is kept, so slow drift of the clock hits all alike.
 ``--norm-kernel`` also times the head norm alone at the main shape's attention output.
+``--profile`` records each variant's GPU kernels (torch.profiler, ms per step) and prints them side by
+side, to see where MEA's time above MHA's goes.
 """
 from __future__ import annotations
 
@@ -69,6 +71,42 @@ def time_layer(layer, x, a, steps, warmup):
         y.backward(g)
 
     return cuda_ms_per_step(step, steps, warmup)
+
+
+def kernel_profile(layer, x, a, steps: int = 10) -> dict[str, float]:
+    """GPU time per step of each kernel (by name) in ``steps`` forward + backward steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.randn_like(x)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x, a)
+        y.backward(g)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        if us > 0 and e.device_type.name == "CUDA":
+            out[e.key] = out.get(e.key, 0.0) + us / 1e3 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def print_profiles(profiles: dict[str, dict[str, float]], top: int = 20) -> None:
+    names = list(profiles)
+    kernels = sorted({k for p in profiles.values() for k in p}, key=lambda k: -max(p.get(k, 0) for p in profiles.values()))
+    print("\n| kernel (ms per step) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for k in kernels[:top]:
+        print(f"| {k[:70]} | " + " | ".join(f"{profiles[n].get(k, 0):.3f}" for n in names) + " |")
+    print("| total | " + " | ".join(f"{sum(profiles[n].values()):.3f}" for n in names) + " |")
 
 
 def head_norm_kernel_bench(B: int, T: int, h: int, d: int, copy_bw: float) -> dict:
@@ -135,6 +173,7 @@ def main():
     ap.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(variant_specs(2)))
     ap.add_argument("--norm-kernel", action="store_true", help="also time the head norm alone (main shape)")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also record each variant's kernels (torch.profiler)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -213,6 +252,17 @@ def main():
                 rec[key] = tps[a_] / tps[b_]
         records.append(rec)
         save()
+        if args.profile:  # after the timings are saved: a profiler failure loses nothing else
+            rec["profile_ms_per_step"] = {}
+            try:
+                for name in names:
+                    fn, a, use_triton = steps[name]
+                    norm_mod.TRITON_HEAD_NORM = use_triton
+                    rec["profile_ms_per_step"][name] = kernel_profile(fn, x, a)
+            finally:
+                norm_mod.TRITON_HEAD_NORM = saved_flag
+            save()
+            print_profiles(rec["profile_ms_per_step"])
         del steps, x
         torch.cuda.empty_cache()
         print(f"B={sh['batch']} T={sh['seq']} D={sh['d_model']} h={h}: " +
