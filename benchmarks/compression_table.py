@@ -192,7 +192,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
             else:
                 # One calibration of the original model serves every conversion (it does not depend on h' or init).
                 if calib is None:
-                    calib = calibrate(src, tok_dir, calib_tokens, seq_len, corpus=corpus, batch_size=batch_size)
+                    calib = calibrate(src, tok_dir, calib_tokens, seq_len, corpus=corpus, batch_size=batch_size,
+                                      device=device)
                 done.pop(key, None)  # (its healed row stays with its healing run, redone below only if needed)
                 report = convert_loaded(src, tok_dir, h, init, layers, calib, conv, source=model, overwrite=True)
                 measure("converted", h, init, "before healing", str(conv), zero_shot=zero_shot_before)

@@ -642,3 +642,18 @@ def test_compression_table_continues_from_results_without_weights(tmp_path):
     assert not (out / "kv2-mean-pool-healed" / "checkpoints").exists()  # scored and finished: left alone
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "zero_shot")}
     assert [strip(r) for r in second][:3] == [strip(r) for r in json.loads(json.dumps(first))][:3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_calibration_on_the_gpu_matches_the_cpu(tmp_path):
+    """`calibrate(device="cuda")` gives the CPU's covariances (fp32 forward, float64 sums) and leaves the
+    model on the CPU."""
+    from mea.convert.convert import calibrate
+
+    model = tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304)
+    corpus = tiny_corpus(tmp_path / "corpus")
+    cpu = calibrate(model, None, 256, 32, corpus=str(corpus), batch_size=2)
+    gpu = calibrate(model, None, 256, 32, corpus=str(corpus), batch_size=2, device="cuda")
+    assert next(model.parameters()).device.type == "cpu" and gpu.n_tokens == cpu.n_tokens
+    for a, b in zip(cpu.covariances, gpu.covariances):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item())

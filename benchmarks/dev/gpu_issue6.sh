@@ -25,7 +25,8 @@ stamp() { echo "[$1: rc=$2 at $((SECONDS - start)) s]" | tee -a "$out/env.txt"; 
 } > "$out/env.txt"
 
 # (a) tests: the GPU-marked ones run here (CI runs the rest on CPU under TRITON_INTERPRET=1).
-timeout 110 python3 -m pytest -q -x tests/test_triton_norm.py tests/test_generate_graph.py tests/test_triton_decode.py \
+timeout 130 python3 -m pytest -q -x tests/test_triton_norm.py tests/test_generate_graph.py tests/test_triton_decode.py \
+  tests/test_convert.py::test_calibration_on_the_gpu_matches_the_cpu \
   -p no:cacheprovider > "$out/pytest.log" 2>&1
 stamp tests $?
 tail -n 3 "$out/pytest.log"

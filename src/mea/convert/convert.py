@@ -290,7 +290,7 @@ def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens:
 # ---------------------------------------------------------------------------------------- command
 def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", out: Optional[str] = None,
             calib_tokens: int = 65536, calib_seq_len: int = 512, calib_text: Optional[str] = None,
-            corpus: str = "prose", batch_size: int = 8, overwrite: bool = False) -> dict:
+            corpus: str = "prose", batch_size: int = 8, overwrite: bool = False, device: str = "auto") -> dict:
     """Compress a pretrained model's KV cache to KV_HEADS stored heads per layer (MEA virtual heads).
 
     Each compressed layer stores KV_HEADS component heads, and every query head reads its own mix
@@ -316,6 +316,8 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
             tokenizer.
         batch_size: calibration windows per forward pass.
         overwrite: replace ``out`` if it exists.
+        device: where the calibration forward passes run (auto: cuda when available, else cpu); the
+            fits themselves run on the CPU in float64.
 
     Returns:
         The report (also written to OUT/conversion.json).
@@ -339,7 +341,9 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
     src, tok_dir = load_source(model)
     sel = parse_layers(layers, src.config.n_layers)
     check_request(src.config, kv_heads, sel)
-    calib = calibrate(src, tok_dir, calib_tokens, calib_seq_len, calib_text, corpus, batch_size)
+    from ..train.config import parse_device
+
+    calib = calibrate(src, tok_dir, calib_tokens, calib_seq_len, calib_text, corpus, batch_size, parse_device(device))
     return convert_loaded(src, tok_dir, kv_heads, init, sel, calib, out_dir, source=str(model), overwrite=overwrite)
 
 
@@ -353,14 +357,20 @@ class Calibration:
 
 
 def calibrate(model: Transformer, tokenizer_dir: Optional[Path], calib_tokens: int, calib_seq_len: int = 512,
-              calib_text: Optional[str] = None, corpus: str = "prose", batch_size: int = 8) -> Calibration:
-    """Collect the calibration statistics of ``model`` (none when ``calib_tokens`` is 0)."""
+              calib_text: Optional[str] = None, corpus: str = "prose", batch_size: int = 8,
+              device: Optional[str] = None) -> Calibration:
+    """Collect the calibration statistics of ``model`` (none when ``calib_tokens`` is 0), running it on
+    ``device`` for the purpose (it goes back where it was afterwards)."""
     if calib_tokens == 0:
         return Calibration(None, 0, "none")
     from .calibration import input_covariances
 
     ids = calibration_tokens(tokenizer_dir, model.config.vocab_size, calib_tokens, calib_seq_len, calib_text, corpus)
-    covs, n = input_covariances(model, ids.split(batch_size))
+    home = next(model.parameters()).device
+    try:
+        covs, n = input_covariances(model.to(device or home), ids.split(batch_size))
+    finally:
+        model.to(home)
     return Calibration(covs, n, calib_text or f"corpus {corpus!r}, train split, {calib_seq_len}-token windows")
 
 
