@@ -8,6 +8,8 @@ that configs/study/*.yaml produce, and writes:
   OUT/summary.json         the same numbers, machine-readable
   OUT/loss_vs_lr.png       final validation loss against peak learning rate per variant
   OUT/convergence.png      validation loss against tokens at each variant's best rate (all seeds)
+  OUT/downstream.png       zero-shot accuracy per task with 2-standard-error bars, against chance
+  OUT/healing.png          training loss of the compression tables' healing runs
   OUT/metrics/...          each run's metrics.jsonl, config.yaml and status.json (small, committed)
 Parts whose runs are missing are skipped with a note.
 """
@@ -149,6 +151,86 @@ def plot_convergence(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+CHANCE = {"piqa": 0.5, "openbookqa": 0.25, "winogrande": 0.5, "hellaswag": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25}
+
+
+def plot_downstream(csv_file: Path, out: Path) -> None:
+    """Experiment 3: accuracy per task and model with 2-standard-error bars, against chance."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_file.open()))
+    tasks = [t for t in CHANCE if f"{t}_value" in rows[0]]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [100 * float(r[f"{t}_value"]) for t in tasks], width,
+               yerr=[200 * float(r[f"{t}_stderr"]) for t in tasks], capsize=2, label=r["model"], color=f"C{i}")
+    for j, t in enumerate(tasks):
+        ax.hlines(100 * CHANCE[t], j - 0.45, j + 0.45, colors="k", linestyles=":", lw=1)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy (%), bars: 2 standard errors")
+    ax.set_title("Zero-shot accuracy of experiment 2's models (dotted: chance)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def plot_healing(root: Path, out: Path) -> bool:
+    """Experiment 4: training loss of every healing run against tokens, one panel per cache size; color
+    is the init, line style the healing (one lr, mixing at 300x, middle layers only). False if none."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = {"smollm2_all": ("SmolLM2", "-"), "smollm2_mixlr": ("SmolLM2", "--"), "smollm2_middle": ("SmolLM2", ":"),
+              "compress_own": ("our MHA model", "-"), "compress_own_mixlr": ("our MHA model", "--")}
+    colors = {"svd": "C0", "activation": "C1", "mean-pool": "C2", "original": "k"}
+    curves = []
+    for name, (model, style) in tables.items():
+        for run in sorted((root / name).glob("*-healed")):
+            m = re.fullmatch(r"kv(\d+)-(.+)-healed|(original)-healed", run.name)
+            if not m or not (run / "metrics.jsonl").is_file():
+                continue
+            pts = [(r["tokens"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r and "tokens" in r]
+            h, init = (int(m.group(1)), m.group(2)) if m.group(1) else (None, "original")
+            status = json.loads((run / "status.json").read_text()).get("status") if (run / "status.json").is_file() else None
+            curves.append((model, h, init, style, name + ("" if status == "finished" else ", unfinished"), pts))
+    if not curves:
+        return False
+    # One panel per model and cache size; the uncompressed control (h None) is drawn in each of its model's.
+    panels = list(dict.fromkeys((c[0], c[1]) for c in curves if c[1] is not None))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for ax, (model, h) in zip(axes[0], panels):
+        for _, _, init, style, name, pts in (c for c in curves if c[0] == model and c[1] in (h, None)):
+            k = max(1, len(pts) // 25)  # a running mean over a few logged steps: the curves are noisy
+            ys = [sum(y for _, y in pts[max(0, i - k + 1): i + 1]) / len(pts[max(0, i - k + 1): i + 1]) for i in range(len(pts))]
+            ax.plot([t / 1e6 for t, _ in pts], ys, color=colors.get(init, "C3"), ls=style, label=f"{init} ({name})")
+        panel = f"{model}, h' = {h}"
+        ax.set_title(panel)
+        ax.set_xlabel("healing tokens (M)")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Healing after conversion (solid: one lr; dashed: mixing at 300x the lr; dotted: middle layers only)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return True
+
+
 def scaling_table(fit: dict) -> str:
     """Per variant and size the optimal rate; the power law; the prediction and, once run, its check."""
     lines = ["| variant | size | N non-emb. | grid-best lr | lr* (parabola) | note |", "|---|---|---|---|---|---|"]
@@ -240,6 +322,7 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
         parts += ["## Experiment 3: zero-shot accuracy (%, ± standard error)", "",
                   (root / "downstream" / "table.md").read_text(), ""]
         shutil.copy(root / "downstream" / "results.csv", dest / "downstream.csv")
+        plot_downstream(dest / "downstream.csv", dest / "downstream.png")
     else:
         parts += ["## Experiment 3: not run yet", ""]
     if (root / "head_norm_init" / "results.csv").is_file():
@@ -271,6 +354,8 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
                 copy_run(run, dest / "metrics" / name / run.name)
         else:
             parts += [f"## {title}: not run yet", ""]
+    if plot_healing(root, dest / "healing.png"):
+        parts += ["Healing curves: healing.png", ""]
     (dest / "tables.md").write_text("\n".join(parts))
     (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print("\n".join(parts))

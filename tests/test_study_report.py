@@ -47,7 +47,8 @@ def test_report_tables_and_plots(tmp_path):
     # a compression table with one healing run
     comp = runs / "compress_own"
     (comp / "kv4-svd-healed").mkdir(parents=True)
-    (comp / "kv4-svd-healed" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (comp / "kv4-svd-healed" / "metrics.jsonl").write_text('{"step": 1, "tokens": 100, "loss": 5.0}\n'
+                                                          '{"step": 2, "tokens": 200, "loss": 4.9}\n')
     settings = {"model": "runs/study/mha_base", "layers": "all", "val_windows": [128, 512], "heal_steps": 8,
                 "heal_batch_size": 32, "heal_seq_len": 512, "heal_lr": 1e-4, "limit": 1000}
     (comp / "results.json").write_text(json.dumps({"settings": settings, "rows": [{"model": "original"}]}))
@@ -66,7 +67,7 @@ def test_report_tables_and_plots(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| mea |") and "M |" in line)
     assert float(row.split("|")[3]) < 1.0
     assert "Experiment 3: not run yet" in text and "Experiment 5: not run yet" in text
-    for png in ("loss_vs_lr.png", "convergence.png"):
+    for png in ("loss_vs_lr.png", "convergence.png", "healing.png"):
         assert (out / png).stat().st_size > 1000
     # compact per-run metrics are copied, links are not duplicated
     assert (out / "metrics" / "lr_sweep" / "mha" / "lr3.00e-03_s0" / "metrics.jsonl").is_file()
@@ -82,3 +83,13 @@ def test_tokens_to_reach_interpolates():
     assert mod.tokens_to_reach(curve, 4.5) == pytest.approx(250)
     assert mod.tokens_to_reach(curve, 3.0) is None
     assert mod.tokens_to_reach(curve, 7.0) == 100
+
+
+def test_downstream_plot(tmp_path):
+    """The zero-shot plot reads the evaluate-many CSV (value and standard error per task)."""
+    mod = _load()
+    head = ",".join(f"{t}_metric,{t}_value,{t}_stderr,{t}_n" for t in mod.CHANCE)
+    row = ",".join(f"acc,0.3,0.01,100" for _ in mod.CHANCE)
+    (tmp_path / "d.csv").write_text(f"model,{head},average\nmha lr=1e-3 s0,{row},0.3\n")
+    mod.plot_downstream(tmp_path / "d.csv", tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000
