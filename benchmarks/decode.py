@@ -18,6 +18,7 @@ several buffer sets so the timings do not measure the L2 cache.
     PYTHONPATH=src python benchmarks/decode.py             # table + benchmarks/results/decode.json
     PYTHONPATH=src python benchmarks/decode.py --sweep tiles   # also tune launch parameters
     PYTHONPATH=src python benchmarks/decode.py --generate  # Transformer.generate with/without CUDA graphs
+    PYTHONPATH=src python benchmarks/decode.py --paged 16,64,256  # the main shape over a paged cache
 
 ``--generate`` times whole decoding loops instead: ``Transformer.generate`` of a preset (random
 weights, bf16, greedy, random prompts of one length) with ``cuda_graph=False`` and ``True``, host
@@ -192,6 +193,39 @@ def run_shape(B, T, h, hk, d, dtype, lq=1, copy_bw=None, baselines=True):
     return rec
 
 
+def run_paged(page_sizes, dtype, copy_bw, B=64, T=4096, h=32, hk=16, d=128):
+    """The main shape with the cache in pages (shuffled in a pool, as a serving engine leaves them)
+    against the same cache contiguous: time per step and the largest output difference."""
+    from mea.ops.triton_decode import mea_decode_triton
+
+    pb = Problem(B, T, h, hk, d, dtype)
+    base = bench_graph(pb.mea_fns())
+    recs = []
+    for page in page_sizes:
+        n = -(-T // page)
+        tables, pools = [], []
+        for k, v in pb.kv:
+            perm = torch.randperm(B * n, device="cuda")
+            pages = lambda c: torch.nn.functional.pad(c, (0, 0, 0, n * page - T)).reshape(B, hk, n, page, d) \
+                .permute(0, 2, 1, 3, 4).reshape(B * n, hk, page, d)  # noqa: E731
+            kp, vp = torch.empty_like(pages(k)), torch.empty_like(pages(v))
+            kp[perm], vp[perm] = pages(k), pages(v)
+            tables.append(perm.view(B, n).to(torch.int32))
+            pools.append((kp, vp))
+        fns = [lambda kp=kp, vp=vp, bt=bt: mea_decode_triton(pb.q, kp, vp, pb.k_mix, pb.v_mix, pb.seqlens, block_table=bt)
+               for (kp, vp), bt in zip(pools, tables)]
+        diff = (fns[0]().float() - pb.mea_fns()[0]().float()).abs().max().item()
+        ms = bench_graph(fns)
+        recs.append(dict(pb.record(), page_size=page, paged_ms=ms, mea_ms=base, paged_over_contiguous=ms / base,
+                         paged_tb_s=pb.mea_bytes / (ms * 1e-3) / 1e12, floor_ms=pb.mea_bytes / copy_bw * 1e3,
+                         max_abs_diff=diff))
+        print(f"page {page:>4}: {ms:.4f} ms vs contiguous {base:.4f} ms ({ms / base:.3f}x), "
+              f"{recs[-1]['paged_tb_s']:.2f} TB/s, max |diff| {diff:.1e}", flush=True)
+        del pools, tables, fns
+        torch.cuda.empty_cache()
+    return recs
+
+
 def sweep_configs(pb, launches, label):
     rows = []
     for launch in launches:
@@ -330,7 +364,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="--generate: calls per timing (median)")
     p.add_argument("--gen-variants", default="mea,gqa,mha", help="--generate: comma-separated, of mea (h' = h/2), "
                    "gqa (h/2), mha, mea-full (h' = h)")
-    p.add_argument("--out", default=None, help="default benchmarks/results/decode.json (generate.json with --generate)")
+    p.add_argument("--paged", default=None, metavar="PAGE_SIZES",
+                   help="instead of the table: the main shape with a paged cache, e.g. 16,64,256 keys per page")
+    p.add_argument("--out", default=None, help="default benchmarks/results/decode.json (generate.json with --generate, "
+                   "decode_paged.json with --paged)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA device")
@@ -353,7 +390,7 @@ def main(argv=None):
                      args.repeats, on_record)
         print(f"saved {out}")
         return
-    args.out = args.out or os.path.join(results_dir, "decode.json")
+    args.out = args.out or os.path.join(results_dir, "decode_paged.json" if args.paged else "decode.json")
 
     dtype = torch.bfloat16
     copy_bw = copy_bandwidth()
@@ -362,6 +399,11 @@ def main(argv=None):
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   copy_tb_s=copy_bw / 1e12, dtype="bfloat16", records=[])
+    if args.paged:
+        result["records"] = run_paged([int(x) for x in args.paged.split(",")], dtype, copy_bw)
+        save(result, args.out)
+        print(f"saved {args.out}")
+        return
     if args.sweep != "none":
         result["sweep"] = sweep(dtype, args.sweep)
     shapes = SHAPES_MAIN if args.shapes == "main" else SHAPES_ALL

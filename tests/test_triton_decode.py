@@ -116,9 +116,57 @@ def test_bad_inputs_raise():
         mea_decode_triton(q, torch.randn(2, 2, 16, 20, device=DEV).transpose(2, 3), v, km, vm, sl)
 
 
+def to_pages(k, v, page, spare=3, seed=0):
+    """The contiguous caches (B, h', T, d) scattered into a pool of pages (shuffled, with spare pages
+    of noise) and the block table that reads them back."""
+    B, hk, T, d = k.shape
+    n = -(-T // page)
+    pad = n * page - T
+    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(B * n + spare, generator=g).to(k.device)
+    kp = torch.randn(B * n + spare, hk, page, d, device=k.device, dtype=k.dtype)
+    vp = torch.randn_like(kp)
+    kp[perm[: B * n]] = k.reshape(B, hk, n, page, d).permute(0, 2, 1, 3, 4).reshape(B * n, hk, page, d)
+    vp[perm[: B * n]] = v.reshape(B, hk, n, page, d).permute(0, 2, 1, 3, 4).reshape(B * n, hk, page, d)
+    return kp, vp, perm[: B * n].view(B, n).to(torch.int32)
+
+
+@pytest.mark.parametrize("page,block_n", [(8, 16), (16, 16), (32, 16), (5, 16)])
+@pytest.mark.parametrize("keys_major", [0, 1])
+def test_paged_cache_matches_contiguous(page, block_n, keys_major):
+    """A paged cache (pages smaller than, equal to, larger than a key tile, and not a power of two)
+    gives the contiguous cache's output; ragged lengths, h' not dividing h, several slices."""
+    q, k, v, km, vm, sl = make_inputs(3, 6, 4, 2, 45, 16, torch.float32)
+    kp, vp, bt = to_pages(k.contiguous(), v.contiguous(), page)
+    for splits in (1, 3):
+        want = mea_decode_triton(q, k, v, km, vm, sl, block_n=block_n, num_splits=splits, keys_major=keys_major)
+        got = mea_decode_triton(q, kp, vp, km, vm, sl, block_table=bt, block_n=block_n, num_splits=splits,
+                                keys_major=keys_major)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert rel_err(got, reference(q, k, v, km, vm, sl)) < TOL[torch.float32]
+
+
+def test_paged_cache_bad_inputs_raise():
+    q, k, v, km, vm, sl = make_inputs(2, 4, 2, 1, 20, 16, torch.float32)
+    kp, vp, bt = to_pages(k.contiguous(), v.contiguous(), 8)
+    with pytest.raises(ValueError, match="needs cache_seqlens"):
+        mea_decode_triton(q, kp, vp, km, vm, block_table=bt)
+    with pytest.raises(ValueError, match="block_table must be"):
+        mea_decode_triton(q, kp, vp, km, vm, sl, block_table=bt.float())
+    with pytest.raises(ValueError, match="block_table must be"):
+        mea_decode_triton(q, kp, vp, km, vm, sl, block_table=bt[:1])
+    with pytest.raises(ValueError, match="pages, h', page_size"):
+        mea_decode_triton(q, kp[..., :8], vp[..., :8], km, vm, sl, block_table=bt)
+
+
 def test_custom_op_opcheck():
     q, k, v, km, vm, sl = make_inputs(2, 4, 2, 1, 20, 16, torch.float32)
-    torch.library.opcheck(torch.ops.mea.decode.default, (q, k, v, km, vm, sl, 0.25, 2, 16, 0, 0, -1),
+    torch.library.opcheck(torch.ops.mea.decode.default, (q, k, v, km, vm, sl, None, 0.25, 2, 16, 0, 0, -1),
+                          test_utils=("test_schema", "test_faketensor"))
+    kp, vp, bt = to_pages(k, v, 8)
+    torch.library.opcheck(torch.ops.mea.decode.default, (q, kp, vp, km, vm, sl, bt, 0.25, 2, 16, 0, 0, -1),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -180,6 +228,18 @@ def test_model_decoding_uses_kernel(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- GPU, realistic sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 64, 256])
+@pytest.mark.parametrize("keys_major", [0, 1])
+def test_gpu_paged_matches_contiguous(page, keys_major):
+    q, k, v, km, vm, sl = make_inputs(6, 32, 16, 1, 3000, 128, torch.bfloat16, max_len=4096)
+    kp, vp, bt = to_pages(k.contiguous(), v.contiguous(), page)
+    want = mea_decode_triton(q, k, v, km, vm, sl, keys_major=keys_major)
+    got = mea_decode_triton(q, kp, vp, km, vm, sl, block_table=bt, keys_major=keys_major)
+    assert (got.float() - want.float()).abs().max().item() < 1e-2
+    assert rel_err(got, reference(q, k, v, km, vm, sl)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("h,hk,d", [(32, 16, 128), (32, 24, 128), (32, 8, 64), (12, 5, 128)])
 @pytest.mark.parametrize("lq", [1, 16])

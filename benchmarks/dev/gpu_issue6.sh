@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU, under 5 minutes: (a) the GPU tests of the head-norm kernel, CUDA-graph decoding
-# and the decode kernel; (b) one attention layer's training step at the main shape (9 round-robin repeats: the MEA/MHA gap is near the noise) with the Triton
-# head norm, the compiled PyTorch head norm, no head norm, and MHA, plus the head norm alone;
-# (c) Transformer.generate (125m, batch 64) with and without CUDA graphs.
-# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 6 files there: env.txt, pytest.log,
-# generate.log, generate.json, attention_train.log, attention_train.json)
+# Issue 6 on one GPU, in about 5 minutes: (a) the GPU tests of the head-norm kernel, CUDA-graph decoding,
+# the decode kernel (contiguous and paged) and calibration; (b) one attention layer's training step at
+# the main shape with the Triton head norm, the compiled PyTorch head norm, no head norm, and MHA (9
+# round-robin repeats: the MEA/MHA gap is near the noise; then each one's kernels profiled), plus the
+# head norm alone; (c) Transformer.generate (125m, batch 64) with and without CUDA graphs; (d) the
+# decode kernel over a paged cache at the main shape.
+# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 8 files there: env.txt, pytest.log,
+# generate.log, generate.json, decode_paged.log, decode_paged.json, attention_train.log, attention_train.json)
 # Each part has its own time limit, so one that hangs cannot eat the others' time; the JSON files
 # are written as results come in.
 set -uo pipefail
@@ -36,6 +38,11 @@ timeout 75 python3 benchmarks/decode.py --generate --preset 125m --batch 64 --pr
   --repeats 3 --gen-variants mea,gqa,mha --out "$out/generate.json" > "$out/generate.log" 2>&1
 stamp generate $?
 tail -n 9 "$out/generate.log"
+
+# the decode kernel over a paged cache (main shape), against the same cache contiguous
+timeout 60 python3 benchmarks/decode.py --paged 16,64,256 --out "$out/decode_paged.json" > "$out/decode_paged.log" 2>&1
+stamp paged $?
+tail -n 4 "$out/decode_paged.log"
 
 # (b) head norm in training: 4 compiled layers (the bulk of this part is Inductor compile time).
 timeout 120 python3 benchmarks/attention_train.py --shapes main --repeats 9 --norm-kernel \

@@ -36,11 +36,23 @@ MAX_SPLITS = 256
 
 
 @triton.jit
+def _key_offsets(offs_n, n_ok, bt_row, stride_p, stride_n, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Memory offsets of keys/values ``offs_n`` of one row: contiguous, or through the row's block table
+    (key n lives in page ``bt_row[n // PAGE]`` at slot ``n % PAGE``)."""
+    if PAGED:
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        off = page * stride_p + (offs_n % PAGE) * stride_n
+    else:
+        off = offs_n * stride_n
+    return off
+
+
+@triton.jit
 def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
-                       stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                       stride_wkj, stride_wki, stride_wvj, stride_wvi,
+                       stride_kp, stride_kh, stride_kn, stride_kd, stride_vp, stride_vh, stride_vn, stride_vd,
+                       stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """Online softmax over keys [start, end) with query rows as the MMA's M dimension."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -50,9 +62,11 @@ def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
+        kn = _key_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, PAGED, PAGE)
+        vn = _key_offsets(offs_n, n_ok, bt_row, stride_vp, stride_vn, PAGED, PAGE)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for j in range(HK):
-            k = tl.load(k_base + j * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            k = tl.load(k_base + j * stride_kh + kn[None, :] + offs_d[:, None] * stride_kd,
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
             s += tl.dot(q, k, input_precision=DOT_PRECISION) * (wk * qk_scale)[:, None]
@@ -65,7 +79,7 @@ def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         for j in range(HK):
-            v = tl.load(v_base + j * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            v = tl.load(v_base + j * stride_vh + vn[:, None] + offs_d[None, :] * stride_vd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             wv = tl.load(WV + j * stride_wvj + head * stride_wvi, mask=row_ok, other=0.0).to(tl.float32)
             acc = tl.dot((p * wv[:, None]).to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -75,10 +89,10 @@ def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
 
 @triton.jit
 def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
-                       stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                       stride_wkj, stride_wki, stride_wvj, stride_wvi,
+                       stride_kp, stride_kh, stride_kn, stride_kd, stride_vp, stride_vh, stride_vn, stride_vd,
+                       stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """The same on transposed tiles (S^T = K q^T, O^T += V^T P^T): keys and d fill the MMA's M
     dimension, which Hopper's warpgroup MMA wants to be >= 64 while a decode step has few query rows."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -90,9 +104,11 @@ def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
+        kn = _key_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, PAGED, PAGE)
+        vn = _key_offsets(offs_n, n_ok, bt_row, stride_vp, stride_vn, PAGED, PAGE)
         s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for j in range(HK):
-            k = tl.load(k_base + j * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k = tl.load(k_base + j * stride_kh + kn[:, None] + offs_d[None, :] * stride_kd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
             s += tl.dot(k, q_t, input_precision=DOT_PRECISION) * (wk * qk_scale)[None, :]
@@ -104,7 +120,7 @@ def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha[None, :]
         for j in range(HK):
-            v = tl.load(v_base + j * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+            v = tl.load(v_base + j * stride_vh + vn[None, :] + offs_d[:, None] * stride_vd,
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             wv = tl.load(WV + j * stride_wvj + head * stride_wvi, mask=row_ok, other=0.0).to(tl.float32)
             acc = tl.dot(v, (p * wv[None, :]).to(v.dtype), acc, input_precision=DOT_PRECISION)
@@ -114,17 +130,18 @@ def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
 
 @triton.jit
 def _mea_decode_split_kernel(
-    Q, K, V, WK, WV, SEQLENS, OUT, O_PART, LSE_PART,
+    Q, K, V, WK, WV, SEQLENS, BT, OUT, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_wkj, stride_wki, stride_wvj, stride_wvi,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_pb, stride_ps, stride_pm,
-    stride_lb, stride_ls,
+    stride_lb, stride_ls, stride_btb,
     n_rows, LQ, HK, T, split_len, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT: tl.constexpr, KEYS_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -147,18 +164,23 @@ def _mea_decode_split_kernel(
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_ql
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    k_base = K + b * stride_kb
-    v_base = V + b * stride_vb
+    # Paged: K and V are pools of pages (stride_kb and stride_vb step pages) and BT maps this row's
+    # logical pages to them; contiguous: K and V hold one row per batch entry.
+    k_base = K if PAGED else K + b * stride_kb
+    v_base = V if PAGED else V + b * stride_vb
+    bt_row = BT + b * stride_btb
     if KEYS_MAJOR:
         acc, l_i, m_i = _attend_keys_major(
             q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
-            stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            stride_wkj, stride_wki, stride_wvj, stride_wvi, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            PAGED, PAGE)
     else:
         acc, l_i, m_i = _attend_rows_major(
             q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
-            stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            stride_wkj, stride_wki, stride_wvj, stride_wvi, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            PAGED, PAGE)
 
     # Rows with no visible key (empty slice, or a row shorter than its query offset) give 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -267,10 +289,13 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
 
 
 def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor, cache_seqlens: Tensor,
-               scale: float, num_splits: int, block_n: int, num_warps: int, num_stages: int,
-               keys_major: int) -> Tensor:
+               block_table: Optional[Tensor], scale: float, num_splits: int, block_n: int, num_warps: int,
+               num_stages: int, keys_major: int) -> Tensor:
     B, h, Lq, d = q.shape
-    hk, T = k_cache.shape[1], k_cache.shape[2]
+    hk = k_cache.shape[1]
+    paged = block_table is not None
+    # Paged: each row can hold up to (pages in its block table) x (page size) keys.
+    T = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     n_rows = h * Lq
     cfg = decode_launch_config(B, n_rows, T, d, q.device, num_splits, block_n, num_warps, num_stages, keys_major,
                                q.element_size())
@@ -288,12 +313,14 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_m
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (cfg["m_blocks"], cfg["num_splits"], B)
     _mea_decode_split_kernel[grid](
-        q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, out, o_part, lse_part,
+        q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, block_table if paged else cache_seqlens,
+        out, o_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_mix.stride(), *v_mix.stride(), *out.stride(),
-        *sp, *sl,
+        *sp, *sl, block_table.stride(0) if paged else 0,
         n_rows, Lq, hk, T, cfg["split_len"], scale * _LOG2E,
         D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], DIRECT=direct,
-        KEYS_MAJOR=cfg["keys_major"], DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        KEYS_MAJOR=cfg["keys_major"], DOT_PRECISION=precision, PAGED=paged, PAGE=k_cache.shape[2] if paged else 1,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
         block_d = min(32, cfg["block_d"])
@@ -310,15 +337,15 @@ _decode_op = torch.library.custom_op("mea::decode", mutates_args=())(_decode_imp
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, scale, num_splits, block_n, num_warps, num_stages,
-      keys_major):
+def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, block_table, scale, num_splits, block_n, num_warps,
+      num_stages, keys_major):
     return q.new_empty(q.shape)
 
 
 def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor,
-                      cache_seqlens: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                      num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0,
-                      keys_major: int = -1) -> Tensor:
+                      cache_seqlens: Optional[Tensor] = None, *, block_table: Optional[Tensor] = None,
+                      scale: Optional[float] = None, num_splits: int = 0, block_n: int = 0, num_warps: int = 0,
+                      num_stages: int = 0, keys_major: int = -1) -> Tensor:
     """MEA attention of a few new tokens over a cache of component heads (the ``mea::decode`` op).
 
     Args:
@@ -330,6 +357,11 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
         v_mix: value mixing matrix W^V (h', h).
         cache_seqlens: int (B,) keys valid for the LAST query of each row (clamped to T); query t sees
             keys ``[0, cache_seqlens[b] - Lq + t]``. None: every row holds T keys.
+        block_table: paged layout (as in vLLM / flash-attn's ``block_table``): int (B, max_pages); then
+            ``k_cache``/``v_cache`` are pools of pages (num_pages, h', page_size, d) and key n of row b
+            is slot ``n % page_size`` of page ``block_table[b, n // page_size]``; T = max_pages x
+            page_size. Needs ``cache_seqlens``. Entries past a row's length are never read; the others
+            must be valid page indices (not checked: that would cost a device sync per step).
         scale: softmax scale, default 1/sqrt(d).
         num_splits, block_n, num_warps, num_stages, keys_major: launch overrides (0, or -1 for
             keys_major, = chosen by ``decode_launch_config``); for tuning.
@@ -342,9 +374,18 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, h, Lq, d = q.shape
     hk = k_cache.shape[1]
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != d:
+    paged = block_table is not None
+    if k_cache.shape != v_cache.shape or (not paged and k_cache.shape[0] != B) or k_cache.shape[3] != d:
         raise ValueError(f"mea_decode_triton: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
-                         f"must both be (B={B}, h', T, d={d})")
+                         f"must both be " + (f"(pages, h', page_size, d={d})" if paged else f"(B={B}, h', T, d={d})"))
+    if paged:
+        if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"mea_decode_triton: block_table must be int32/int64 of shape ({B}, max_pages), got "
+                             f"{block_table.dtype} {tuple(block_table.shape)}")
+        if cache_seqlens is None:
+            raise ValueError("mea_decode_triton: a paged cache (block_table) needs cache_seqlens")
+        if block_table.device != q.device:
+            raise ValueError(f"mea_decode_triton: block_table is on {block_table.device}, q on {q.device}")
     if tuple(k_mix.shape) != (hk, h) or tuple(v_mix.shape) != (hk, h):
         raise ValueError(f"mea_decode_triton: k_mix {tuple(k_mix.shape)} and v_mix {tuple(v_mix.shape)} must be "
                          f"(h'={hk}, h={h})")
@@ -363,8 +404,9 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     op = _decode_op if torch.compiler.is_compiling() else _decode_impl
-    return op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(), scale,
-                      num_splits, block_n, num_warps, num_stages, keys_major)
+    return op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(),
+              block_table.contiguous() if paged else None, scale, num_splits, block_n, num_warps, num_stages,
+              keys_major)
 
 
 def _interpreting() -> bool:
