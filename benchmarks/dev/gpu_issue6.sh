@@ -5,8 +5,8 @@
 # round-robin repeats: the MEA/MHA gap is near the noise; then each one's kernels profiled), plus the
 # head norm alone; (c) Transformer.generate (125m, batch 64) with and without CUDA graphs; (d) the
 # decode kernel over a paged cache at the main shape.
-# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 8 files there: env.txt, pytest.log,
-# generate.log, generate.json, decode_paged.log, decode_paged.json, attention_train.log, attention_train.json)
+# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 10 files there: env.txt, pytest.log,
+# generate.*, decode_main.*, decode_paged.*, attention_train.* (.log and .json each))
 # Each part has its own time limit, so one that hangs cannot eat the others' time; the JSON files
 # are written as results come in.
 set -uo pipefail
@@ -39,7 +39,10 @@ timeout 75 python3 benchmarks/decode.py --generate --preset 125m --batch 64 --pr
 stamp generate $?
 tail -n 9 "$out/generate.log"
 
-# the decode kernel over a paged cache (main shape), against the same cache contiguous
+# the decode kernel at the main shapes (contiguous), then over a paged cache against the same cache contiguous
+timeout 60 python3 benchmarks/decode.py --shapes main --out "$out/decode_main.json" > "$out/decode_main.log" 2>&1
+stamp decode $?
+tail -n 6 "$out/decode_main.log"
 timeout 60 python3 benchmarks/decode.py --paged 16,64,256 --out "$out/decode_paged.json" > "$out/decode_paged.log" 2>&1
 stamp paged $?
 tail -n 4 "$out/decode_paged.log"
