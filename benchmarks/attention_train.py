@@ -31,7 +31,7 @@ from mea import ModelConfig  # noqa: E402
 from mea.layers import norm as norm_mod  # noqa: E402
 from mea.layers.attention import AttnInputs, MEAttention, build_attention  # noqa: E402
 from mea.layers.rope import RotaryEmbedding, apply_rope  # noqa: E402
-from mea.ops.attention import mix_heads, sdpa  # noqa: E402
+from mea.ops.attention import fold_mix_into_proj, mix_heads, sdpa  # noqa: E402
 from timing import cuda_ms_per_step  # noqa: E402
 
 SHAPE_MAIN = dict(batch=8, seq=2048, d_model=2048, n_heads=16)
@@ -49,6 +49,54 @@ class MEAMaterialized(MEAttention):
         return self._output(sdpa(q, k, v, causal=True))
 
 
+class _ChunkedFold(torch.autograd.Function):
+    """``fold_mix_into_proj`` whose mixing gradient, an (h' x h) result reduced over d x D (262k at
+    the main shape), is computed as 256 slices side by side and then summed. As one GEMM with a
+    16 x 16 output and that inner dimension it may keep only a few SMs busy; the profile says
+    whether that is where MEA's time above MHA's goes."""
+
+    @staticmethod
+    def forward(ctx, weight, mix, head_dim):
+        ctx.save_for_backward(weight, mix)
+        return fold_mix_into_proj(weight, mix, head_dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, mix = ctx.saved_tensors
+        hk, h = mix.shape
+        gg = g.reshape(h, -1)
+        w = weight.reshape(hk, -1).to(gg.dtype)
+        c = w.shape[1]
+        n = 256 if c % 256 == 0 else 1
+        g_weight = (mix.to(gg.dtype) @ gg).view(weight.shape).to(weight.dtype)
+        g_mix = torch.bmm(w.view(hk, n, c // n).transpose(0, 1), gg.view(h, n, c // n).permute(1, 2, 0)).sum(0)
+        return g_weight, g_mix.to(mix.dtype), None
+
+
+class MEAChunkedFoldGrad(MEAttention):
+    """MEA (training path) with the fold's mixing gradient in slices (``_ChunkedFold``)."""
+
+    def forward(self, x, a):
+        d = self.head_dim
+        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
+        k_w = _ChunkedFold.apply(self.k_proj.weight, self.k_mix, d)
+        v_w = _ChunkedFold.apply(self.v_proj.weight, self.v_mix, d)
+        k = apply_rope(self._heads(torch.nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
+        v = self._heads(torch.nn.functional.linear(x, v_w), self.n_heads)
+        return self._output(sdpa(q, k, v, causal=True))
+
+
+def check_chunked_fold() -> None:
+    """The sliced gradient equals autograd's on the plain fold (fp32, a random layer) before it is timed."""
+    w = torch.randn(4 * 8, 512, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6 * 8, 512, dtype=torch.float64)
+    want = torch.autograd.grad(fold_mix_into_proj(w, m, 8), (w, m), g)
+    got = torch.autograd.grad(_ChunkedFold.apply(w, m, 8), (w, m), g)
+    for a_, b_ in zip(got, want):
+        torch.testing.assert_close(a_, b_)
+
+
 def variant_specs(h: int) -> dict[str, dict]:
     """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel."""
     return {"mha": dict(attention="mha", head_norm=False),
@@ -59,7 +107,9 @@ def variant_specs(h: int) -> dict[str, dict]:
             "mea-tritonnorm": dict(attention="mea", head_norm=True, triton_norm=True),
             "mea-nonorm": dict(attention="mea", head_norm=False),
             "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
-            "mea-materialized": dict(attention="mea", head_norm=True)}
+            "mea-materialized": dict(attention="mea", head_norm=True),
+            "mea-chunkedgrad": dict(attention="mea", head_norm=True),
+            "mea-nonorm-chunkedgrad": dict(attention="mea", head_norm=False)}
 
 
 def time_layer(layer, x, a, steps, warmup):
@@ -185,6 +235,7 @@ def main():
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
+    check_chunked_fold()
     has_triton_norm = norm_mod._triton_head_norm is not None
     if not has_triton_norm:
         print("note: the Triton head norm is unavailable here; '-tritonnorm' variants equal the others")
@@ -221,7 +272,9 @@ def main():
             use_triton = kw.pop("triton_norm", False) and has_triton_norm
             cfg = ModelConfig(vocab_size=256, d_model=sh["d_model"], n_layers=1, n_heads=h, max_seq_len=sh["seq"], **kw)
             torch.manual_seed(0)
-            layer = (MEAMaterialized(cfg, 0) if name == "mea-materialized" else build_attention(cfg, 0)).cuda()
+            cls = (MEAMaterialized if name == "mea-materialized" else
+                   MEAChunkedFoldGrad if name.endswith("chunkedgrad") else None)
+            layer = (cls(cfg, 0) if cls else build_attention(cfg, 0)).cuda()
             fn = layer if args.eager else torch.compile(layer)
             pos = torch.arange(sh["seq"], device="cuda")[None].expand(sh["batch"], -1)
             cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(pos, torch.bfloat16)
