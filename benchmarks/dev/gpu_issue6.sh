@@ -51,5 +51,5 @@ tail -n 4 "$out/decode_paged.log"
 timeout 170 python3 benchmarks/attention_train.py --shapes main --repeats 9 --norm-kernel \
   --variants mha,mea,mea-tritonnorm,mea-nonorm,mea-chunkedgrad,mea-nonorm-chunkedgrad --profile --out "$out/attention_train.json" > "$out/attention_train.log" 2>&1
 stamp attention_train $?
-tail -n 12 "$out/attention_train.log"
+tail -n 45 "$out/attention_train.log"
 echo "total $((SECONDS - start)) s"
