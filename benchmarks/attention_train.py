@@ -278,7 +278,18 @@ def main():
             fn = layer if args.eager else torch.compile(layer)
             pos = torch.arange(sh["seq"], device="cuda")[None].expand(sh["batch"], -1)
             cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(pos, torch.bfloat16)
+            # Compile and run it once here: a variant that fails is reported and skipped, not fatal.
+            saved_flag = norm_mod.TRITON_HEAD_NORM
+            try:
+                norm_mod.TRITON_HEAD_NORM = use_triton
+                time_layer(fn, x, AttnInputs(cos=cos, sin=sin), 1, 1)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name}: failed ({type(e).__name__}: {str(e)[:200]}); skipped", flush=True)
+                continue
+            finally:
+                norm_mod.TRITON_HEAD_NORM = saved_flag
             steps[name] = (fn, AttnInputs(cos=cos, sin=sin), use_triton)
+        names = [n for n in names if n in steps]
         times = {n: [] for n in names}
         saved_flag = norm_mod.TRITON_HEAD_NORM
         try:
