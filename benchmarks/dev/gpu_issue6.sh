@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU, in about 5 minutes: (a) the GPU tests of the head-norm kernel, CUDA-graph decoding,
+# Issue 6 on one GPU, in about 7 minutes: (a) the GPU tests of the head-norm kernel, CUDA-graph decoding,
 # the decode kernel (contiguous and paged) and calibration; (b) one attention layer's training step at
 # the main shape with the Triton head norm, the compiled PyTorch head norm, no head norm, and MHA (9
 # round-robin repeats: the MEA/MHA gap is near the noise; then each one's kernels profiled), plus the
 # head norm alone; (c) Transformer.generate (125m, batch 64) with and without CUDA graphs; (d) the
-# decode kernel over a paged cache at the main shape.
-# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 10 files there: env.txt, pytest.log,
-# generate.*, decode_main.*, decode_paged.*, attention_train.* (.log and .json each))
+# decode kernel over a paged cache at the main shape; (e) the whole 125m model's training step, 5 round-robin
+# repeats.
+# Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes 12 files there: env.txt, pytest.log,
+# generate.*, decode_main.*, decode_paged.*, attention_train.*, train_throughput.* (.log and .json each))
 # Each part has its own time limit, so one that hangs cannot eat the others' time; the JSON files
 # are written as results come in.
 set -uo pipefail
@@ -52,4 +53,9 @@ timeout 170 python3 benchmarks/attention_train.py --shapes main --repeats 9 --no
   --variants mha,mea,mea-tritonnorm,mea-nonorm,mea-chunkedgrad,mea-nonorm-chunkedgrad --profile --out "$out/attention_train.json" > "$out/attention_train.log" 2>&1
 stamp attention_train $?
 tail -n 45 "$out/attention_train.log"
+# (e) the whole 125m model's training step (the goal's number), round-robin with medians
+timeout 170 python3 benchmarks/train_throughput.py --compile --only mha,mha+norm,mea,mea-nonorm --repeats 5 \
+  --out "$out/train_throughput.json" > "$out/train_throughput.log" 2>&1
+stamp train_throughput $?
+tail -n 8 "$out/train_throughput.log"
 echo "total $((SECONDS - start)) s"
