@@ -330,6 +330,10 @@ def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0
         table, summary["head_norm_init"] = lr_table(rows, tolerance)
         parts += ["## Follow-up: the head norm's initial scale (seed 0)", "", table, ""]
         copy_metrics(root / "head_norm_init", dest / "metrics")
+    if (root / "head_norm_seeds" / "results.csv").is_file():
+        table, summary["head_norm_seeds"] = convergence_table(read_results(root / "head_norm_seeds"))
+        parts += ["## Follow-up: the head norm started at 0.1, three seeds at lr 1e-3", "", table, ""]
+        copy_metrics(root / "head_norm_seeds", dest / "metrics")
     fit = root / "lr_scaling" / "fit" / "lr_scaling.json"
     if fit.is_file():
         parts += ["## Experiment 5: learning rate from a scaling fit", "", scaling_table(json.loads(fit.read_text())), ""]

@@ -44,6 +44,8 @@ def test_report_tables_and_plots(tmp_path):
     with open(runs / "convergence" / "results.csv", "a") as f:
         f.write("mha,0.003,0,finished,4.8,4.8,4,400,runs/study/convergence/mha/lr3.00e-03_s0\n")
         f.write("mea,0.003,0,finished,4.7,4.7,4,400,runs/study/convergence/mea/lr3.00e-03_s0\n")
+    _sweep(runs, "head_norm_seeds", {("mha", 1e-3, 0): 4.9, ("mha", 1e-3, 1): 4.92,
+                                     ("mea:head_norm_init=0.1", 1e-3, 0): 4.88, ("mea:head_norm_init=0.1", 1e-3, 1): 4.86})
     # a compression table with one healing run
     comp = runs / "compress_own"
     (comp / "kv4-svd-healed").mkdir(parents=True)
@@ -66,6 +68,8 @@ def test_report_tables_and_plots(tmp_path):
     # mea's mean curve reaches mha's final 4.81 before the end of its budget
     row = next(line for line in text.splitlines() if line.startswith("| mea |") and "M |" in line)
     assert float(row.split("|")[3]) < 1.0
+    assert "## Follow-up: the head norm started at 0.1, three seeds at lr 1e-3" in text
+    assert "| mea:head_norm_init=0.1 | 1.0e-03 | 2 | 4.8700 | 0.0200 | 4.8800, 4.8600 |" in text
     assert "Experiment 3: not run yet" in text and "Experiment 5: not run yet" in text
     for png in ("loss_vs_lr.png", "convergence.png", "healing.png"):
         assert (out / png).stat().st_size > 1000

