@@ -36,15 +36,19 @@ MAX_SPLITS = 256
 
 
 @triton.jit
-def _key_offsets(offs_n, n_ok, bt_row, stride_p, stride_n, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Memory offsets of keys/values ``offs_n`` of one row: contiguous, or through the row's block table
-    (key n lives in page ``bt_row[n // PAGE]`` at slot ``n % PAGE``)."""
+def _kv_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, stride_vp, stride_vn,
+                PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Memory offsets of keys and values ``offs_n`` of one row: contiguous, or through the row's block
+    table (key n lives in page ``bt_row[n // PAGE]`` at slot ``n % PAGE``; one table read for both)."""
     if PAGED:
         page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        off = page * stride_p + (offs_n % PAGE) * stride_n
+        slot = offs_n % PAGE
+        kn = page * stride_kp + slot * stride_kn
+        vn = page * stride_vp + slot * stride_vn
     else:
-        off = offs_n * stride_n
-    return off
+        kn = offs_n * stride_kn
+        vn = offs_n * stride_vn
+    return kn, vn
 
 
 @triton.jit
@@ -62,8 +66,7 @@ def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        kn = _key_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, PAGED, PAGE)
-        vn = _key_offsets(offs_n, n_ok, bt_row, stride_vp, stride_vn, PAGED, PAGE)
+        kn, vn = _kv_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, stride_vp, stride_vn, PAGED, PAGE)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for j in range(HK):
             k = tl.load(k_base + j * stride_kh + kn[None, :] + offs_d[:, None] * stride_kd,
@@ -104,8 +107,7 @@ def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        kn = _key_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, PAGED, PAGE)
-        vn = _key_offsets(offs_n, n_ok, bt_row, stride_vp, stride_vn, PAGED, PAGE)
+        kn, vn = _kv_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, stride_vp, stride_vn, PAGED, PAGE)
         s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for j in range(HK):
             k = tl.load(k_base + j * stride_kh + kn[:, None] + offs_d[None, :] * stride_kd,
