@@ -85,7 +85,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       layers: str = "all", out: str = "benchmarks/results/compression", corpus: str = "prose",
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
                       heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
-                      heal_mixing_lr_mult: float = 1.0, heal_original: bool = False,
+                      heal_mixing_lr_mult: float = 1.0, heal_original: bool = False, heal_seed: int = 0,
                       tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
                       batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True,
                       eval_at_end: bool = False, eval_gpus: Optional[list[int]] = None,
@@ -112,6 +112,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         heal_original: also heal the uncompressed model with the same tokens (row "healed", init "-"):
             the control that tells what healing gains from the corpus alone, e.g. when the corpus is
             not the model's own pretraining text.
+        heal_seed: seed of the healing runs (their data order); healing at
+            h' = 1 can vary severalfold between runs, so repeat a table with other seeds (and --out).
         tasks: zero-shot tasks for `mea evaluate` (None: no zero-shot columns).
         limit: examples per zero-shot task (None: all).
         device: cpu, cuda.
@@ -140,6 +142,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
     settings["val_windows"] = list(val.shape)
     if heal_original:  # only when set, so that tables made before this option continue
         settings["heal_original"] = True
+    if heal_seed:  # likewise
+        settings["heal_seed"] = heal_seed
     done = _earlier_rows(out_dir, settings)
     rows: list[dict] = []
     deferred: list[tuple[int, str]] = []  # (row index, model path) scored at the end (eval_at_end)
@@ -218,7 +222,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                          train=TrainConfig(max_steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr,
                                            warmup_steps=max(1, heal_steps // 20), log_every=max(1, heal_steps // 50),
                                            eval_every=heal_steps, eval_batches=4, save_every=heal_steps,
-                                           mixing_lr_mult=heal_mixing_lr_mult),
+                                           mixing_lr_mult=heal_mixing_lr_mult, seed=heal_seed),
                          resume=(run / "config.yaml").is_file(), device=device, progress=True)
             measure("healed", h, init, stage, str(run))
     if deferred:

@@ -470,6 +470,11 @@ def test_compression_table_continues_an_interrupted_call(tmp_path):
     third = mod.compression_table(str(run), **{**kw, "heal_original": True})
     assert strip(third[:3]) == strip(second[:3]) and strip(third[4:]) == strip(second[3:])
     assert (third[3]["model"], third[3]["init"]) == ("healed", "-")
+    # Another healing seed (its own folder): same conversions, other data order, another healed model.
+    other = mod.compression_table(str(run), **{**kw, "out": str(tmp_path / "seed1"), "heal_seed": 1})
+    assert strip(other[:3]) == [{**r, "path": r["path"].replace(str(out), str(tmp_path / "seed1"))} for r in strip(second[:3])]
+    assert other[3]["val_ppl"] != second[3]["val_ppl"]
+    assert json.loads((tmp_path / "seed1" / "results.json").read_text())["settings"]["heal_seed"] == 1
 
 
 def byte_tokenizer():
