@@ -366,20 +366,22 @@ def test_config_errors_are_clear(tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path, corpus, parallel):
     """2 ranks x batch 2 see exactly the samples of 1 process x batch 2 x 2 micro-batches, so the
-    losses agree; with FSDP a halted run also resumes exactly (gloo on CPU)."""
+    losses agree; with FSDP a halted run also resumes exactly (gloo on CPU). One evaluation batch, so
+    one rank has none of its own: DDP's forward broadcasts buffers, and uneven numbers of evaluation
+    forwards once hung the ranks in mismatched collectives."""
     one = tmp_path / "one"
     run(one, corpus, steps=6, save_every=3, train={"grad_accum": 2})
     args = ["--preset=tiny", f"--model={json.dumps(MICRO)}", f"--data.corpus={corpus}", "--data.seq_len=32",
             "--train.max_steps=6", "--train.batch_size=2", "--train.lr=3e-3", "--train.warmup_steps=2",
-            "--train.log_every=1", "--train.eval_every=4", "--train.eval_batches=2", "--train.save_every=3",
+            "--train.log_every=1", "--train.eval_every=4", "--train.eval_batches=1", "--train.save_every=3",
             "--device=cpu", "--progress=false", f"--parallel={parallel}"]
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "mea.cli", "pretrain", f"--out={two}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(torchrun + args + ["--halt_after=4"], check=True, env=env, capture_output=True)
+    subprocess.run(torchrun + args + ["--halt_after=4"], check=True, env=env, capture_output=True, timeout=300)
     subprocess.run(torchrun + ["--resume=true", "--device=cpu", "--progress=false"], check=True, env=env,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
     a, b = losses(one), losses(two)
     assert [s for s, _ in b] == list(range(1, 7))
     assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)

@@ -73,17 +73,23 @@ def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Opti
 @torch.no_grad()
 def evaluate_loss(model, val, data: DataConfig, batch_size: int, max_batches: int, device: str,
                   autocast, info: D.DistInfo) -> float:
-    """Mean validation loss over the same fixed windows every time, split across ranks."""
+    """Mean validation loss over the same fixed windows every time, split across ranks.
+
+    Every rank runs the same number of forward passes (a rank short of a batch repeats the first one
+    and does not count it): a DDP or FSDP forward holds collectives, and ranks that ran different
+    numbers of them would wait on each other forever."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    for i, (x, y) in enumerate(val.eval_batches(batch_size, data.seq_len, max_batches)):
-        if i % info.world_size != info.rank:
-            continue
+    batches = list(val.eval_batches(batch_size, data.seq_len, max_batches))
+    for j in range(-(-len(batches) // info.world_size)):
+        i = j * info.world_size + info.rank
+        x, y = batches[i] if i < len(batches) else batches[0]
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        total[1] += y.numel()
+        if i < len(batches):
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            total[1] += y.numel()
     if info.enabled:
         torch.distributed.all_reduce(total)
     model.train()
