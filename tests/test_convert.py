@@ -662,3 +662,45 @@ def test_calibration_on_the_gpu_matches_the_cpu(tmp_path):
     assert next(model.parameters()).device.type == "cpu" and gpu.n_tokens == cpu.n_tokens
     for a, b in zip(cpu.covariances, gpu.covariances):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item())
+
+
+def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
+    """`mea pretrain --init-from` a model with its own tokenizer and a GPT-2 corpus re-tokenizes the
+    corpus for it (GPT-2 ids would silently mean other tokens); a corpus already in the model's
+    tokenizer, even one whose tokenizer.json was re-saved, is used as it is; a GPT-2 model given a
+    re-tokenized corpus reads its GPT-2 source; a corpus with no known source is a clear error."""
+    import shutil
+
+    import yaml
+
+    transformers = pytest.importorskip("transformers")
+    from mea.convert.corpus import corpus_in_model_tokens
+    from mea.data.shards import read_manifest
+    from mea.train.config import DataConfig, TrainConfig
+    from mea.train.pretrain import pretrain
+
+    src = byte_tokenizer_folder(tmp_path / "llama")
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    gpt2 = tiny_corpus(tmp_path / "corpus")
+    run = tmp_path / "healed"
+    pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(gpt2), seq_len=32),
+             train=TrainConfig(max_steps=1, batch_size=2, eval_every=1, eval_batches=1, save_every=1, log_every=1),
+             device="cpu", compile=False, progress=False)
+    used = yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus"]
+    assert used != str(gpt2) and read_manifest(used)["tokenizer"]["vocab_size"] == 257
+    assert corpus_in_model_tokens(used, src) == used
+    resaved = tmp_path / "resaved"
+    transformers.AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(resaved))
+    assert corpus_in_model_tokens(used, resaved) == used
+    assert corpus_in_model_tokens(used, None) == str(gpt2.resolve())
+    assert corpus_in_model_tokens(str(gpt2), None) == str(gpt2)
+    orphan = tmp_path / "orphan"
+    shutil.copytree(used, orphan)
+    m = json.loads((orphan / "manifest.json").read_text())
+    m.pop("source")
+    (orphan / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="no GPT-2 source"):
+        corpus_in_model_tokens(str(orphan), None)

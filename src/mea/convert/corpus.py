@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -116,7 +117,8 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
         splits[split] = {"shards": writer.close(), "tokens": writer.num_tokens, "source_tokens": n_src}
     (tmp / MANIFEST).write_text(json.dumps({
         "format": FORMAT, "complete": True, "splits": splits, "source": str(src.resolve()),
-        "tokenizer": {"name": "tokenizer.json", "sha256": tok_sha, "vocab_size": vocab, "eos_token_id": eos},
+        "tokenizer": {"name": "tokenizer.json", "sha256": tok_sha, "vocab_size": vocab, "eos_token_id": eos,
+                      "vocab_sha256": _vocab_fingerprint(tok.get_vocab(with_added_tokens=True))},
     }, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -138,6 +140,53 @@ def corpus_for_model(tokenizer_dir: Optional[Path], corpus: str = "prose",
     if tokenizer_dir is None:
         return gpt2_corpus_dir(corpus)
     return retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", corpus, max_tokens=max_tokens)
+
+
+def _vocab_fingerprint(vocab: dict[str, int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+
+
+def vocab_fingerprint(tokenizer_json: str | Path) -> str:
+    """A hash of a tokenizer's token -> id map: equal for the same tokenizer however its file was
+    written (``save_pretrained`` rewrites tokenizer.json; a byte hash would change)."""
+    from tokenizers import Tokenizer
+
+    return _vocab_fingerprint(Tokenizer.from_file(str(tokenizer_json)).get_vocab(with_added_tokens=True))
+
+
+def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: bool = True) -> str:
+    """``corpus`` (a built-in name or a prepared directory) as a model whose tokenizer is in
+    ``tokenizer_dir`` (``None``: GPT-2) must read it: unchanged when it is in the model's tokenizer,
+    else its GPT-2 source re-tokenized for the model (cached, once). Without a GPT-2 source that is an
+    error: the ids would silently mean other tokens to the model."""
+    from ..data.shards import MANIFEST, read_manifest
+    from ..data.tokenizer import load_tokenizer
+
+    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"model: its tokenizer in {tokenizer_dir} has no tokenizer.json (a fast tokenizer), "
+                         "which re-tokenizing a corpus needs")
+    path = Path(corpus) if Path(corpus).is_dir() else gpt2_corpus_dir(corpus)
+    manifest = read_manifest(path)
+    tok = manifest.get("tokenizer", {})
+    in_gpt2 = tok.get("name", "gpt2") == "gpt2"
+    want = vocab_fingerprint(Path(tokenizer_dir) / "tokenizer.json") if tokenizer_dir is not None else None
+    if want is None or want == _vocab_fingerprint(load_tokenizer().backend.get_vocab(with_added_tokens=True)):
+        want = "gpt2"  # the model reads GPT-2 ids (a mea model, possibly exported with GPT-2's tokenizer)
+    have = "gpt2" if in_gpt2 else tok.get("vocab_sha256")
+    if have == want:
+        return corpus
+    source = path if in_gpt2 else Path(manifest.get("source") or "/nonexistent")
+    if (source / MANIFEST).is_file():  # the same text, in the model's ids
+        out = source if want == "gpt2" else retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", str(source))
+        if verbose:
+            print(f"data.corpus: {path} is not in the model's tokenizer; reading {out} (its text in the model's "
+                  "ids)", file=sys.stderr)
+        return str(out)
+    raise ValueError(f"data.corpus: {path} is in another tokenizer ({tok.get('name')}, {tok.get('vocab_size')} ids) "
+                     f"than the model's ({'GPT-2' if want == 'gpt2' else Path(tokenizer_dir) / 'tokenizer.json'}), "
+                     "and no GPT-2 source corpus to re-tokenize is known; give a GPT-2 corpus instead")
 
 
 def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, window: int, corpus: str = "prose",

@@ -43,6 +43,22 @@ def _open_data(data: DataConfig, split: str):
     return TokenDataset(path, split)
 
 
+def _data_in_model_tokens(data: DataConfig, init_from: str, info) -> DataConfig:
+    """A model continued from weights reads its corpus in its own tokenizer's ids: a GPT-2 corpus is
+    re-tokenized for it (rank 0 first, then the others find it cached)."""
+    from ..convert.corpus import corpus_in_model_tokens
+    from ..models.export import tokenizer_folder
+
+    tok_dir = tokenizer_folder(init_from)
+    distributed = info.world_size > 1
+    if distributed and not info.is_main:
+        torch.distributed.barrier()
+    corpus = corpus_in_model_tokens(data.corpus, tok_dir, verbose=info.is_main)
+    if distributed and info.is_main:
+        torch.distributed.barrier()
+    return dataclasses.replace(data, corpus=corpus)
+
+
 def load_init_model(path: str) -> Transformer:
     """Weights to continue from: a mea run/checkpoint, or a Hugging Face folder (MEA or LLaMA)."""
     p = Path(path)
@@ -154,6 +170,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         cfg = net.config
         if cfg.max_seq_len < data.seq_len:
             cfg.max_seq_len = data.seq_len
+        data = _data_in_model_tokens(data, init_from, info)
     else:
         cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
         net = Transformer(cfg)
