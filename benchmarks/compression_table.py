@@ -8,7 +8,7 @@ Writes OUT/results.json (every number and the settings) and OUT/table.md.
     python benchmarks/compression_table.py MODEL_DIR --kv_heads '[2, 1]' --out OUT_DIR
     python benchmarks/compression_table.py --config configs/compression/smollm2_table.yaml
 
-Healing (``--heal_steps N``) runs `mea pretrain --init-from` on each converted model; it needs a GPU
+Healing (``--heal_steps N``) runs `mea pretrain --init_from` on each converted model; it needs a GPU
 for SmolLM2-sized models. ``--heal_steps 0`` gives the before-healing part alone.
 """
 from __future__ import annotations

@@ -540,7 +540,7 @@ def test_compression_table_takes_a_sweeps_best_run(tmp_path):
 
 
 def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
-    """`mea pretrain --init-from` a model with its own tokenizer (SmolLM2, or one converted from it)
+    """`mea pretrain --init_from` a model with its own tokenizer (SmolLM2, or one converted from it)
     keeps that tokenizer in RUN/tokenizer; evaluation and export of the run use it, not GPT-2 (whose
     ids would index past the model's embedding), and a run that lost it is a clear error."""
     import shutil
@@ -665,7 +665,7 @@ def test_calibration_on_the_gpu_matches_the_cpu(tmp_path):
 
 
 def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
-    """`mea pretrain --init-from` a model with its own tokenizer and a GPT-2 corpus re-tokenizes the
+    """`mea pretrain --init_from` a model with its own tokenizer and a GPT-2 corpus re-tokenizes the
     corpus for it (GPT-2 ids would silently mean other tokens); a corpus already in the model's
     tokenizer, even one whose tokenizer.json was re-saved, is used as it is; a GPT-2 model given a
     re-tokenized corpus reads its GPT-2 source; a corpus with no known source is a clear error."""

@@ -404,7 +404,7 @@ def convert_loaded(src: Transformer, tokenizer_dir: Optional[Path], kv_heads: in
               "a higher lr on the mixing, --train.mixing_lr_mult, helps; see docs/compression.md)", file=sys.stderr)
     print(f"wrote {out_dir}")
     # What healed best in the study (docs/results.md, experiment 4): a fine-tuning lr, the mixing 300x faster.
-    print(f"heal it with, e.g.: mea pretrain --init-from {out_dir} --out {out_dir}-healed --train.lr 1e-4 "
+    print(f"heal it with, e.g.: mea pretrain --init_from {out_dir} --out {out_dir}-healed --train.lr 1e-4 "
           "--train.mixing_lr_mult 300")
     return report
 

@@ -105,7 +105,7 @@ def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any
     if len(tok) > vocab:
         raise ValueError(f"model: {path} has {vocab:,} token embeddings but its tokenizer has {len(tok):,} ids; "
                          "a run continued from another model's weights needs that model's tokenizer "
-                         "(mea pretrain --init-from keeps it in RUN/tokenizer)")
+                         "(mea pretrain --init_from keeps it in RUN/tokenizer)")
     return hf.to(device).eval(), tok, kind
 
 

@@ -9,7 +9,7 @@
   :func:`load_transformer` also takes a run or checkpoint directory.
 - :func:`write_remote_code` puts the files that ``trust_remote_code=True`` needs into a folder.
 - :func:`tokenizer_folder` finds the tokenizer a model was trained with (an HF folder's own files, or
-  the ``tokenizer/`` a run started ``--init-from`` such a folder keeps); ``None`` means mea's GPT-2.
+  the ``tokenizer/`` a run started ``--init_from`` such a folder keeps); ``None`` means mea's GPT-2.
 
 transformers is imported inside the functions that need it.
 """
@@ -67,7 +67,7 @@ def tokenizer_folder(model: PathLike) -> Optional[Path]:
     """The folder holding the tokenizer of ``model`` (an HF folder, a run or a checkpoint directory).
 
     An HF folder answers for itself. A run continued from a model with its own tokenizer (``mea pretrain
-    --init-from`` an HF folder, e.g. SmolLM2 or a converted model) keeps a copy in ``RUN/tokenizer``,
+    --init_from`` an HF folder, e.g. SmolLM2 or a converted model) keeps a copy in ``RUN/tokenizer``,
     found from the run or from any of its checkpoints. ``None``: the model uses mea's GPT-2 tokenizer.
     """
     p = Path(model).expanduser()
