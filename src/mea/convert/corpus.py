@@ -177,6 +177,11 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     have = "gpt2" if in_gpt2 else tok.get("vocab_sha256")
     if have == want:
         return corpus
+    if not in_gpt2 and want != "gpt2" and "vocab_sha256" not in tok:  # made before the vocabulary hash
+        from ..data.fetch import sha256_file
+
+        if tok.get("sha256") == sha256_file(Path(tokenizer_dir) / "tokenizer.json"):
+            return corpus
     source = path if in_gpt2 else Path(manifest.get("source") or "/nonexistent")
     if (source / MANIFEST).is_file():  # the same text, in the model's ids
         out = source if want == "gpt2" else retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", str(source))
