@@ -1,6 +1,7 @@
 """torchrun support: process group set-up, DDP or FSDP2 wrapping, full state dicts for checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,18 @@ def setup(device: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return DistInfo(rank, world, local)
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo):
+    """Run the block on rank 0, then on the other ranks: for work that fills a cache they share (a corpus
+    prepared or re-tokenized on first use), which two ranks must not write at once; the others then
+    find it done."""
+    if info.enabled and not info.is_main:
+        dist.barrier()
+    yield
+    if info.enabled and info.is_main:
+        dist.barrier()
 
 
 def teardown(info: DistInfo) -> None:

@@ -43,20 +43,13 @@ def _open_data(data: DataConfig, split: str):
     return TokenDataset(path, split)
 
 
-def _data_in_model_tokens(data: DataConfig, init_from: str, info) -> DataConfig:
+def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> DataConfig:
     """A model continued from weights reads its corpus in its own tokenizer's ids: a GPT-2 corpus is
-    re-tokenized for it (rank 0 first, then the others find it cached)."""
+    re-tokenized for it (cached)."""
     from ..convert.corpus import corpus_in_model_tokens
     from ..models.export import tokenizer_folder
 
-    tok_dir = tokenizer_folder(init_from)
-    distributed = info.world_size > 1
-    if distributed and not info.is_main:
-        torch.distributed.barrier()
-    corpus = corpus_in_model_tokens(data.corpus, tok_dir, verbose=info.is_main)
-    if distributed and info.is_main:
-        torch.distributed.barrier()
-    return dataclasses.replace(data, corpus=corpus)
+    return dataclasses.replace(data, corpus=corpus_in_model_tokens(data.corpus, tokenizer_folder(init_from), verbose))
 
 
 def load_init_model(path: str) -> Transformer:
@@ -170,11 +163,13 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         cfg = net.config
         if cfg.max_seq_len < data.seq_len:
             cfg.max_seq_len = data.seq_len
-        data = _data_in_model_tokens(data, init_from, info)
     else:
         cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
         net = Transformer(cfg)
-    train_ds, val_ds = _open_data(data, "train"), _open_data(data, "val")
+    with D.main_first(info):  # preparing or re-tokenizing the corpus fills a shared cache
+        if init_from:
+            data = _data_in_model_tokens(data, init_from, verbose=info.is_main)
+        train_ds, val_ds = _open_data(data, "train"), _open_data(data, "val")
     if train_ds.vocab_size > cfg.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.vocab_size} is smaller than the corpus tokenizer's {train_ds.vocab_size}")
 
