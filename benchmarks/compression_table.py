@@ -128,7 +128,6 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
     """
     from mea.convert.convert import calibrate, convert_loaded, load_source
     from mea.convert.corpus import corpus_for_model, corpus_windows
-    from mea.eval.many import result_dirname
 
     model = str(Path(model).expanduser())
     model = best_run(model, variant) if (Path(model) / "results.csv").is_file() else model
@@ -172,7 +171,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
     stage = _heal_stage(heal_steps, heal_batch_size, heal_seq_len)
 
     def needs_weights(key: tuple, path: Path, zero_shot: bool) -> bool:
-        scored = "zero_shot" in done.get(key, {}) or (out_dir / "zero_shot" / result_dirname(path.name) / "results.json").is_file()
+        scored = "zero_shot" in done.get(key, {}) or _score_file(out_dir, path).is_file()
         return bool(tasks) and zero_shot and not scored
 
     def heal_run(h: int, init: str) -> Path:
@@ -241,19 +240,24 @@ def collect_zero_shot(out: str | Path) -> list[dict]:
     """Fill the rows of OUT/results.json that lack zero-shot scores from OUT/zero_shot/, where
     evaluate-many leaves one folder per model as it finishes it. A call stopped while scoring at the end
     thus keeps the models it scored; it also serves a report made from such a folder."""
-    from mea.eval.many import result_dirname
-
     out_dir = Path(out)
     saved = json.loads((out_dir / "results.json").read_text())
     rows, found = saved["rows"], False
     for row in rows:
-        f = out_dir / "zero_shot" / result_dirname(Path(row.get("path", "")).name) / "results.json"
+        f = _score_file(out_dir, Path(row.get("path", "")))
         if "zero_shot" not in row and f.is_file():
             row["zero_shot"] = _summary(json.loads(f.read_text()), saved["settings"].get("limit"))
             found = True
     if found:
         _save(out_dir, saved["settings"], rows)
     return rows
+
+
+def _score_file(out_dir: Path, model: Path) -> Path:
+    """Where the end-of-table `mea evaluate-many` writes the zero-shot scores of ``model``."""
+    from mea.eval.many import result_dirname
+
+    return out_dir / "zero_shot" / result_dirname(model.name) / "results.json"
 
 
 def _heal_stage(steps: int, batch_size: int, seq_len: int) -> str:

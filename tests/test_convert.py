@@ -490,6 +490,19 @@ def byte_tokenizer():
     return tok
 
 
+def byte_llama_folder(path):
+    """A tiny random LlamaForCausalLM (260 ids) saved with ``byte_tokenizer``: an HF model whose own
+    tokenizer is not GPT-2, as SmolLM2 is."""
+    import transformers
+
+    src = byte_tokenizer_folder(path)
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    return src
+
+
 def byte_tokenizer_folder(path):
     """``byte_tokenizer`` as an HF tokenizer folder."""
     path.mkdir(parents=True, exist_ok=True)
@@ -545,18 +558,14 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
     ids would index past the model's embedding), and a run that lost it is a clear error."""
     import shutil
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from mea.convert.corpus import retokenize_corpus
     from mea.eval.evaluate import load_for_eval
     from mea.models.export import export_hf, tokenizer_folder
     from mea.train.pretrain import pretrain
     from mea.train.config import DataConfig, TrainConfig
 
-    src = byte_tokenizer_folder(tmp_path / "llama")
-    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    src = byte_llama_folder(tmp_path / "llama")
     assert tokenizer_folder(src) == src
     corpus = retokenize_corpus(src / "tokenizer.json", str(tiny_corpus(tmp_path / "corpus")), out=tmp_path / "re",
                                progress=False)
@@ -679,11 +688,7 @@ def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
     from mea.train.config import DataConfig, TrainConfig
     from mea.train.pretrain import pretrain
 
-    src = byte_tokenizer_folder(tmp_path / "llama")
-    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    src = byte_llama_folder(tmp_path / "llama")
     gpt2 = tiny_corpus(tmp_path / "corpus")
     run = tmp_path / "healed"
     pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(gpt2), seq_len=32),

@@ -225,11 +225,11 @@ def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
     cfg_file = p / "config.json"
     if cfg_file.exists():
         model_type = json.loads(cfg_file.read_text()).get("model_type")
-        if model_type == "llama" and tokenizer_folder(p) is None:
-            # Without one, calibration would read GPT-2 ids as if they were this model's.
-            raise FileNotFoundError(f"model: {p} has no tokenizer files (tokenizer.json); copy the model's "
-                                    "tokenizer into the folder")
         if model_type == "llama":
+            if tokenizer_folder(p) is None:
+                # Without one, calibration would read GPT-2 ids as if they were this model's.
+                raise FileNotFoundError(f"model: {p} has no tokenizer files (tokenizer.json); copy the model's "
+                                        "tokenizer into the folder")
             from ..models.export import load_hf_llama
 
             model = load_hf_llama(p)

@@ -167,7 +167,7 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise ValueError(f"model: its tokenizer in {tokenizer_dir} has no tokenizer.json (a fast tokenizer), "
                          "which re-tokenizing a corpus needs")
-    path = Path(corpus) if Path(corpus).is_dir() else gpt2_corpus_dir(corpus)
+    path = gpt2_corpus_dir(corpus)
     manifest = read_manifest(path)
     tok = manifest.get("tokenizer", {})
     in_gpt2 = tok.get("name", "gpt2") == "gpt2"
