@@ -32,7 +32,7 @@ from mea.layers import norm as norm_mod  # noqa: E402
 from mea.layers.attention import AttnInputs, MEAttention, build_attention  # noqa: E402
 from mea.layers.rope import RotaryEmbedding, apply_rope  # noqa: E402
 from mea.ops.attention import fold_mix_into_proj, mix_heads, sdpa  # noqa: E402
-from timing import cuda_ms_per_step  # noqa: E402
+from timing import allow_compiled_variants, cuda_ms_per_step  # noqa: E402
 
 SHAPE_MAIN = dict(batch=8, seq=2048, d_model=2048, n_heads=16)
 SHAPES = {"main": [SHAPE_MAIN], "all": [SHAPE_MAIN, dict(batch=16, seq=1024, d_model=768, n_heads=12)]}
@@ -76,14 +76,8 @@ class _ChunkedFold(torch.autograd.Function):
 class MEAChunkedFoldGrad(MEAttention):
     """MEA (training path) with the fold's mixing gradient in slices (``_ChunkedFold``)."""
 
-    def forward(self, x, a):
-        d = self.head_dim
-        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
-        k_w = _ChunkedFold.apply(self.k_proj.weight, self.k_mix, d)
-        v_w = _ChunkedFold.apply(self.v_proj.weight, self.v_mix, d)
-        k = apply_rope(self._heads(torch.nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
-        v = self._heads(torch.nn.functional.linear(x, v_w), self.n_heads)
-        return self._output(sdpa(q, k, v, causal=True))
+    def _fold(self, weight, mix):
+        return _ChunkedFold.apply(weight, mix, self.head_dim)
 
 
 def check_chunked_fold() -> None:
@@ -230,11 +224,7 @@ def main():
         sys.exit("needs a CUDA device")
     import triton
 
-    # Every variant stays compiled while the others are timed (round-robin), so allow more than the
-    # default number of compiled versions per code object.
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
+    allow_compiled_variants()
     check_chunked_fold()
     has_triton_norm = norm_mod._triton_head_norm is not None
     if not has_triton_norm:

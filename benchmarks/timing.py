@@ -18,3 +18,11 @@ def cuda_ms_per_step(step: Callable[[], None], steps: int, warmup: int) -> float
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / steps
+
+
+def allow_compiled_variants(n: int = 64) -> None:
+    """Let torch.compile keep ``n`` compiled versions per code object (default 8): variants timed
+    round-robin all stay compiled at once, and recompiling one between repeats would be timed."""
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, n)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mea import ModelConfig, Transformer  # noqa: E402
 from mea.train.pretrain import peak_flops  # noqa: E402
-from timing import cuda_ms_per_step  # noqa: E402
+from timing import allow_compiled_variants, cuda_ms_per_step  # noqa: E402
 
 
 def variants(preset: str) -> list[tuple[str, dict]]:
@@ -99,9 +99,7 @@ def main():
             print(f"{label:<16} {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:>12,.0f} tok/s  "
                   f"MFU {100 * (r['mfu'] or 0):5.1f}%", flush=True)
     else:  # all variants alive at once, timed round-robin, medians: slow clock drift hits all alike
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, 64)
+        allow_compiled_variants()
         built = [(label, kw, *build(args.preset, kw, args.batch, args.seq, args.compile, "cuda")) for label, kw in chosen]
         times = {label: [] for label, *_ in built}
         for i in range(args.repeats):

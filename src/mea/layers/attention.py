@@ -93,12 +93,15 @@ class MEAttention(Attention):
         self.k_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
         self.v_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
 
+    def _fold(self, weight: Tensor, mix: Tensor) -> Tensor:
+        """The training path's effective K or V weight (a method, so that a benchmark can swap its backward)."""
+        return fold_mix_into_proj(weight, mix, self.head_dim)
+
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         if a.cache is None:
-            d = self.head_dim
             q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
-            k_w = fold_mix_into_proj(self.k_proj.weight, self.k_mix, d)
-            v_w = fold_mix_into_proj(self.v_proj.weight, self.v_mix, d)
+            k_w = self._fold(self.k_proj.weight, self.k_mix)
+            v_w = self._fold(self.v_proj.weight, self.v_mix)
             k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
             v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
             return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None))
