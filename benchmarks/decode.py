@@ -196,24 +196,15 @@ def run_shape(B, T, h, hk, d, dtype, lq=1, copy_bw=None, baselines=True):
 def run_paged(page_sizes, dtype, copy_bw, B=64, T=4096, h=32, hk=16, d=128):
     """The main shape with the cache in pages (shuffled in a pool, as a serving engine leaves them)
     against the same cache contiguous: time per step and the largest output difference."""
-    from mea.ops.triton_decode import mea_decode_triton
+    from mea.ops.triton_decode import mea_decode_triton, to_paged
 
     pb = Problem(B, T, h, hk, d, dtype)
     base = bench_graph(pb.mea_fns())
     recs = []
     for page in page_sizes:
-        n = -(-T // page)
-        tables, pools = [], []
-        for k, v in pb.kv:
-            perm = torch.randperm(B * n, device="cuda")
-            pages = lambda c: torch.nn.functional.pad(c, (0, 0, 0, n * page - T)).reshape(B, hk, n, page, d) \
-                .permute(0, 2, 1, 3, 4).reshape(B * n, hk, page, d)  # noqa: E731
-            kp, vp = torch.empty_like(pages(k)), torch.empty_like(pages(v))
-            kp[perm], vp[perm] = pages(k), pages(v)
-            tables.append(perm.view(B, n).to(torch.int32))
-            pools.append((kp, vp))
+        paged = [to_paged(k, v, page) for k, v in pb.kv]
         fns = [lambda kp=kp, vp=vp, bt=bt: mea_decode_triton(pb.q, kp, vp, pb.k_mix, pb.v_mix, pb.seqlens, block_table=bt)
-               for (kp, vp), bt in zip(pools, tables)]
+               for kp, vp, bt in paged]
         diff = (fns[0]().float() - pb.mea_fns()[0]().float()).abs().max().item()
         ms = bench_graph(fns)
         recs.append(dict(pb.record(), page_size=page, paged_ms=ms, mea_ms=base, paged_over_contiguous=ms / base,
@@ -221,7 +212,7 @@ def run_paged(page_sizes, dtype, copy_bw, B=64, T=4096, h=32, hk=16, d=128):
                          max_abs_diff=diff))
         print(f"page {page:>4}: {ms:.4f} ms vs contiguous {base:.4f} ms ({ms / base:.3f}x), "
               f"{recs[-1]['paged_tb_s']:.2f} TB/s, max |diff| {diff:.1e}", flush=True)
-        del pools, tables, fns
+        del paged, fns
         torch.cuda.empty_cache()
     return recs
 

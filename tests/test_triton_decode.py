@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from mea import ModelConfig, Transformer  # noqa: E402
 from mea.ops import decode as decode_mod  # noqa: E402
 from mea.ops.attention import mea_attention_absorbed, mea_attention_reference  # noqa: E402
-from mea.ops.triton_decode import mea_decode_fast, mea_decode_triton  # noqa: E402
+from mea.ops.triton_decode import mea_decode_fast, mea_decode_triton, to_paged  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
@@ -116,21 +116,9 @@ def test_bad_inputs_raise():
         mea_decode_triton(q, torch.randn(2, 2, 16, 20, device=DEV).transpose(2, 3), v, km, vm, sl)
 
 
-def to_pages(k, v, page, spare=3, seed=0):
-    """The contiguous caches (B, h', T, d) scattered into a pool of pages (shuffled, with spare pages
-    of noise) and the block table that reads them back."""
-    B, hk, T, d = k.shape
-    n = -(-T // page)
-    pad = n * page - T
-    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
-    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(B * n + spare, generator=g).to(k.device)
-    kp = torch.randn(B * n + spare, hk, page, d, device=k.device, dtype=k.dtype)
-    vp = torch.randn_like(kp)
-    kp[perm[: B * n]] = k.reshape(B, hk, n, page, d).permute(0, 2, 1, 3, 4).reshape(B * n, hk, page, d)
-    vp[perm[: B * n]] = v.reshape(B, hk, n, page, d).permute(0, 2, 1, 3, 4).reshape(B * n, hk, page, d)
-    return kp, vp, perm[: B * n].view(B, n).to(torch.int32)
+def to_pages(k, v, page):
+    """``to_paged`` with 3 spare pages of noise and a fixed shuffle."""
+    return to_paged(k, v, page, spare_pages=3, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("page,block_n", [(8, 16), (16, 16), (32, 16), (5, 16)])

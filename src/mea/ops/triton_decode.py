@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["mea_decode_triton", "decode_launch_config"]
+__all__ = ["mea_decode_triton", "decode_launch_config", "to_paged"]
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -409,6 +409,26 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
     return op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(),
               block_table.contiguous() if paged else None, scale, num_splits, block_n, num_warps, num_stages,
               keys_major)
+
+
+def to_paged(k_cache: Tensor, v_cache: Tensor, page_size: int, spare_pages: int = 0,
+             generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous caches (B, h', T, d) as the paged layout ``mea_decode_triton(block_table=...)`` reads:
+    pools (pages, h', page_size, d) with the rows' pages in shuffled slots (as a serving engine leaves
+    them) and ``spare_pages`` more that no row uses (random values), and the (B, ceil(T / page_size))
+    int32 block table. For tests and benchmarks of the paged path, and as the layout's definition."""
+    B, hk, T, d = k_cache.shape
+    n = -(-T // page_size)
+    used = B * n
+    perm = torch.randperm(used + spare_pages, generator=generator).to(k_cache.device)[:used]
+
+    def pool(c: Tensor) -> Tensor:
+        pages = torch.nn.functional.pad(c, (0, 0, 0, n * page_size - T)).reshape(B, hk, n, page_size, d)
+        out = torch.randn(used + spare_pages, hk, page_size, d, device=c.device, dtype=c.dtype)
+        out[perm] = pages.permute(0, 2, 1, 3, 4).reshape(used, hk, page_size, d)
+        return out
+
+    return pool(k_cache), pool(v_cache), perm.view(B, n).to(torch.int32)
 
 
 def _interpreting() -> bool:
