@@ -580,6 +580,16 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
     out = tmp_path / "exported"
     export_hf(str(run), str(out))
     assert json.loads((out / "tokenizer.json").read_text()) == json.loads((src / "tokenizer.json").read_text())
+    # A run folder copied without weights or tokenizer.json (as the study packs them) and started again
+    # with --resume begins afresh and gets the tokenizer back (it once kept the stale copy).
+    shutil.rmtree(run / "checkpoints")
+    (run / "tokenizer" / "tokenizer.json").unlink()
+    assert tokenizer_folder(run) is None
+    pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(corpus), seq_len=32), resume=True,
+             train=TrainConfig(max_steps=2, batch_size=2, eval_every=2, eval_batches=1, save_every=2, log_every=1),
+             device="cpu", compile=False, progress=False)
+    assert tokenizer_folder(run) == run / "tokenizer"
+    assert len(load_for_eval(str(run))[1]) == 257
     shutil.rmtree(run / "tokenizer")
     with pytest.raises(ValueError, match="260 token embeddings but its tokenizer has 50,257"):
         load_for_eval(str(run))

@@ -176,26 +176,28 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     log = MetricsLog(out_dir / "metrics.jsonl")
     start_step, tokens = 0, 0
     trainer_state = None
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        net.load_state_dict(load_model_state(ckpt), strict=not cfg.tie_embeddings)
+        state = json.loads((ckpt / "state.json").read_text())
+        start_step, tokens = state["step"], state["tokens"]
+        trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        if trainer_state.get("rng") is not None:
+            torch.set_rng_state(trainer_state["rng"])
+    if info.is_main:
         if ckpt is not None:
-            net.load_state_dict(load_model_state(ckpt), strict=not cfg.tie_embeddings)
-            state = json.loads((ckpt / "state.json").read_text())
-            start_step, tokens = state["step"], state["tokens"]
-            trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-            if trainer_state.get("rng") is not None:
-                torch.set_rng_state(trainer_state["rng"])
-        if info.is_main:
             log.truncate_after(start_step)
-            print(f"resuming {out_dir} at step {start_step}" if ckpt else f"no checkpoint in {out_dir}; starting fresh",
-                  file=sys.stderr)
-    elif info.is_main:
-        if (out_dir / "checkpoints" / "latest").exists():
-            raise FileExistsError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
-        _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
+            print(f"resuming {out_dir} at step {start_step}", file=sys.stderr)
+        else:
+            if not resume and (out_dir / "checkpoints" / "latest").exists():
+                raise FileExistsError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+            if resume:
+                print(f"no checkpoint in {out_dir}; starting fresh", file=sys.stderr)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log.path.unlink(missing_ok=True)
+            _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
         if init_from:  # the run's text is in that model's tokenizer: evaluate and export need it too
+            # copied on every start, resumed ones included, so a run folder that lost its copy gets it back
             from ..models.export import RUN_TOKENIZER_DIR, copy_tokenizer, tokenizer_folder
 
             tok_dir = tokenizer_folder(init_from)
