@@ -277,7 +277,36 @@ def compression_section(path: Path) -> str:
             f"{s['val_windows'][1]} tokens; healing: {s['heal_steps']} steps x {s['heal_batch_size']} x "
             f"{s['heal_seq_len']} = {s['heal_steps'] * s['heal_batch_size'] * s['heal_seq_len']:,} tokens at lr "
             f"{s['heal_lr']}; zero-shot limit: {s.get('limit') or 'none'}.")
-    return head + "\n\n" + (path / "table.md").read_text()
+    return head + "\n\n" + (path / "table.md").read_text() + zero_shot_gaps(res["rows"])
+
+
+def zero_shot_gaps(rows: list[dict]) -> str:
+    """Per task, the zero-shot differences of each compressed model beyond 2 combined standard errors,
+    from the original and (where the table has it) from the original healed on the same tokens."""
+    from mea.eval.evaluate import TASK_LABELS
+    from mea.eval.many import beyond_error_bars
+
+    scored = [r for r in rows if (r.get("zero_shot") or {}).get("metrics")]
+    refs = [("the original", next((r for r in scored if r["model"] == "original"), None)),
+            ("the original healed on the same tokens", next((r for r in scored if r["init"] == "-" and
+                                                             r["model"] != "original"), None))]
+    lines = []
+    for name, ref in refs:
+        if ref is None:
+            continue
+        notes = []
+        for r in scored:
+            if r["init"] == "-":
+                continue
+            gaps = beyond_error_bars(ref["zero_shot"]["metrics"], r["zero_shot"]["metrics"])
+            if gaps:
+                label = f"{r['kv_heads']} {r['init']}{', healed' if r['model'] == 'healed' else ''}"
+                notes.append(f"{label}: " + ", ".join(f"{TASK_LABELS.get(t, t)} {100 * d:+.1f} ({z:.1f} SE)"
+                                                      for t, d, z in gaps))
+        lines.append(f"- from {name}: " + ("; ".join(notes) if notes else "none"))
+    if not lines:
+        return ""
+    return "\nZero-shot differences beyond 2 standard errors (h' init: task, points):\n\n" + "\n".join(lines) + "\n"
 
 
 def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0.1) -> None:

@@ -97,3 +97,23 @@ def test_downstream_plot(tmp_path):
     (tmp_path / "d.csv").write_text(f"model,{head},average\nmha lr=1e-3 s0,{row},0.3\n")
     mod.plot_downstream(tmp_path / "d.csv", tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_zero_shot_gaps_name_differences_beyond_two_standard_errors():
+    """A compressed model 10 points below the original on PIQA (SE 1.5 each: 4.7 SE) is listed, one 1 point
+    below is not; the healed-original control, when present, is a second reference."""
+    def row(model, init, piqa, hella=0.40):
+        m = {"piqa": {"n": 1000, "acc": piqa, "acc_stderr": 0.015, "acc_norm": piqa, "acc_norm_stderr": 0.015},
+             "hellaswag": {"n": 1000, "acc": hella, "acc_stderr": 0.015, "acc_norm": hella, "acc_norm_stderr": 0.015}}
+        return {"model": model, "kv_heads": 2, "init": init, "zero_shot": {"metrics": m}}
+
+    report = _load()
+    text = report.zero_shot_gaps([row("original", "-", 0.66), row("converted", "svd", 0.56),
+                                  row("healed", "activation", 0.65)])
+    assert "from the original: 2 svd: PIQA -10.0 (4.7 SE)" in text
+    assert "activation" not in text and "same tokens" not in text
+    text = report.zero_shot_gaps([row("original", "-", 0.66), row("healed", "-", 0.66, hella=0.50),
+                                  row("healed", "activation", 0.65, hella=0.40)])
+    assert "from the original: none" in text
+    assert "from the original healed on the same tokens: 2 activation, healed: HellaSwag -10.0 (4.7 SE)" in text
+    assert report.zero_shot_gaps([row("original", "-", 0.66)]).count("none") == 1

@@ -139,6 +139,21 @@ def headline(row: dict) -> tuple[Optional[float], Optional[float], str]:
     return row.get("acc"), row.get("acc_stderr"), "acc"
 
 
+def beyond_error_bars(ref: dict, other: dict, k: float = 2.0) -> list[tuple[str, float, float]]:
+    """Tasks on which ``other`` differs from ``ref`` by more than ``k`` combined standard errors, as
+    (task, other - ref, |difference| in standard errors). Both map task -> lm-eval metrics."""
+    out = []
+    for t in dict.fromkeys([*ref, *other]):
+        a, sa, _ = headline(ref.get(t, {}))
+        b, sb, _ = headline(other.get(t, {}))
+        if None in (a, b, sa, sb):
+            continue
+        se = math.sqrt(sa ** 2 + sb ** 2)
+        if se > 0 and abs(b - a) > k * se:
+            out.append((t, b - a, abs(b - a) / se))
+    return out
+
+
 def combined_table(runs: list[dict]) -> str:
     """Models as rows, tasks as columns: headline accuracy ± stderr (percent) and the average; then
     the differences from the first model that exceed twice their combined standard error."""
@@ -158,17 +173,8 @@ def combined_table(runs: list[dict]) -> str:
         avg = sum(got) / len(got) if got and len(got) == len(vals) else None
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {_pct(avg)} |")
     ref = runs[0]
-    notes = []
-    for r in runs[1:]:
-        for t in tasks:
-            a, sa, _ = headline(ref["tasks"].get(t, {}))
-            b, sb, _ = headline(r["tasks"].get(t, {}))
-            if None in (a, b, sa, sb):
-                continue
-            se = math.sqrt(sa ** 2 + sb ** 2)
-            if se > 0 and abs(b - a) > 2 * se:
-                notes.append(f"{r['name']} vs {ref['name']} on {TASK_LABELS.get(t, t)}: "
-                             f"{100 * (b - a):+.2f} points ({abs(b - a) / se:.1f} standard errors)")
+    notes = [f"{r['name']} vs {ref['name']} on {TASK_LABELS.get(t, t)}: {100 * diff:+.2f} points ({z:.1f} standard errors)"
+             for r in runs[1:] for t, diff, z in beyond_error_bars(ref["tasks"], r["tasks"])]
     n = {t: max(r["tasks"].get(t, {}).get("n", 0) for r in runs) for t in tasks}
     lines += ["", "Examples per task: " + ", ".join(f"{TASK_LABELS.get(t, t)} {n[t]:,}" for t in tasks) + ".",
               "Differences from the first row beyond 2 standard errors: "
