@@ -35,7 +35,8 @@ from mea.ops.attention import fold_mix_into_proj, mix_heads, sdpa  # noqa: E402
 from timing import allow_compiled_variants, cuda_ms_per_step  # noqa: E402
 
 SHAPE_MAIN = dict(batch=8, seq=2048, d_model=2048, n_heads=16)
-SHAPES = {"main": [SHAPE_MAIN], "all": [SHAPE_MAIN, dict(batch=16, seq=1024, d_model=768, n_heads=12)]}
+SHAPE_125M = dict(batch=16, seq=1024, d_model=768, n_heads=12)  # one layer of the 125m preset's training step
+SHAPES = {"main": [SHAPE_MAIN], "125m": [SHAPE_125M], "all": [SHAPE_MAIN, SHAPE_125M]}
 
 
 class MEAMaterialized(MEAttention):
