@@ -48,8 +48,8 @@ stamp paged $?
 tail -n 4 "$out/decode_paged.log"
 
 # (b) where MEA's training time goes, at the 125m model's layer shape: the whole model runs at 0.970x MHA
-# (norm ~1.5%, fold ~1.5%), yet at the large layer shape the fold adds no GPU time (benchmarks/results/
-# train_profile.json). The profile at this smaller shape shows whether the fold's kernels show up there.
+# (norm ~1.5%, fold ~1.5%); at the large layer shape the fold's small GEMMs were 2% of the kernel time
+# (benchmarks/results/train_profile.json). The profile at this smaller shape shows their share here.
 timeout 170 python3 benchmarks/attention_train.py --shapes 125m --repeats 9 \
   --variants mha,mha+norm,mea,mea-nonorm --profile --out "$out/attention_train_125m.json" > "$out/attention_train_125m.log" 2>&1
 stamp attention_train $?
