@@ -93,7 +93,8 @@ def check_chunked_fold() -> None:
 
 
 def variant_specs(h: int) -> dict[str, dict]:
-    """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel."""
+    """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel,
+    ``triton_fold=True`` MEA's fold as Triton kernels (mea.ops.triton_fold)."""
     return {"mha": dict(attention="mha", head_norm=False),
             "mha+norm": dict(attention="mha", head_norm=True),
             "mha+norm-tritonnorm": dict(attention="mha", head_norm=True, triton_norm=True),
@@ -101,6 +102,8 @@ def variant_specs(h: int) -> dict[str, dict]:
             "mea": dict(attention="mea", head_norm=True),
             "mea-tritonnorm": dict(attention="mea", head_norm=True, triton_norm=True),
             "mea-nonorm": dict(attention="mea", head_norm=False),
+            "mea-tritonfold": dict(attention="mea", head_norm=True, triton_fold=True),
+            "mea-nonorm-tritonfold": dict(attention="mea", head_norm=False, triton_fold=True),
             "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
             "mea-materialized": dict(attention="mea", head_norm=True),
             "mea-chunkedgrad": dict(attention="mea", head_norm=True),
@@ -261,11 +264,14 @@ def main():
         for name in names:
             kw = dict(specs[name])
             use_triton = kw.pop("triton_norm", False) and has_triton_norm
+            triton_fold = kw.pop("triton_fold", False)
             cfg = ModelConfig(vocab_size=256, d_model=sh["d_model"], n_layers=1, n_heads=h, max_seq_len=sh["seq"], **kw)
             torch.manual_seed(0)
             cls = (MEAMaterialized if name == "mea-materialized" else
                    MEAChunkedFoldGrad if name.endswith("chunkedgrad") else None)
             layer = (cls(cfg, 0) if cls else build_attention(cfg, 0)).cuda()
+            if triton_fold:
+                layer.triton_fold = True
             fn = layer if args.eager else torch.compile(layer)
             pos = torch.arange(sh["seq"], device="cuda")[None].expand(sh["batch"], -1)
             cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(pos, torch.bfloat16)

@@ -34,6 +34,8 @@ def variants(preset: str) -> list[tuple[str, dict]]:
             (f"gqa(h'={half})", {"attention": "gqa", "n_kv_heads": half}),
             ("mea", {"attention": "mea"}),
             ("mea-nonorm", {"attention": "mea", "head_norm": False}),
+            ("mea-tritonfold", {"attention": "mea", "triton_fold": True}),   # mea.ops.triton_fold
+            ("mea-nonorm-tritonfold", {"attention": "mea", "head_norm": False, "triton_fold": True}),
             (f"mea(h'={half})", {"attention": "mea", "n_kv_heads": half}),
             ("diff", {"attention": "diff"}),
             ("talking_heads", {"attention": "talking_heads"})]
@@ -42,8 +44,13 @@ def variants(preset: str) -> list[tuple[str, dict]]:
 def build(preset, kw, batch, seq, compile_model, device):
     """One variant's model, optimizer and training step (the step runs a full optimizer update)."""
     torch.manual_seed(0)
+    kw = dict(kw)
+    triton_fold = kw.pop("triton_fold", False)
     cfg = ModelConfig.from_preset(preset, max_seq_len=seq, **kw)
     model = Transformer(cfg).to(device)
+    for m in model.modules():
+        if hasattr(m, "triton_fold"):
+            m.triton_fold = triton_fold
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compile_model:
         model.compile_layers()

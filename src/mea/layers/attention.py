@@ -8,6 +8,7 @@ o_proj), plus ``k_mix``/``v_mix`` (MEA), ``pre_mix``/``post_mix`` (talking heads
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,17 @@ from ..ops.decode import mea_attention_cached
 from .cache import KVCache
 from .norm import HeadNorm
 from .rope import apply_rope
+
+# MEA's training fold as Triton kernels (mea.ops.triton_fold): one launch each way, with the weight's
+# cast folded in, instead of a cast and three skinny GEMMs per weight. Opt-in (MEA_TRITON_FOLD=1, or
+# ``layer.triton_fold = True`` per layer) until an H200 has timed it against the GEMMs.
+TRITON_FOLD = os.environ.get("MEA_TRITON_FOLD", "0") == "1"
+_triton_fold = None
+try:  # only where CUDA is present, so a CPU-only `import mea` never imports triton
+    if torch.cuda.is_available():
+        from ..ops.triton_fold import fold_mix_triton as _triton_fold
+except ImportError:  # no triton: the matmul form serves
+    pass
 
 
 @dataclass
@@ -92,9 +104,12 @@ class MEAttention(Attention):
         super().__init__(config, layer_idx)
         self.k_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
         self.v_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
+        self.triton_fold = TRITON_FOLD
 
     def _fold(self, weight: Tensor, mix: Tensor) -> Tensor:
         """The training path's effective K or V weight (a method, so that a benchmark can swap its backward)."""
+        if self.triton_fold and _triton_fold is not None and weight.is_cuda:
+            return _triton_fold(weight, mix, self.head_dim)
         return fold_mix_into_proj(weight, mix, self.head_dim)
 
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:

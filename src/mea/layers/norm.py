@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 
 # The head norm's fused Triton kernel (mea.ops.triton_norm) takes CUDA tensors when this is True
-# (MEA_TRITON_NORM=1 in the environment). Off by default: on an H200 its backward took 0.52 ms where
-# the torch.compile'd PyTorch form takes 0.27 ms (bf16, 8x2048x16x128; docs/performance.md), so the
-# compiled PyTorch form is the faster default. torch.compile guards on it; flipping it recompiles.
+# (MEA_TRITON_NORM=1 in the environment). Off by default: inside a compiled H200 training layer it
+# was no faster than the torch.compile'd PyTorch form (0.1% apart, docs/performance.md), which needs
+# no Triton of our own. torch.compile guards on it; flipping it recompiles.
 TRITON_HEAD_NORM = os.environ.get("MEA_TRITON_NORM", "0") == "1"
 
 # Loaded only where CUDA is present, so a CPU-only `import mea` never imports triton.

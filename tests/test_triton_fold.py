@@ -1,0 +1,178 @@
+"""The Triton fold (mea.ops.triton_fold) against fold_mix_into_proj (CPU: TRITON_INTERPRET=1, tiny sizes)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mea.ops.attention import fold_mix_into_proj  # noqa: E402
+from mea.ops.triton_fold import fold_mix_bwd, fold_mix_fwd, fold_mix_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative error against a float64 reference: fp32 arithmetic, then one rounding of the output.
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make(hk, h, d, D, dtype=torch.float32):
+    weight = torch.randn(hk * d, D, device=DEV, dtype=dtype)
+    mix = torch.randn(hk, h, device=DEV)
+    return weight, mix
+
+
+def reference(weight, mix, d, grad):
+    w = weight.detach().double().requires_grad_()
+    m = mix.detach().double().requires_grad_()
+    out = fold_mix_into_proj(w, m, d)
+    out.backward(grad.double())
+    return out.detach(), w.grad, m.grad
+
+
+SHAPES = [  # (h', h, d, D): h' dividing h or not, head counts not powers of two, tails in d*D
+    (4, 4, 8, 24),
+    (2, 8, 16, 32),
+    (3, 9, 8, 20),
+    (5, 7, 12, 11),
+    (1, 6, 16, 40),
+    (16, 32, 4, 9),
+]
+
+
+@pytest.mark.parametrize("hk,h,d,D", SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_grads_match_reference(hk, h, d, D, out_dtype):
+    weight, mix = make(hk, h, d, D)
+    grad = torch.randn(h * d, D, device=DEV).to(out_dtype)
+    ref, gw_ref, gm_ref = reference(weight, mix, d, grad)
+    w, m = weight.clone().requires_grad_(), mix.clone().requires_grad_()
+    out = fold_mix_triton(w, m, d, out_dtype)
+    assert out.shape == (h * d, D) and out.dtype == out_dtype
+    out.backward(grad)
+    assert w.grad.dtype == weight.dtype and m.grad.dtype == mix.dtype
+    assert rel_err(out, ref) < TOL[out_dtype]
+    assert rel_err(w.grad, gw_ref) < 1e-6   # grad arrives in out_dtype; the kernels add no rounding of their own
+    assert rel_err(m.grad, gm_ref) < 1e-6
+
+
+@pytest.mark.parametrize("programs", [1, 2, 3, 64])
+def test_mixing_gradient_is_the_same_for_any_number_of_partial_sums(programs):
+    weight, mix = make(3, 6, 8, 200)  # several 256-wide blocks of d*D
+    grad = torch.randn(6 * 8, 200, device=DEV)
+    _, _, gm_ref = reference(weight, mix, 8, grad)
+    gw, gm = fold_mix_bwd(grad, weight, mix, programs=programs)
+    assert gw.shape == weight.shape
+    assert rel_err(gm, gm_ref) < 1e-6
+
+
+def test_bf16_weight_and_autocast_dtype():
+    weight, mix = make(2, 4, 8, 16, torch.bfloat16)
+    ref = fold_mix_into_proj(weight.double(), mix.double(), 8)
+    out = fold_mix_fwd(weight, mix)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < TOL[torch.bfloat16]
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        out = fold_mix_triton(weight.float(), mix, 8)
+    assert out.dtype == torch.bfloat16
+
+
+def test_identity_mixing_gives_the_weight_back():
+    """h' = h with the identity: the folded weight is the projection itself (MEA's start is MHA)."""
+    weight, _ = make(4, 4, 8, 12)
+    out = fold_mix_triton(weight, torch.eye(4, device=DEV), 8)
+    assert torch.equal(out, weight)
+
+
+def test_non_contiguous_mix():
+    weight, mix = make(3, 5, 8, 10)
+    mix_t = torch.randn(5, 3, device=DEV).t()  # a (3, 5) view with strides (1, 3)
+    assert not mix_t.is_contiguous()
+    ref = fold_mix_into_proj(weight.double(), mix_t.double(), 8)
+    assert rel_err(fold_mix_triton(weight, mix_t, 8), ref) < 1e-6
+
+
+def test_bad_inputs_raise():
+    weight, mix = make(2, 4, 8, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        fold_mix_triton(weight, mix, 5)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        fold_mix_triton(weight.double(), mix, 8)
+    with pytest.raises(ValueError, match="at most"):
+        fold_mix_triton(torch.zeros(300, 2, device=DEV), torch.zeros(300, 300, device=DEV), 1)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        fold_mix_triton(torch.zeros(16, 4), torch.zeros(2, 4), 8)
+
+
+def test_custom_op_opcheck():
+    weight, mix = make(3, 6, 8, 12)
+    torch.library.opcheck(torch.ops.mea.fold_mix.default, (weight, mix, torch.float32))
+    torch.library.opcheck(torch.ops.mea.fold_mix.default,
+                          (weight.clone().requires_grad_(), mix.clone().requires_grad_(), torch.float32))
+    grad = torch.randn(6 * 8, 12, device=DEV)
+    torch.library.opcheck(torch.ops.mea.fold_mix_bwd.default, (grad, weight, mix))
+
+
+def test_torch_compile_fullgraph():
+    weight, mix = make(2, 4, 8, 16)
+    w, m = weight.clone().requires_grad_(), mix.clone().requires_grad_()
+    backend = "inductor" if DEV == "cuda" else "aot_eager"
+    f = torch.compile(lambda w, m: fold_mix_triton(w, m, 8, torch.float32).square().sum(), fullgraph=True,
+                      backend=backend)
+    f(w, m).backward()
+    wr, mr = weight.clone().requires_grad_(), mix.clone().requires_grad_()
+    fold_mix_into_proj(wr, mr, 8).square().sum().backward()
+    assert rel_err(w.grad, wr.grad) < 1e-5 and rel_err(m.grad, mr.grad) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hk,h,d,D", [(16, 16, 128, 2048), (12, 12, 64, 768), (8, 32, 128, 4096)])
+def test_gpu_real_sizes(hk, h, d, D):
+    weight, mix = make(hk, h, d, D)
+    grad = torch.randn(h * d, D, device="cuda").bfloat16()
+    ref, gw_ref, gm_ref = reference(weight, mix, d, grad)
+    w, m = weight.clone().requires_grad_(), mix.clone().requires_grad_()
+    out = fold_mix_triton(w, m, d, torch.bfloat16)
+    out.backward(grad)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert rel_err(w.grad, gw_ref) < 1e-5 and rel_err(m.grad, gm_ref) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_kv_heads,head_norm", [(8, True), (8, False), (3, True)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, head_norm, compiled):
+    """``layer.triton_fold = True`` changes how W_eff is computed, not what the layer does: outputs and
+    every parameter's gradient agree with the matmul fold under bf16 autocast (and compiled)."""
+    from mea import ModelConfig
+    from mea.layers.attention import AttnInputs, build_attention
+    from mea.layers.rope import RotaryEmbedding
+
+    cfg = ModelConfig(vocab_size=256, d_model=512, n_layers=1, n_heads=8, n_kv_heads=n_kv_heads, attention="mea",
+                      head_norm=head_norm, max_seq_len=128)
+    torch.manual_seed(0)
+    layer = build_attention(cfg, 0).cuda()
+    with torch.no_grad():
+        layer.k_mix.add_(0.1 * torch.randn_like(layer.k_mix))
+        layer.v_mix.add_(0.1 * torch.randn_like(layer.v_mix))
+    x = torch.randn(2, 100, cfg.d_model, device="cuda")
+    dy = torch.randn(2, 100, cfg.d_model, device="cuda")
+    cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(torch.arange(100, device="cuda")[None].expand(2, -1),
+                                                     torch.bfloat16)
+    results = []
+    for triton_fold in (False, True):
+        layer.triton_fold = triton_fold
+        layer.zero_grad(set_to_none=True)
+        fn = torch.compile(layer) if compiled else layer
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x, AttnInputs(cos=cos, sin=sin))
+        y.backward(dy)
+        results.append((y.float(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y0, g0), (y1, g1) = results
+    assert rel_err(y1, y0) < 2e-2
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < 3e-2, name
