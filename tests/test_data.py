@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -362,3 +363,21 @@ def test_registry_is_consistent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "shakespeare" in __import__("mea.data.sources", fromlist=["describe"]).describe()
+
+
+def test_corpus_dir_takes_prepared_directories_and_names(tmp_path, monkeypatch):
+    """One resolver for every command: a prepared directory as it is, a name prepared on first use, and
+    a path that is not prepared (a typo, an empty folder) an error rather than a corpus name."""
+    from mea.data import prepare
+    from mea.data.prepare import corpus_dir, prepare_data
+
+    (tmp_path / "a.txt").write_text("Some text for a corpus. " * 200)
+    out = prepare_data(files=[str(tmp_path / "a.txt")], out=str(tmp_path / "prepared"))
+    assert corpus_dir(str(out)) == Path(out)
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "missing" / "dir"):
+        with pytest.raises(FileNotFoundError, match="not a prepared data directory"):
+            corpus_dir(str(bad))
+    asked = []
+    monkeypatch.setattr(prepare, "ensure_corpus", lambda name: asked.append(name) or Path("/cache") / name)
+    assert corpus_dir("prose") == Path("/cache/prose") and asked == ["prose"]

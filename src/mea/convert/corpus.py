@@ -17,19 +17,11 @@ from typing import Optional
 
 import numpy as np
 
+from ..data.prepare import corpus_dir
+
 # Documents per encode_batch call: large enough for the Rust backend to use every core.
 _DOCS_PER_BATCH = 512
 _GPT2_EOS = 50256
-
-
-def gpt2_corpus_dir(corpus: str = "prose") -> Path:
-    """A prepared GPT-2 corpus: a directory as it is, or a built-in corpus name (prepared on first use)."""
-    p = Path(corpus)
-    if p.is_dir():
-        return p
-    from ..data.prepare import ensure_corpus
-
-    return Path(ensure_corpus(corpus))
 
 
 def _documents(tokens: np.ndarray, eos: int):
@@ -65,7 +57,7 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
     tokenizer_json = Path(tokenizer_json)
     if not tokenizer_json.is_file():
         raise FileNotFoundError(f"tokenizer_json: {tokenizer_json} is not a file")
-    src = gpt2_corpus_dir(corpus)
+    src = corpus_dir(corpus)
     manifest = read_manifest(src)
     tok_sha = sha256_file(tokenizer_json)
     limit_tag = "" if not max_tokens else "-" + "-".join(f"{k}{v}" for k, v in sorted(max_tokens.items()))
@@ -138,7 +130,7 @@ def corpus_for_model(tokenizer_dir: Optional[Path], corpus: str = "prose",
     """The prepared directory whose ids a model reads: the GPT-2 corpus for mea models (``None``),
     else the corpus re-tokenized with the folder's ``tokenizer.json``."""
     if tokenizer_dir is None:
-        return gpt2_corpus_dir(corpus)
+        return corpus_dir(corpus)
     return retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", corpus, max_tokens=max_tokens)
 
 
@@ -167,7 +159,7 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise ValueError(f"model: its tokenizer in {tokenizer_dir} has no tokenizer.json (a fast tokenizer), "
                          "which re-tokenizing a corpus needs")
-    path = gpt2_corpus_dir(corpus)
+    path = corpus_dir(corpus)
     manifest = read_manifest(path)
     tok = manifest.get("tokenizer", {})
     in_gpt2 = tok.get("name", "gpt2") == "gpt2"
@@ -211,7 +203,7 @@ def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, win
 
     from ..data.shards import TokenDataset
 
-    ds = TokenDataset(gpt2_corpus_dir(corpus), split)
+    ds = TokenDataset(corpus_dir(corpus), split)
     n_win = max(1, n_tokens // window)
     # Another tokenizer yields a different count from the same text: decode a margin more.
     src_win = n_win if tokenizer_dir is None else int(n_win * 1.5) + 1

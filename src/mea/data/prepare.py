@@ -339,3 +339,14 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
 def ensure_corpus(corpus: str = "prose") -> Path:
     """The prepared directory of `corpus` under the cache, preparing it first if it is missing."""
     return Path(prepare_data(corpus))
+
+
+def corpus_dir(corpus: str = "prose") -> Path:
+    """A prepared corpus: a directory with ``manifest.json`` as it is, or a built-in corpus name (prepared
+    on first use). A path that is not a prepared directory is an error, not a corpus name."""
+    p = Path(corpus).expanduser()
+    if (p / "manifest.json").is_file():
+        return p
+    if os.sep in str(corpus) or p.exists():
+        raise FileNotFoundError(f"corpus: {p} is not a prepared data directory (no manifest.json)")
+    return ensure_corpus(str(corpus))

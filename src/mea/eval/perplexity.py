@@ -11,25 +11,11 @@ targets left out), which is.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def corpus_dir(corpus: str) -> Path:
-    """A prepared corpus: a directory with ``manifest.json``, or the name of one (prepared if missing)."""
-    p = Path(corpus)
-    if (p / "manifest.json").is_file():
-        return p
-    if os.sep in corpus or p.exists():
-        raise FileNotFoundError(f"corpus: {p} is not a prepared data directory (no manifest.json)")
-    from ..data.prepare import ensure_corpus
-
-    return Path(ensure_corpus(corpus))
 
 
 def is_gpt2_tokenizer(tokenizer) -> bool:
@@ -90,6 +76,8 @@ def corpus_perplexity(model, tokenizer=None, corpus: str = "prose", seq_len: Opt
 
     from ..data.shards import TokenDataset
     from ..data.tokenizer import load_tokenizer
+
+    from ..data.prepare import corpus_dir
 
     path = corpus_dir(corpus)
     ds = TokenDataset(path, "val")

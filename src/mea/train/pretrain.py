@@ -33,14 +33,10 @@ def peak_flops(device: str) -> Optional[float]:
 
 
 def _open_data(data: DataConfig, split: str):
+    from ..data.prepare import corpus_dir
     from ..data.shards import TokenDataset
 
-    path = Path(data.corpus)
-    if not path.is_dir():
-        from ..data.prepare import ensure_corpus
-
-        path = ensure_corpus(data.corpus)
-    return TokenDataset(path, split)
+    return TokenDataset(corpus_dir(data.corpus), split)
 
 
 def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> DataConfig:
