@@ -1,4 +1,5 @@
 """Training loop: exact resume, kill-safety, divergence handling, schedules, sweeps, config errors."""
+import dataclasses
 import json
 import math
 import os
@@ -46,8 +47,9 @@ def run(out, corpus, steps=8, **kw):
               save_every=kw.pop("save_every", 4))
     tk.update(kw.pop("train", {}))
     train = TrainConfig(**tk)
+    seq_len = kw.pop("data_seq_len", 32)
     return pretrain(out=str(out), preset="tiny", model=dict(MICRO, **kw.pop("model", {})),
-                    data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu", progress=False, **kw)
+                    data=DataConfig(corpus=str(corpus), seq_len=seq_len), train=train, device="cpu", progress=False, **kw)
 
 
 def losses(run_dir):
@@ -159,6 +161,76 @@ def test_killed_process_resumes_exactly(tmp_path, corpus):
     a, b = losses(ref), losses(out)
     assert [x[0] for x in b] == list(range(1, 13))
     assert [x[1] for x in a] == pytest.approx([x[1] for x in b], rel=1e-6)
+
+
+def test_resuming_a_finished_run_rewrites_its_status(tmp_path, corpus):
+    """A run killed between its last checkpoint and status.json (or listed twice in a sweep) is resumed
+    at max_steps: it trains nothing and reports the step count and validation loss it finished with."""
+    from mea.train.pretrain import pretrain
+
+    first = run(tmp_path / "f", corpus, steps=8)
+    (tmp_path / "f" / "status.json").unlink()
+    again = pretrain(out=str(tmp_path / "f"), resume=True, device="cpu", progress=False)
+    assert again["status"] == "finished" and again["step"] == 8 and again["val_loss"] == first["val_loss"]
+    assert json.loads((tmp_path / "f" / "status.json").read_text())["step"] == 8
+
+
+def test_resume_refuses_other_settings_and_outlives_its_init_weights(tmp_path, corpus):
+    """What a resumed run trains is its saved config: a different setting given with --resume is an
+    error that names it. A run started --init_from other weights resumes from its own checkpoint once
+    those weights are gone."""
+    import shutil
+
+    from mea.train.pretrain import pretrain
+
+    run(tmp_path / "src", corpus, steps=4)
+    cut = run(tmp_path / "cont", corpus, steps=8, save_every=4, halt_after=4, init_from=str(tmp_path / "src"))
+    assert cut["status"] == "halted"
+    with pytest.raises(ValueError, match="train.max_steps: given 12, the run has 8"):
+        pretrain(out=str(tmp_path / "cont"), resume=True, train=TrainConfig(max_steps=12), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="preset: given 'small'"):
+        pretrain(out=str(tmp_path / "cont"), resume=True, preset="small", device="cpu", progress=False)
+    shutil.rmtree(tmp_path / "src")
+    done = pretrain(out=str(tmp_path / "cont"), resume=True, device="cpu", progress=False)
+    assert done["status"] == "finished" and done["step"] == 8
+
+
+def test_resume_on_other_rank_counts_keeps_the_global_batch():
+    from mea.train.distributed import DistInfo
+    from mea.train.pretrain import _same_global_batch
+
+    train = TrainConfig(batch_size=4, grad_accum=1)
+    assert _same_global_batch(train, {"world_size": 2, "grad_accum": 1}, DistInfo()).grad_accum == 2
+    assert _same_global_batch(train, {"world_size": 1, "grad_accum": 4}, DistInfo(world_size=2)).grad_accum == 2
+    assert _same_global_batch(train, {}, DistInfo(world_size=2)) is train  # a checkpoint from before: as saved
+    with pytest.raises(ValueError, match="cannot split that evenly"):
+        _same_global_batch(train, {"world_size": 2, "grad_accum": 1}, DistInfo(world_size=3))
+
+
+def test_a_validation_split_too_short_fails_before_training(tmp_path, corpus):
+    with pytest.raises(ValueError, match="validation split .* shorter than one window"):
+        run(tmp_path / "v", corpus, model={"max_seq_len": 8192}, steps=4, data_seq_len=4096)
+    assert not (tmp_path / "v" / "checkpoints").exists()
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path, corpus, monkeypatch):
+    """A finite loss with an overflowing backward: the step is not applied, and no checkpoint holds NaNs."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def overflowing(params, max_norm, *a, **k):
+        calls["n"] += 1
+        params = list(params)
+        if calls["n"] == 4:
+            params[0].grad.view(-1)[0] = float("inf")
+        return real(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    s = run(tmp_path / "g", corpus, steps=8, save_every=4, train={"grad_clip": 1.0})
+    assert s["status"] == "diverged" and "gradient norm" in s["reason"] and s["step"] == 3
+    from mea.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "g") is None  # step 4 was never applied, so never saved
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
@@ -340,6 +412,19 @@ def test_sweep_bookkeeping(tmp_path, corpus):
     sweep(out=str(tmp_path / "sw"), variants=["mha", "mea:head_norm=false"], lrs=[1e-3, 80.0], preset="tiny",
           model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
     assert os.path.getmtime(Path(ok[0]["run_dir"]) / "status.json") == before
+    # an unreadable status.json (a kill while it was written, before it was atomic) makes that run resume,
+    # which finds it finished: same status and loss, and no error naming no file
+    status_file = Path(ok[0]["run_dir"]) / "status.json"
+    status = json.loads(status_file.read_text())
+    status_file.write_text("")
+    sweep(out=str(tmp_path / "sw"), variants=["mha", "mea:head_norm=false"], lrs=[1e-3, 80.0], preset="tiny",
+          model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
+    again = json.loads(status_file.read_text())
+    assert again["status"] == "finished" and again["step"] == 4 and again["val_loss"] == status["val_loss"]
+    # a grid point listed twice is one run
+    sweep(out=str(tmp_path / "dup"), variants=["mha"], lrs=[1e-3], seeds=[0, 0], preset="tiny", model=MICRO,
+          data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
+    assert len(list(csv.DictReader(open(tmp_path / "dup" / "results.csv")))) == 1
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -350,6 +435,10 @@ def test_config_errors_are_clear(tmp_path):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="train.mixing_lr_mult"):
             TrainConfig(mixing_lr_mult=bad)
+    for key, bad in (("eval_batches", 0), ("keep_checkpoints", 0), ("decay_fraction", 1.5), ("decay_fraction", 0.0),
+                     ("diverge_loss", -1.0)):
+        with pytest.raises(ValueError, match=f"train.{key}"):
+            TrainConfig(**{key: bad})
     for bad in (["pretrain", "--train.nope=1"], ["pretrain", "--train.lr=fast"]):
         r = subprocess.run([sys.executable, "-m", "mea.cli", *bad], capture_output=True, text=True)
         assert r.returncode != 0
@@ -406,6 +495,11 @@ def test_sweep_lrs_from_links_best_runs(tmp_path, corpus):
     seed0 = next(r for r in conv if r["seed"] == "0")
     assert Path(seed0["run_dir"]).is_symlink()  # linked from the learning-rate sweep, not retrained
     assert Path(seed0["run_dir"]).resolve() == Path(best["run_dir"]).resolve()
+    # a convergence sweep with another budget trains its own runs instead of linking those of 3 steps
+    longer = dict(common, train=dataclasses.replace(train, max_steps=4, eval_every=4, save_every=4))
+    sweep(out=str(tmp_path / "conv4"), variants=["mha"], lrs=[], seeds=[0], lrs_from=str(tmp_path / "lr"), **longer)
+    conv4 = list(csv.DictReader(open(tmp_path / "conv4" / "results.csv")))
+    assert not Path(conv4[0]["run_dir"]).is_symlink() and conv4[0]["steps"] == "4"
     with pytest.raises(ValueError, match="share the run directory"):
         sweep(out=str(tmp_path / "y"), variants=["mha"], lrs=[6.3e-3, 6.301e-3], **common)
     with pytest.raises(FileNotFoundError, match="lrs_from"):

@@ -33,7 +33,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -68,7 +68,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(ckpt_root / "latest", name)
+    atomic_write_text(ckpt_root / "latest", name)
     # Prune old checkpoints only after the new one is in place.
     done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:

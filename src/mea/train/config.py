@@ -75,7 +75,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"train.schedule: unknown schedule {self.schedule!r}; expected cosine, wsd or constant")
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "save_every",
+                    "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -86,6 +87,10 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"train.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if not self.diverge_loss >= 0:
+            raise ValueError(f"train.diverge_loss: must be >= 0 (0: 1.5 ln(vocab)), got {self.diverge_loss}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import atomic_write_text, latest_checkpoint, load_model_config, load_model_state, save_checkpoint
 from .config import DataConfig, TrainConfig, lr_at, parse_device
 from .metrics import MetricsLog, plot_loss
 
@@ -136,10 +136,14 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
         import yaml
 
         conf = yaml.safe_load(saved.read_text())
+        _check_resume_options(conf, preset, attention, n_kv_heads, head_norm, model, data, train, init_from)
         preset, model = conf["preset"], conf["model"]
         attention = n_kv_heads = head_norm = None
         data, train = DataConfig(**conf["data"]), TrainConfig(**conf["train"])
-        init_from, compile, parallel = conf.get("init_from"), conf.get("compile", compile), conf.get("parallel", parallel)
+        init_from = conf.get("init_from")
+        # How to run (not what to train) may change on resume: given ones win, else the run's own.
+        compile = compile or conf.get("compile", False)
+        parallel = parallel if parallel != "ddp" else conf.get("parallel", parallel)
     device = parse_device(device)
     info = D.setup(device)
     dev = f"cuda:{info.local_rank}" if device == "cuda" else device
@@ -154,29 +158,39 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
            train: TrainConfig, init_from, resume, device, dev, compile, parallel, halt_after, progress,
            info: D.DistInfo) -> dict:
     torch.manual_seed(train.seed)
-    if init_from:
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:  # everything is in the checkpoint: the weights init_from named may be gone
+        cfg = load_model_config(ckpt)
+        net = Transformer(cfg)
+    elif init_from:
         net = load_init_model(init_from)
         cfg = net.config
-        if cfg.max_seq_len < data.seq_len:
-            cfg.max_seq_len = data.seq_len
     else:
         cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
         net = Transformer(cfg)
+    if cfg.max_seq_len < data.seq_len:
+        cfg.max_seq_len = data.seq_len
     with D.main_first(info):  # preparing or re-tokenizing the corpus fills a shared cache
-        if init_from:
+        if init_from and ckpt is None:  # a resumed run's saved corpus is already in the model's ids
             data = _data_in_model_tokens(data, init_from, verbose=info.is_main)
         train_ds, val_ds = _open_data(data, "train"), _open_data(data, "val")
     if train_ds.vocab_size > cfg.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.vocab_size} is smaller than the corpus tokenizer's {train_ds.vocab_size}")
+    # Found now, not at the first evaluation `eval_every` steps in (with nothing saved yet).
+    for ds, what in ((train_ds, "training"), (val_ds, "validation")):
+        if ds.num_windows(data.seq_len) < 1:
+            raise ValueError(f"data: the {what} split of {data.corpus} ({ds.num_tokens:,} tokens) is shorter than one "
+                             f"window of data.seq_len + 1 = {data.seq_len + 1} tokens; lower data.seq_len")
 
     log = MetricsLog(out_dir / "metrics.jsonl")
     start_step, tokens = 0, 0
     trainer_state = None
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    resumed_val_loss = None
     if ckpt is not None:
         net.load_state_dict(load_model_state(ckpt), strict=not cfg.tie_embeddings)
         state = json.loads((ckpt / "state.json").read_text())
-        start_step, tokens = state["step"], state["tokens"]
+        start_step, tokens, resumed_val_loss = state["step"], state["tokens"], state.get("val_loss")
+        train = _same_global_batch(train, state, info)
         trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
         if trainer_state.get("rng") is not None:
             torch.set_rng_state(trainer_state["rng"])
@@ -192,8 +206,9 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             out_dir.mkdir(parents=True, exist_ok=True)
             log.path.unlink(missing_ok=True)
             _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
-        if init_from:  # the run's text is in that model's tokenizer: evaluate and export need it too
-            # copied on every start, resumed ones included, so a run folder that lost its copy gets it back
+        if init_from and Path(init_from).exists():  # the run's text is in that model's tokenizer: evaluate
+            # and export need it too. Copied on every start, resumed ones included, so a run folder that
+            # lost its copy gets it back (while the source is still there).
             from ..models.export import RUN_TOKENIZER_DIR, copy_tokenizer, tokenizer_folder
 
             tok_dir = tokenizer_folder(init_from)
@@ -222,7 +237,8 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
               f"{tokens_per_step:,} tokens/step, {train.max_steps} steps = {epochs_note:.2f} epochs of "
               f"{train_ds.num_tokens:,} tokens", file=sys.stderr)
 
-    status, val_loss, reason = "running", None, None
+    status, val_loss, reason = "running", resumed_val_loss, None
+    done = start_step
     bar = None
     if progress and info.is_main:
         from tqdm.auto import tqdm
@@ -250,8 +266,13 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf"))
         loss_val = float(D.all_reduce_mean(loss_sum, info))
-        if not math.isfinite(loss_val) or loss_val > diverge_at:
-            reason = f"loss {loss_val:.4g} at step {step + 1} " + ("is not finite" if not math.isfinite(loss_val) else f"exceeds {diverge_at:.3g}")
+        # A non-finite gradient with a finite loss would write NaN weights (clipping spreads it to every
+        # gradient), and a checkpoint of them would pass for the last good one.
+        if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)) or loss_val > diverge_at:
+            reason = (f"loss {loss_val:.4g} at step {step + 1} is not finite" if not math.isfinite(loss_val) else
+                      f"gradient norm {float(grad_norm):.4g} at step {step + 1} is not finite"
+                      if not math.isfinite(float(grad_norm)) else
+                      f"loss {loss_val:.4g} at step {step + 1} exceeds {diverge_at:.3g}")
             status = "diverged"
             optimizer.zero_grad(set_to_none=True)
             if info.is_main:
@@ -292,18 +313,19 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         status = "finished"
     if bar is not None:
         bar.close()
-    summary = {"status": status, "step": step + 1 if status != "diverged" else step, "tokens": tokens,
+    summary = {"status": status, "step": done, "tokens": tokens,
                "val_loss": val_loss, "out": str(out_dir), "loss_png": str(out_dir / "loss.png")}
     if reason:
         summary["reason"] = reason
     if info.is_main:
-        (out_dir / "status.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out_dir / "status.json", json.dumps(summary, indent=2))
         if status == "diverged":
             print(f"run diverged: {reason}; the last good checkpoint is kept in {out_dir / 'checkpoints'}", file=sys.stderr)
         elif status == "finished":
             plot_loss(log.read(), out_dir / "loss.png", title=f"{cfg.name} {cfg.attention}")
-            print(f"validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}) after {tokens:,} tokens; "
-                  f"loss curve: {out_dir / 'loss.png'}")
+            if val_loss is not None:
+                print(f"validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}) after {tokens:,} tokens; "
+                      f"loss curve: {out_dir / 'loss.png'}")
     return summary
 
 
@@ -312,7 +334,8 @@ def _save(out_dir, step, tokens, wrapped, optimizer, cfg, train, info, val_loss)
     if info.is_main:
         save_checkpoint(out_dir, step, model_sd, cfg,
                         {"optimizer": optim_sd, "rng": torch.get_rng_state()},
-                        {"step": step, "tokens": tokens, "data_index": step * train.grad_accum, "val_loss": val_loss},
+                        {"step": step, "tokens": tokens, "data_index": step * train.grad_accum, "val_loss": val_loss,
+                         "grad_accum": train.grad_accum, "world_size": info.world_size},
                         keep=train.keep_checkpoints)
     if info.enabled:
         torch.distributed.barrier()
@@ -326,4 +349,53 @@ def _write_config(out_dir: Path, preset, cfg: ModelConfig, data, train, init_fro
     conf = {"out": str(out_dir), "preset": preset, "attention": cfg.attention, "n_kv_heads": cfg.n_kv_heads,
             "head_norm": cfg.head_norm, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
             "train": dataclasses.asdict(train), "init_from": init_from, "compile": compile, "parallel": parallel}
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(conf, sort_keys=False))
+
+
+def _check_resume_options(conf: dict, preset, attention, n_kv_heads, head_norm, model: Optional[dict],
+                          data: DataConfig, train: TrainConfig, init_from: Optional[str]) -> None:
+    """`--resume` continues the run as it was configured: a setting given with it that differs from the
+    saved one (a longer schedule, another batch size or model) would be silently ignored, so it is an
+    error. Settings left at their defaults are not compared."""
+    from ..models.config import parse_text_values
+
+    diffs = []
+
+    def differ(name, given, default, saved):
+        if given != default and given != saved:
+            diffs.append(f"{name}: given {given!r}, the run has {saved!r}")
+
+    differ("preset", preset, "tiny", conf.get("preset"))
+    differ("attention", attention, "mea", conf.get("attention"))
+    differ("n_kv_heads", n_kv_heads, None, conf.get("n_kv_heads"))
+    differ("head_norm", head_norm, None, conf.get("head_norm"))
+    for k, v in parse_text_values(model or {}).items():
+        if k != "name":
+            differ(f"model.{k}", v, None, conf["model"].get(k))
+    for name, given, default in (("data", data, DataConfig()), ("train", train, TrainConfig())):
+        g, d, saved = dataclasses.asdict(given), dataclasses.asdict(default), conf[name]
+        for k, v in g.items():
+            # A run continued from other weights saves its corpus re-tokenized for them: not comparable.
+            if k in saved and not (name == "data" and k == "corpus" and conf.get("init_from")):
+                differ(f"{name}.{k}", v, d[k], saved[k])
+    if init_from is not None:
+        differ("init_from", init_from, None, conf.get("init_from"))
+    if diffs:
+        raise ValueError("resume: a resumed run keeps its saved settings; these differ: " + "; ".join(diffs) +
+                         ". Start a new run from it instead: mea pretrain --init_from RUN --out NEW ...")
+
+
+def _same_global_batch(train: TrainConfig, state: dict, info: D.DistInfo) -> TrainConfig:
+    """A run resumed on another number of ranks keeps its global batch (and with it the data order:
+    global batch s holds the same windows however it is split) by rescaling gradient accumulation."""
+    ranks, accum = state.get("world_size"), state.get("grad_accum", train.grad_accum)
+    if ranks is None or (ranks == info.world_size and accum == train.grad_accum):
+        return train
+    micro = accum * ranks  # micro-batches of train.batch_size per optimizer step, over all ranks
+    if micro % info.world_size:
+        raise ValueError(f"resume: the run trained with {micro} micro-batches of {train.batch_size} per step "
+                         f"({ranks} ranks x grad_accum {accum}); {info.world_size} ranks cannot split that evenly")
+    if info.is_main:
+        print(f"resume: {ranks} -> {info.world_size} ranks; grad_accum {accum} -> {micro // info.world_size} keeps "
+              "the global batch", file=sys.stderr)
+    return dataclasses.replace(train, grad_accum=micro // info.world_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .checkpoint import atomic_write_text
 from .config import DataConfig, TrainConfig
 from .metrics import read_metrics
 
@@ -107,13 +109,18 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
                 kw["model"] = {**(model or {}), **kw.get("model", {})}
                 jobs.append((v, lr, seed, out_dir / run_name(v, lr, seed), kw))
     seen: dict[Path, float] = {}
-    for v, lr, seed, run_dir, _ in jobs:
+    unique = []
+    for job in jobs:
+        v, lr, seed, run_dir, _ = job
         if run_dir in seen and seen[run_dir] != lr:
             raise ValueError(f"lrs: {seen[run_dir]!r} and {lr!r} share the run directory {run_dir} (run names keep "
                              "3 significant digits); make the rates differ in those")
+        if run_dir not in seen:  # a grid point listed twice (seeds [0, 0]) is one run
+            unique.append(job)
         seen[run_dir] = lr
+    jobs = unique
     if lrs_from:
-        _link_finished(jobs, Path(lrs_from))
+        _link_finished(jobs, Path(lrs_from), preset, data, train)
     todo = [j for j in jobs if not _done(j[3])]
     print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already done", file=sys.stderr)
     deadline = t_start + deadline_s if deadline_s else None
@@ -134,18 +141,30 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
                      compile=compile, progress=False, **kw)
     rows = collect(jobs)
     csv_path = out_dir / "results.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(csv_path, text.getvalue())
     plot_sweep(rows, out_dir)
     _print_table(rows)
     return str(csv_path)
 
 
-def _done(run_dir: Path) -> bool:
+def _status(run_dir: Path) -> dict:
+    """A run's status.json ({} if there is none, or if it cannot be read: the run is then resumed)."""
     f = run_dir / "status.json"
-    return f.exists() and json.loads(f.read_text()).get("status") in ("finished", "diverged")
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"sweep: {f} is unreadable; the run resumes from its last checkpoint", file=sys.stderr)
+        return {}
+
+
+def _done(run_dir: Path) -> bool:
+    return _status(run_dir).get("status") in ("finished", "diverged")
 
 
 def read_results(sweep_dir: str | Path) -> list[dict]:
@@ -175,13 +194,44 @@ def _best_from(sweep_dir: Path, variants: list[str]) -> dict[str, float]:
     return {v: best[v][0] for v in variants}
 
 
-def _link_finished(jobs, src_dir: Path) -> None:
-    """Link runs the earlier sweep already finished (same variant, rate and seed) into this sweep."""
-    for v, lr, seed, run_dir, _ in jobs:
+def _link_finished(jobs, src_dir: Path, preset: str, data: DataConfig, train: TrainConfig) -> None:
+    """Link runs the earlier sweep already finished (same variant, rate and seed) into this sweep, where
+    they were trained with the settings this sweep would use; the others are trained here."""
+    for v, lr, seed, run_dir, kw in jobs:
         src = src_dir / run_name(v, lr, seed)
-        if not run_dir.exists() and _done(src):
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            run_dir.symlink_to(os.path.relpath(src.resolve(), run_dir.parent.resolve()), target_is_directory=True)
+        if run_dir.exists() or not _done(src):
+            continue
+        diffs = _settings_differ(src, preset, data, dataclasses.replace(train, lr=lr, seed=seed), kw)
+        if diffs:
+            print(f"lrs_from: not reusing {src} ({'; '.join(diffs[:3])}); training it here", file=sys.stderr)
+            continue
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.symlink_to(os.path.relpath(src.resolve(), run_dir.parent.resolve()), target_is_directory=True)
+
+
+def _settings_differ(run_dir: Path, preset: str, data: DataConfig, train: TrainConfig, kw: dict) -> list[str]:
+    """What differs between a finished run's config.yaml and a run of these settings (empty: the same run)."""
+    import yaml
+
+    from .pretrain import resolve_model_config
+
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return [f"{f} is missing"]
+    conf = yaml.safe_load(f.read_text())
+    cfg = resolve_model_config(preset, kw.get("attention"), kw.get("n_kv_heads"), kw.get("head_norm"),
+                               kw.get("model"), data.seq_len)
+    want = {"preset": preset, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
+            "train": dataclasses.asdict(train)}
+    diffs = []
+    for key in ("preset", "model", "data", "train"):
+        have, need = conf.get(key), want[key]
+        if isinstance(need, dict) and isinstance(have, dict):
+            diffs += [f"{key}.{k}: {have.get(k)!r} there, {v!r} here" for k, v in need.items()
+                      if k != "name" and have.get(k) != v]
+        elif have != need:
+            diffs.append(f"{key}: {have!r} there, {need!r} here")
+    return diffs
 
 
 def _run_parallel(todo, preset, data, train, slots, compile, deadline=None) -> None:
@@ -216,9 +266,7 @@ def collect(jobs) -> list[dict]:
     for v, lr, seed, run_dir, _ in jobs:
         recs = read_metrics(run_dir / "metrics.jsonl")
         vals = [r["val_loss"] for r in recs if "val_loss" in r]
-        status = "missing"
-        if (run_dir / "status.json").exists():
-            status = json.loads((run_dir / "status.json").read_text())["status"]
+        status = _status(run_dir).get("status", "missing")
         last = recs[-1] if recs else {}
         rows.append({"variant": v, "lr": lr, "seed": seed, "status": status,
                      "final_val_loss": vals[-1] if vals and status == "finished" else None,
