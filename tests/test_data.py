@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -273,6 +274,17 @@ def test_prepare_files_dedup_split_and_idempotence(tmp_path, tok):
     assert json.loads((tmp_path / "a" / MANIFEST).read_text())["request"]["val_fraction"] == 0.3
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no temp dirs left
 
+    # the same paths with other contents, or one more file, are another corpus; another order is not
+    files = sorted(str(f) for f in d.iterdir())
+    prepare_data(files=files, out=str(tmp_path / "f"), val_fraction=0.2)
+    assert prepare_data(files=files[::-1], out=str(tmp_path / "f"), val_fraction=0.2) == str(tmp_path / "f")
+    Path(files[0]).write_text("An edited document, with other words in it than before.")
+    with pytest.raises(ValueError, match="other file contents"):
+        prepare_data(files=files, out=str(tmp_path / "f"), val_fraction=0.2)
+    (d / "new.txt").write_text("A document added after the corpus was prepared.")
+    with pytest.raises(ValueError, match="other file contents"):
+        prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0)
+
 
 def test_prepare_few_files_still_has_validation(tmp_path, tok):
     from mea.data.prepare import prepare_data
@@ -283,6 +295,38 @@ def test_prepare_few_files_still_has_validation(tmp_path, tok):
     m = read_manifest(out)
     assert (m["splits"]["train"]["docs"], m["splits"]["val"]["docs"]) == (2, 1)
     assert tok.decode(np.asarray(TokenDataset(out, "val").shards[0])).startswith("My own document number")
+
+
+def test_one_document_warns_that_validation_is_empty(tmp_path):
+    from mea.data.prepare import prepare_data
+
+    (tmp_path / "one.txt").write_text("A single document of my own, " * 50)
+    with pytest.warns(UserWarning, match="validation split is empty"):
+        out = prepare_data(files=[str(tmp_path / "one.txt")], out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="too few to validate on; .*several files"):
+        TokenDataset(out, "val")
+
+
+def test_file_lock_serializes_threads_and_processes(tmp_path):
+    import threading
+
+    from mea.data.fetch import file_lock
+
+    inside, overlaps = [], []
+
+    def work():
+        with file_lock(tmp_path / "x.lock"):
+            inside.append(1)
+            overlaps.append(len(inside))
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1, 1]
 
 
 def test_prepare_bad_inputs(tmp_path):

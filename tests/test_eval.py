@@ -205,6 +205,32 @@ def test_evaluate_many_combines_models_and_resumes(tmp_path):
     assert "y vs x on PIQA: +10.00 points" in combined_table([run("x", 0.50), run("y", 0.60)])
 
 
+def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_settings(tmp_path):
+    from mea.eval.many import _scored_as_asked, _unique_names
+
+    names = _unique_names([("final", str(tmp_path / "a" / "final")), ("final", str(tmp_path / "b" / "final")),
+                           ("other", str(tmp_path / "c"))])
+    assert [n for n, _ in names] == ["final (a/final)", "final (b/final)", "other"]
+    res = tmp_path / "results.json"
+    model = tmp_path / "a" / "final"
+    res.write_text(json.dumps({"model": str(model.resolve()), "settings": {"tasks": ["arc_easy"], "limit": 10},
+                               "tasks": {}}))
+    asked = {"tasks": "arc_easy", "limit": 10, "batch_size": 4, "perplexity": False}
+    assert _scored_as_asked(res, str(model), asked)
+    assert not _scored_as_asked(res, str(model), dict(asked, tasks="piqa"))
+    assert not _scored_as_asked(res, str(model), dict(asked, limit=30))
+    assert not _scored_as_asked(res, str(model), dict(asked, perplexity=True))
+    assert not _scored_as_asked(res, str(tmp_path / "b" / "final"), asked)
+
+
+def test_evaluate_checks_the_perplexity_corpus_before_the_benchmarks(tmp_path):
+    """A typo in --corpus fails at once, not after the benchmarks have run (and their scores were lost)."""
+    from mea.eval.evaluate import evaluate
+
+    with pytest.raises(FileNotFoundError, match="not a prepared data directory"):
+        evaluate(str(tmp_path / "no-model-needed-yet"), tasks="piqa", corpus=str(tmp_path / "no_such" / "corpus"))
+
+
 def test_best_models_of_a_sweep(tmp_path):
     from mea.eval.many import best_models
 
@@ -218,3 +244,8 @@ def test_best_models_of_a_sweep(tmp_path):
     (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
     assert best_models(str(tmp_path)) == [("mha lr=3.00e-03 s0", str(tmp_path / "mha" / "lr3.00e-03_s0")),
                                           ("mea lr=1.00e-03 s0", str(tmp_path / "mea" / "lr1.00e-03_s0"))]
+    # run_dir as the sweep wrote it (relative to where it ran, or another machine's path) is not used:
+    # the runs are found under the sweep folder given
+    text = (tmp_path / "results.csv").read_text().replace(str(tmp_path), "runs/elsewhere/sweep")
+    (tmp_path / "results.csv").write_text(text)
+    assert best_models(str(tmp_path))[0][1] == str(tmp_path / "mha" / "lr3.00e-03_s0")

@@ -7,6 +7,7 @@ under ``$MEA_CACHE/downloads`` so that a second run touches no network at all.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -223,9 +224,17 @@ def unpack(pkg: Package, root: Optional[Path] = None) -> Path:
     marker = dest / ".done"
     if marker.is_file() and marker.read_text().strip() == sha256_file(archive):
         return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Processes starting on a fresh cache at once (evaluate-many --gpus, torchrun) unpack it one at a time.
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
+        if marker.is_file() and marker.read_text().strip() == sha256_file(archive):
+            return dest  # another process unpacked it while this one waited
+        return _unpack(archive, dest)
+
+
+def _unpack(archive: Path, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
     os.chmod(tmp, 0o755)
     try:
@@ -247,3 +256,20 @@ def unpack(pkg: Package, root: Optional[Path] = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (created) across processes; a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

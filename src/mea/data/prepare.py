@@ -9,7 +9,6 @@ so a directory with a manifest is always complete and a second call returns at o
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from . import clean
-from .fetch import ChecksumError, FetchError, cache_dir, sha256_file, unpack
+from .fetch import ChecksumError, FetchError, cache_dir, file_lock, sha256_file, unpack
 from .shards import DTYPE, FORMAT, MANIFEST, ShardWriter, read_manifest
 
 MAX_DOC_CHARS = 20_000  # longer documents are cut at paragraph boundaries (about 5k tokens per part)
@@ -97,10 +96,30 @@ def _hf_documents(name: str) -> Iterable[tuple[str, str]]:
         yield str(i), row["text"] or ""
 
 
+def _files_sha256(paths: list[Path]) -> str:
+    """One hash of the files' names and contents: an edited, added or removed file changes it."""
+    h = hashlib.sha256()
+    for p in sorted(paths):  # the order they were listed in does not change the corpus
+        h.update(f"{p}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
 def _request(corpus, weights, files, hf_dataset, val_fraction, seed) -> dict:
-    return {"corpus": corpus, "sources": weights, "files": [str(Path(f).resolve()) for f in files or []],
-            "hf_dataset": hf_dataset, "val_fraction": val_fraction, "seed": seed,
-            "max_doc_chars": MAX_DOC_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+    req = {"corpus": corpus, "sources": weights, "files": sorted(str(Path(f).resolve()) for f in files or []),
+           "hf_dataset": hf_dataset, "val_fraction": val_fraction, "seed": seed,
+           "max_doc_chars": MAX_DOC_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+    if files:  # the same paths with other contents are another corpus
+        req["files_sha256"] = _files_sha256(_list_files(files))
+    return req
+
+
+def _same_request(manifest: dict, request: dict) -> bool:
+    have = dict(manifest.get("request") or {})
+    if request.get("files_sha256") and "files_sha256" not in have:  # a manifest from before the hash was asked
+        srcs = manifest.get("sources") or [{}]
+        have["files_sha256"] = srcs[0].get("sha256")
+        have["files"] = sorted(have.get("files") or [])
+    return have == request
 
 
 def _summary(out: Path, manifest: dict) -> str:
@@ -150,23 +169,8 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (the ranks of one torchrun job) may ask for the same corpus at once: one
     # builds it, the others wait here and then find it complete.
-    with _locked(out_dir.with_name(f".{out_dir.name}.lock")):
+    with file_lock(out_dir.with_name(f".{out_dir.name}.lock")):
         return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus) -> str:
@@ -182,9 +186,10 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
         except (ValueError, FileNotFoundError) as e:
             warnings.warn(f"{out_dir} holds an unusable corpus ({e}); rebuilding it", stacklevel=2)
         else:
-            if manifest.get("request") != request:
-                raise ValueError(f"{out_dir} was prepared with other settings ({manifest.get('request')}); "
-                                 f"pass force=True (--force true) to rebuild it, or another out directory")
+            if not _same_request(manifest, request):
+                raise ValueError(f"{out_dir} was prepared with other settings or other file contents "
+                                 f"({manifest.get('request')}); pass force=True (--force true) to rebuild it, or "
+                                 f"another out directory")
             print(f"already prepared: {_summary(out_dir, manifest)}", file=sys.stderr)
             now = [s["name"] for s in manifest.get("skipped", [])
                    if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
@@ -206,10 +211,7 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
     origins: list[tuple[dict, float, Iterable[tuple[str, str]], int]] = []  # (record, weight, docs, min_chars)
     if files:
         paths = _list_files(files)
-        h = hashlib.sha256()
-        for p in paths:
-            h.update(f"{p}\0{sha256_file(p)}\n".encode())
-        origins.append(({"name": "files", "registry": "local", "files": len(paths), "sha256": h.hexdigest()},
+        origins.append(({"name": "files", "registry": "local", "files": len(paths), "sha256": _files_sha256(paths)},
                         1.0, _file_documents(paths), 1))
     elif hf_dataset:
         origins.append(({"name": hf_dataset, "registry": "huggingface"}, 1.0, _hf_documents(hf_dataset), 1))
@@ -268,6 +270,9 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
         # so that validation always has data.
         i = min(range(len(docs)), key=lambda j: _unit_hash(seed, "split", docs[j][0]))
         docs[i] = (*docs[i][:3], "val")
+    if val_fraction > 0 and len(docs) == 1:
+        warnings.warn(f"{label}: one document, so the validation split is empty (documents are split whole); "
+                      "`mea pretrain` needs validation text: give several files or documents", stacklevel=2)
 
     # 3. tokenize every kept document once
     tokens: list[np.ndarray] = []

@@ -112,7 +112,10 @@ class TokenDataset:
                        for s in splits[split]["shards"] if s["tokens"] > 0]
         self.num_tokens = int(sum(len(s) for s in self.shards))
         if self.num_tokens < 2:
-            raise ValueError(f"split {split!r} of {self.path} holds {self.num_tokens} tokens: too few to train on")
+            raise ValueError(f"split {split!r} of {self.path} holds {self.num_tokens} tokens: too few to "
+                             f"{'validate' if split == 'val' else 'train'} on" +
+                             ("; documents are split whole, and a corpus of one document has no validation text: "
+                              "give several files (or documents) when preparing it" if split == "val" else ""))
         self.vocab_size = int(self.manifest.get("tokenizer", {}).get("vocab_size", 0)) or None
         self._perm_cache: dict = {}
 

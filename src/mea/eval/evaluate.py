@@ -224,6 +224,10 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         raise ValueError(f"limit: must be >= 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if perplexity:  # a bad corpus is found now, not after the benchmarks have run
+        from ..data.prepare import corpus_dir
+
+        corpus_dir(corpus)
     _offline()
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
@@ -256,6 +260,8 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         run["settings"].update(lm_eval=lm_eval.__version__, transformers=transformers.__version__,
                                torch=torch.__version__, data=PACKAGE.spec)
         run["lm_eval_configs"] = res.get("configs", {})
+        if out and perplexity:  # the benchmarks' scores are kept even if the perplexity fails next
+            _write_results(Path(out), run, format_report(run))
     if perplexity:
         from .perplexity import corpus_perplexity
 
@@ -265,9 +271,14 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
     report = format_report(run)
     print(report)
     if out:
-        o = Path(out)
-        o.mkdir(parents=True, exist_ok=True)
-        (o / "results.json").write_text(json.dumps(run, indent=2, default=str))
-        (o / "results.md").write_text(report + "\n")
-        print(f"wrote {o / 'results.json'} and {o / 'results.md'}")
+        _write_results(Path(out), run, report)
+        print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
     return run
+
+
+def _write_results(out: Path, run: dict, report: str) -> None:
+    from ..train.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(run, indent=2, default=str))
+    atomic_write_text(out / "results.md", report + "\n")

@@ -32,7 +32,8 @@ def _finished_runs(sweep: str) -> list[tuple[str, str, float]]:
     rows = [r for r in read_results(sweep) if r["status"] == "finished"]
     if not rows:
         raise ValueError(f"sweep: {csv_path} lists no finished run")
-    return [(f"{r['variant']} lr={r['lr']:.2e} s{r['seed']}", r["run_dir"], r["final_val_loss"]) for r in rows]
+    # r["dir"]: the run under the given sweep folder, which also holds for a sweep copied from elsewhere
+    return [(f"{r['variant']} lr={r['lr']:.2e} s{r['seed']}", str(r["dir"]), r["final_val_loss"]) for r in rows]
 
 
 def result_dirname(name: str) -> str:
@@ -87,12 +88,15 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
             raise FileNotFoundError(f"models: {path} does not exist")
     if procs_per_gpu < 1:
         raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
+    todo = _unique_names(todo)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(name, path, out_dir / result_dirname(name)) for name, path in todo]
-    pending = [j for j in jobs if not (j[2] / "results.json").is_file()]
-    print(f"evaluate-many: {len(jobs)} models, {len(jobs) - len(pending)} already done", file=sys.stderr)
+    if len({j[2] for j in jobs}) < len(jobs):
+        raise ValueError("models: two model names map to one results folder under OUT; rename one of the folders")
     common = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "perplexity": perplexity}
+    pending = [j for j in jobs if not _scored_as_asked(j[2] / "results.json", j[1], common)]
+    print(f"evaluate-many: {len(jobs)} models, {len(jobs) - len(pending)} already done", file=sys.stderr)
     if gpus:
         _run_parallel(pending, common, [g for _ in range(procs_per_gpu) for g in gpus])
     else:
@@ -114,6 +118,43 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
     write_csv(runs, out_dir / "results.csv")
     print(table)
     return str(out_dir / "table.md")
+
+
+def _unique_names(todo: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Row names that tell models apart: two folders both called ``final`` (or two sweeps' runs of one
+    variant, rate and seed) get the shortest tail of their paths that differs, e.g. ``final (a/final)``."""
+    out = []
+    for i, (name, path) in enumerate(todo):
+        others = [Path(q).resolve().parts for j, (m, q) in enumerate(todo) if m == name and j != i]
+        if others:
+            parts = Path(path).resolve().parts
+            k = 1
+            while k < len(parts) and any(o[-k:] == parts[-k:] for o in others):
+                k += 1
+            name = f"{name} ({'/'.join(parts[-k:])})"
+        out.append((name, path))
+    return out
+
+
+def _scored_as_asked(results: Path, model: str, common: dict) -> bool:
+    """Whether OUT/<model>/results.json holds this model scored on these tasks and settings (a re-run with
+    other tasks or another limit scores it again instead of reusing the old numbers)."""
+    from .data import parse_tasks
+
+    if not results.is_file():
+        return False
+    try:
+        run = json.loads(results.read_text())
+    except json.JSONDecodeError:
+        return False
+    got = run.get("settings", {})
+    want = parse_tasks(common["tasks"]) if common["tasks"] and str(common["tasks"]).strip() else []
+    same = (Path(run.get("model", "")) == Path(model).resolve() and list(got.get("tasks", [])) == want
+            and got.get("limit") == common["limit"] and (not common["perplexity"] or "perplexity" in run))
+    if not same:
+        print(f"evaluate-many: {results} was scored with other settings or for another model; scoring again",
+              file=sys.stderr)
+    return same
 
 
 def _run_parallel(pending, common, slots) -> None:
