@@ -228,6 +228,19 @@ def test_activation_fit_beats_svd_on_calibration_keys():
         assert s["k_rel_err_weights"] <= m["k_rel_err_weights"] + 1e-12
 
 
+def test_calibration_windows_and_an_empty_layer_list():
+    from mea.convert.calibration import windows
+    from mea.convert.convert import check_request
+
+    ids = torch.arange(2000)
+    assert windows(ids, 512, 256).shape == (1, 512)      # fewer tokens asked than a window: one window
+    assert windows(ids, 512, 1200).shape == (2, 512)
+    with pytest.raises(ValueError, match="calibration text: 100 tokens"):
+        windows(torch.arange(100), 512, 4096)
+    with pytest.raises(ValueError, match="no layer selected"):
+        check_request(tiny("mha", n_heads=4, n_kv_heads=4).config, 2, [])
+
+
 def test_parse_layers():
     assert parse_layers("all", 4) == [0, 1, 2, 3]
     assert parse_layers("middle", 30) == list(range(7, 22))
@@ -352,7 +365,10 @@ def test_convert_hf_llama_folder_is_exact_at_unchanged_heads(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(hf(probe).logits, want, atol=1e-5, rtol=0)
     out = tmp_path / "kv1"
-    report = convert(str(src), 1, init="svd", out=str(out), calib_tokens=128, calib_seq_len=32, calib_text=str(text))
+    out.mkdir()  # an empty folder made beforehand is fine: it used to pass the check and fail at the end
+    # calib_tokens below one window still takes one window of the text (the corpus path does the same)
+    report = convert(str(src), 1, init="svd", out=str(out), calib_tokens=16, calib_seq_len=32, calib_text=str(text))
+    assert report["calib_tokens"] == 32
     assert report["kv_bytes_per_token_after"] * 3 == report["kv_bytes_per_token_before"]
     assert all(0 < r["k_rel_err"] < 1 for r in report["per_layer"])
     hf = MEAForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -719,3 +735,20 @@ def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
     (orphan / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="no GPT-2 source"):
         corpus_in_model_tokens(str(orphan), None)
+
+
+def test_saved_folders_keep_the_tokenizers_special_ids(tmp_path):
+    """eos, bos and pad ids of the source's tokenizer reach config.json and generation_config.json
+    (a converted SmolLM2 folder used to keep only eos, dropping its pad id)."""
+    import transformers
+
+    from mea.models.export import save_hf
+
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(byte_tokenizer_folder(tmp_path / "tok")))
+    tok.add_special_tokens({"pad_token": "<pad>", "bos_token": "<s>"})
+    model = tiny("mha", n_heads=4, n_kv_heads=4, vocab_size=len(tok))
+    out = save_hf(model, tmp_path / "out", tokenizer=tok)
+    cfg = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        assert cfg[key] == gen[key] == getattr(tok, key) is not None

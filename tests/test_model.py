@@ -371,3 +371,21 @@ def test_loss_is_cross_entropy_and_backprops_into_mixing():
     assert abs(loss.item() - math.log(97)) < 0.5
     loss.backward()
     assert model.model.layers[0].self_attn.k_mix.grad.abs().sum() > 0
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    """`model.to(bfloat16)` casts buffers too; RoPE's inverse frequencies stay fp32 (Hugging Face's loader
+    keeps them so), else positions in the thousands rotate by wrong angles (cos off by up to 0.5 at 4k)."""
+    from mea.layers.rope import RotaryEmbedding
+
+    m = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=4, max_seq_len=64))
+    rope = [mod for mod in m.modules() if isinstance(mod, RotaryEmbedding)]
+    assert rope
+    want = [r.inv_freq.clone() for r in rope]
+    m.to(torch.bfloat16)
+    for r, w in zip(rope, want):
+        assert r.inv_freq.dtype == torch.float32 and torch.equal(r.inv_freq, w)
+    pos = torch.arange(4000, 4096)[None]
+    cos, _ = rope[0](pos, torch.float32)
+    ref, _ = RotaryEmbedding(rope[0].head_dim, rope[0].theta)(pos, torch.float32)
+    assert torch.equal(cos, ref)

@@ -74,6 +74,8 @@ def check_request(config: ModelConfig, kv_heads: int, layers: list[int]) -> None
             f"model: attention={config.attention!r} is not supported by convert; it handles "
             f"{', '.join(SUPPORTED_ATTENTION)} (LLaMA-family MHA/GQA and MEA models)"
         )
+    if not layers:
+        raise ValueError("layers: no layer selected to compress")
     h = config.n_heads
     if not 1 <= kv_heads <= h:
         raise ValueError(f"kv_heads: must satisfy 1 <= h' <= n_heads={h}, got {kv_heads}")
@@ -427,8 +429,8 @@ def _write(model: Transformer, tok_dir: Optional[Path], out_dir: Path, report: d
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         save_hf(model, tmp, tokenizer=tokenizer)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        if out_dir.exists():
-            if not overwrite:
+        if out_dir.exists():  # empty (checked up front), or replaced with --overwrite
+            if any(out_dir.iterdir()) and not overwrite:
                 raise FileExistsError(f"out: {out_dir} appeared while converting")
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -8,8 +8,20 @@ from torch import Tensor, nn
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device) -> Tensor:
+        d = self.head_dim
+        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` casts floating buffers too; the frequencies stay fp32, as Hugging Face's
+        # loader keeps them: rounded to bf16 they rotate positions in the thousands by visibly wrong angles.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (B, L, d) for integer positions (B, L)."""

@@ -233,17 +233,20 @@ def _save_tokenizer(tokenizer: Any, out: Path, config) -> None:
         copy_tokenizer(src, out)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(src))
-        for key in ("eos_token_id", "bos_token_id"):
-            if getattr(tok, key, None) is not None:
-                setattr(config, key, getattr(tok, key))
+        _special_ids(AutoTokenizer.from_pretrained(str(src)), config)
     elif hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(out))
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            config.eos_token_id = tokenizer.eos_token_id
+        _special_ids(tokenizer, config)
     else:
         raise ValueError(f"tokenizer: expected None, 'gpt2', a tokenizer folder or an object with save_pretrained, "
                          f"got {type(tokenizer).__name__}")
+
+
+def _special_ids(tokenizer, config) -> None:
+    """The tokenizer's eos, bos and pad ids into the model config (generate and pipelines read them there)."""
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(tokenizer, key, None) is not None:
+            setattr(config, key, getattr(tokenizer, key))
 
 
 def save_hf(model: Transformer, out_dir: PathLike, tokenizer: Any = None,
@@ -273,8 +276,8 @@ def save_hf(model: Transformer, out_dir: PathLike, tokenizer: Any = None,
     hf = MEAForCausalLM.from_core(model)
     if tokenizer is not None:
         _save_tokenizer(tokenizer, out, hf.config)
-        hf.generation_config.eos_token_id = getattr(hf.config, "eos_token_id", None)
-        hf.generation_config.bos_token_id = getattr(hf.config, "bos_token_id", None)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            setattr(hf.generation_config, key, getattr(hf.config, key, None))
     hf.save_pretrained(str(out))
     return out
 
