@@ -203,6 +203,11 @@ def test_evaluate_many_combines_models_and_resumes(tmp_path):
                                                               "acc_norm": acc, "acc_norm_stderr": 0.01}}}
     assert "none." in combined_table([run("x", 0.60), run("y", 0.61)])
     assert "y vs x on PIQA: +10.00 points" in combined_table([run("x", 0.50), run("y", 0.60)])
+    # measured perplexity is a column (it used to be computed and left out); without tasks, only it
+    with_ppl = dict(run("x", 0.50), perplexity={"ppl": 31.5, "bits_per_byte": 1.25})
+    assert "| x | 50.00 ± 1.00 | 50.00 | 31.50 | 1.2500 |" in combined_table([with_ppl, run("y", 0.6)])
+    only = combined_table([dict(with_ppl, tasks={})])
+    assert only.splitlines()[:3] == ["| Model | val ppl | bits/byte |", "|---|---|---|", "| x | 31.50 | 1.2500 |"]
 
 
 def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_settings(tmp_path):

@@ -55,7 +55,7 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
                   out: str = "runs/evaluate-many",
                   tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 32,
                   gpus: Optional[list[int]] = None, procs_per_gpu: int = 1, device: str = "auto",
-                  perplexity: bool = False) -> str:
+                  perplexity: bool = False, corpus: str = "prose") -> str:
     """Evaluate several models on the same tasks; write OUT/table.md and OUT/results.csv.
 
     Args:
@@ -69,7 +69,8 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
         gpus: evaluate on these GPUs at once, one subprocess per slot; default: one after another here.
         procs_per_gpu: evaluations sharing each GPU at once.
         device: device for in-process evaluation.
-        perplexity: also report validation perplexity of the corpus.
+        perplexity: also report validation perplexity and bits per byte (columns of the table).
+        corpus: prepared corpus name or directory for the perplexity.
 
     Returns:
         The path of the combined table.
@@ -94,7 +95,7 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
     jobs = [(name, path, out_dir / result_dirname(name)) for name, path in todo]
     if len({j[2] for j in jobs}) < len(jobs):
         raise ValueError("models: two model names map to one results folder under OUT; rename one of the folders")
-    common = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "perplexity": perplexity}
+    common = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "perplexity": perplexity, "corpus": corpus}
     pending = [j for j in jobs if not _scored_as_asked(j[2] / "results.json", j[1], common)]
     print(f"evaluate-many: {len(jobs)} models, {len(jobs) - len(pending)} already done", file=sys.stderr)
     if gpus:
@@ -164,7 +165,7 @@ def _run_parallel(pending, common, slots) -> None:
     for name, path, res_dir in pending:
         args = [sys.executable, "-m", "mea.cli", "evaluate", str(path), "--out", str(res_dir), "--name", name,
                 "--device", "cuda", "--tasks", common["tasks"], "--batch_size", str(common["batch_size"]),
-                "--perplexity", str(common["perplexity"]).lower()]
+                "--perplexity", str(common["perplexity"]).lower(), "--corpus", str(common["corpus"])]
         if common["limit"]:
             args += ["--limit", str(common["limit"])]
         jobs.append(Job(name, args, res_dir / "stdout.log"))
@@ -196,23 +197,32 @@ def beyond_error_bars(ref: dict, other: dict, k: float = 2.0) -> list[tuple[str,
 
 
 def combined_table(runs: list[dict]) -> str:
-    """Models as rows, tasks as columns: headline accuracy ± stderr (percent) and the average; then
-    the differences from the first model that exceed twice their combined standard error."""
+    """Models as rows, tasks as columns: headline accuracy ± stderr (percent) and the average, and the
+    validation perplexity and bits per byte where they were measured; then the differences from the
+    first model that exceed twice their combined standard error."""
     from .evaluate import TASK_LABELS, _pct
 
     tasks = list(dict.fromkeys(t for r in runs for t in r["tasks"]))
-    lines = ["| Model | " + " | ".join(f"{TASK_LABELS.get(t, t)} ({headline(runs[0]['tasks'].get(t, {}))[2]})"
-                                       for t in tasks) + " | Avg. |",
-             "|" + "---|" * (len(tasks) + 2)]
+    ppl = any(r.get("perplexity") for r in runs)
+    head = [f"{TASK_LABELS.get(t, t)} ({headline(runs[0]['tasks'].get(t, {}))[2]})" for t in tasks]
+    head += ["Avg."] if tasks else []
+    head += ["val ppl", "bits/byte"] if ppl else []
+    lines = ["| Model | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
     for r in runs:
         cells, vals = [], []
         for t in tasks:
             v, se, _ = headline(r["tasks"].get(t, {}))
             vals.append(v)
             cells.append("—" if v is None else f"{_pct(v)} ± {_pct(se)}")
-        got = [v for v in vals if v is not None]
-        avg = sum(got) / len(got) if got and len(got) == len(vals) else None
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {_pct(avg)} |")
+        if tasks:
+            got = [v for v in vals if v is not None]
+            cells.append(_pct(sum(got) / len(got) if got and len(got) == len(vals) else None))
+        if ppl:
+            p = r.get("perplexity") or {}
+            cells += [f"{p['ppl']:.2f}" if p else "—", f"{p['bits_per_byte']:.4f}" if p else "—"]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    if not tasks:
+        return "\n".join(lines)
     ref = runs[0]
     notes = [f"{r['name']} vs {ref['name']} on {TASK_LABELS.get(t, t)}: {100 * diff:+.2f} points ({z:.1f} standard errors)"
              for r in runs[1:] for t, diff, z in beyond_error_bars(ref["tasks"], r["tasks"])]
@@ -225,9 +235,11 @@ def combined_table(runs: list[dict]) -> str:
 
 def write_csv(runs: list[dict], path: Path) -> None:
     tasks = list(dict.fromkeys(t for r in runs for t in r["tasks"]))
+    ppl = any(r.get("perplexity") for r in runs)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", *[f"{t}_{k}" for t in tasks for k in ("metric", "value", "stderr", "n")], "average"])
+        w.writerow(["model", *[f"{t}_{k}" for t in tasks for k in ("metric", "value", "stderr", "n")], "average",
+                    *(["val_ppl", "bits_per_byte"] if ppl else [])])
         for r in runs:
             row, vals = [r["name"]], []
             for t in tasks:
@@ -235,4 +247,7 @@ def write_csv(runs: list[dict], path: Path) -> None:
                 row += [metric, v, se, r["tasks"].get(t, {}).get("n")]
                 vals.append(v)
             row.append(sum(vals) / len(vals) if vals and None not in vals else None)
+            if ppl:
+                p = r.get("perplexity") or {}
+                row += [p.get("ppl"), p.get("bits_per_byte")]
             w.writerow(row)
