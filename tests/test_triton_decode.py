@@ -6,12 +6,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_ref import DEV, rel_err  # noqa: E402
+
 from mea import ModelConfig, Transformer  # noqa: E402
 from mea.ops import decode as decode_mod  # noqa: E402
 from mea.ops.attention import mea_attention_absorbed, mea_attention_reference  # noqa: E402
 from mea.ops.triton_decode import mea_decode_fast, mea_decode_triton, to_paged  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
 
@@ -40,11 +41,6 @@ def reference(q, k, v, k_mix, v_mix, seqlens):
     f = lambda x: x.detach().double()  # noqa: E731
     mask = prefix_mask(seqlens, q.shape[2], k.shape[2])
     return mea_attention_reference(f(q), f(k), f(v), f(k_mix), f(v_mix), mask=mask)
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 # ---------------------------------------------------------------------------- CPU (interpreter) + GPU

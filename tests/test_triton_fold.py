@@ -4,17 +4,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_ref import DEV, TOL, rel_err  # noqa: E402
+
 from mea.ops.attention import fold_mix_into_proj  # noqa: E402
 from mea.ops.triton_fold import fold_mix_bwd, fold_mix_fwd, fold_mix_triton  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative error against a float64 reference: fp32 arithmetic, then one rounding of the output.
-TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make(hk, h, d, D, dtype=torch.float32):

@@ -4,22 +4,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_ref import DEV, TOL, rel_err  # noqa: E402
+
 from mea import ModelConfig  # noqa: E402
 from mea.layers import norm as norm_mod  # noqa: E402
 from mea.layers.attention import AttnInputs, build_attention  # noqa: E402
 from mea.layers.norm import HeadNorm, rms_norm  # noqa: E402
 from mea.layers.rope import RotaryEmbedding  # noqa: E402
 from mea.ops.triton_norm import head_rms_norm, head_rms_norm_bwd, head_rms_norm_fwd  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# Relative error ||out - ref|| / ||ref|| against a float64 reference: fp32 arithmetic; one rounding
-# of the output to bf16/fp16.
-TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_inputs(shape, dtype, transposed=False):

@@ -6,6 +6,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..ops.triton_util import KERNEL_DTYPES
+
 # The head norm's fused Triton kernel (mea.ops.triton_norm) takes CUDA tensors when this is True
 # (MEA_TRITON_NORM=1 in the environment). Off by default: inside a compiled H200 training layer it
 # was no faster than the torch.compile'd PyTorch form (0.1% apart, docs/performance.md), which needs
@@ -20,7 +22,6 @@ try:
 except ImportError:  # no triton: the PyTorch form serves
     pass
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -55,7 +56,7 @@ class HeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.full((n_heads, head_dim), float(init)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if (_triton_head_norm is not None and TRITON_HEAD_NORM and x.is_cuda and x.dtype in _TRITON_DTYPES
-                and self.weight.dtype in _TRITON_DTYPES):
+        if (_triton_head_norm is not None and TRITON_HEAD_NORM and x.is_cuda and x.dtype in KERNEL_DTYPES
+                and self.weight.dtype in KERNEL_DTYPES):
             return _triton_head_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)

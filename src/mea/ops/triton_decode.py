@@ -18,7 +18,6 @@ The kernels run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the te
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 from typing import Optional
 
@@ -27,10 +26,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_util import KERNEL_DTYPES as _DTYPES
+from .triton_util import interpreting, sm_count
+
 __all__ = ["mea_decode_triton", "decode_launch_config", "to_paged"]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The merge holds every slice of a row in registers at once.
 MAX_SPLITS = 256
 
@@ -241,11 +242,6 @@ def _next_pow2(n: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
@@ -277,7 +273,7 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
     hopper = cuda and _capability(index)[0] >= 9
     if not num_splits:
-        sms = _sm_count(index) if cuda else 4
+        sms = sm_count(device)
         per_row = max(1, (2 * sms) // (batch * m_blocks))
         num_splits = min(1 << (per_row.bit_length() - 1), max(1, n_blocks // 2))
     num_splits = max(1, min(num_splits, n_blocks, MAX_SPLITS))
@@ -431,10 +427,6 @@ def to_paged(k_cache: Tensor, v_cache: Tensor, page_size: int, spare_pages: int 
     return pool(k_cache), pool(v_cache), perm.view(B, n).to(torch.int32)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def mea_decode_fast(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tensor, v_mix: Tensor,
                     mask: Optional[Tensor]) -> Optional[Tensor]:
     """``_FAST_DECODE`` adapter for ``mea_attention_cached``; returns None to decline.
@@ -446,7 +438,7 @@ def mea_decode_fast(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tensor, v_
     ``cache_seqlens`` in that case. Declines: CPU tensors (unless ``TRITON_INTERPRET=1``), inputs that
     need gradients, other dtypes, masks not shaped (B or 1, 1, Lq, T).
     """
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_comp, v_comp, k_mix, v_mix)):
         return None

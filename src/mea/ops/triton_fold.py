@@ -18,8 +18,6 @@ tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -27,9 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_util import check_inputs, sm_count
+
 __all__ = ["fold_mix_triton", "fold_mix_fwd", "fold_mix_bwd"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADS = 256  # an (h, BLOCK_N) fp32 tile per program must fit in registers
 
 
@@ -83,11 +82,6 @@ def _block_n(hk_p: int, h_p: int) -> int:
     return max(32, min(256, 4096 // max(hk_p, h_p)))
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _rows(weight: Tensor, hk: int) -> Tensor:
     """The (h'*d, D) weight as (h', d*D) without a copy (nn.Linear weights are contiguous)."""
     return weight.contiguous().view(hk, -1)
@@ -121,8 +115,7 @@ def fold_mix_bwd(grad: Tensor, weight: Tensor, mix: Tensor, programs: int = 0) -
     bn = _block_n(hk_p, h_p)
     blocks = triton.cdiv(N, bn)
     if not programs:
-        programs = 2 * _sm_count(weight.device.index if weight.device.index is not None
-                                 else torch.cuda.current_device()) if weight.is_cuda else 4
+        programs = 2 * sm_count(weight.device)
     per_prog = triton.cdiv(blocks, max(1, min(programs, blocks)))
     n_prog = triton.cdiv(blocks, per_prog)
     part = torch.empty((n_prog, hk_p, h_p), dtype=torch.float32, device=weight.device)
@@ -170,10 +163,6 @@ def _backward(ctx, grad):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def fold_mix_triton(weight: Tensor, mix: Tensor, head_dim: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``fold_mix_into_proj`` as one kernel each way, differentiable in weight and mix.
 
@@ -185,13 +174,7 @@ def fold_mix_triton(weight: Tensor, mix: Tensor, head_dim: int, out_dtype: Optio
                          f"{tuple(mix.shape)} = (h', h) and head_dim {head_dim}")
     if mix.shape[0] > MAX_HEADS or mix.shape[1] > MAX_HEADS:
         raise ValueError(f"fold_mix_triton: at most {MAX_HEADS} heads, got mix {tuple(mix.shape)}")
-    if weight.dtype not in _DTYPES or mix.dtype not in _DTYPES:
-        raise ValueError(f"fold_mix_triton: weight and mix must be fp16, bf16 or fp32, got {weight.dtype}, {mix.dtype}")
-    if weight.device != mix.device:
-        raise ValueError(f"fold_mix_triton: weight on {weight.device} and mix on {mix.device}")
-    if not (weight.is_cuda or _interpreting()):
-        raise ValueError(f"fold_mix_triton: the Triton kernel needs CUDA tensors (got {weight.device}); use "
-                         "mea.ops.attention.fold_mix_into_proj, or set TRITON_INTERPRET=1 to run it interpreted")
+    check_inputs("fold_mix_triton", "mea.ops.attention.fold_mix_into_proj", weight=weight, mix=mix)
     if out_dtype is None:
         dev = weight.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype

@@ -22,17 +22,15 @@ by one small ``sum`` (no atomics, so the result does not depend on scheduling).
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_util import check_inputs, sm_count
+
 __all__ = ["head_rms_norm", "head_rms_norm_fwd", "head_rms_norm_bwd"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 8192  # a row of BLOCK_D fp32 values per token must fit in registers
 
 
@@ -109,11 +107,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _as_4d(t: Tensor) -> Tensor:
     """(..., h, d) -> (A, L, h, d) without copying where the strides allow (always for 2-4 dims)."""
     if t.dim() == 4:
@@ -160,8 +153,7 @@ def head_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, eps: float, block_t
     bd = _block_d(D)
     bt = block_t or max(1, 2048 // bd)
     if not programs:
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            if x.is_cuda else 4
+        sms = sm_count(x.device)
         programs = max(1, (8 * sms) // H)
     # Whole tiles per program, so only the last program has a ragged tail.
     per_prog = _cdiv(_cdiv(n_tokens, min(programs, _cdiv(n_tokens, bt))), bt) * bt
@@ -211,10 +203,6 @@ def _backward(ctx, dy):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def head_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """Per-head RMSNorm of x (..., h, d) with weight (h, d), differentiable in x and weight.
 
@@ -224,13 +212,7 @@ def head_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     if weight.dim() != 2 or x.dim() < 2 or tuple(x.shape[-2:]) != tuple(weight.shape):
         raise ValueError(f"head_rms_norm: x {tuple(x.shape)} must end in the weight's shape (h, d) "
                          f"= {tuple(weight.shape)}")
-    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        raise ValueError(f"head_rms_norm: x and weight must be fp16, bf16 or fp32, got {x.dtype}, {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"head_rms_norm: x on {x.device} and weight on {weight.device}")
-    if not (x.is_cuda or _interpreting()):
-        raise ValueError(f"head_rms_norm: the Triton kernel needs CUDA tensors (got {x.device}); "
-                         "use mea.layers.norm.rms_norm, or set TRITON_INTERPRET=1 to run it interpreted")
+    check_inputs("head_rms_norm", "mea.layers.norm.rms_norm", x=x, weight=weight)
     if weight.shape[1] > MAX_HEAD_DIM:
         raise ValueError(f"head_rms_norm: head_dim {weight.shape[1]} exceeds {MAX_HEAD_DIM}")
     # Through the op dispatcher only where it is needed (compile tracing, autograd): its Python
