@@ -299,6 +299,8 @@ def test_kv_cache_bytes_halved_for_mea():
     (dict(attention="flash"), "attention"),
     (dict(attention="mha", n_kv_heads=2), "n_kv_heads"),
     (dict(attention="mea", head_norm_init=0.0), "head_norm_init"),
+    (dict(d_model=60, n_heads=4), "head_dim"),                    # 15 channels: RoPE rotates pairs
+    (dict(d_model=24, n_heads=4, attention="diff"), "head_dim"),  # halves of 3 channels
 ])
 def test_bad_configs_name_the_field(kw, field):
     base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4)
@@ -389,3 +391,31 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     cos, _ = rope[0](pos, torch.float32)
     ref, _ = RotaryEmbedding(rope[0].head_dim, rope[0].theta)(pos, torch.float32)
     assert torch.equal(cos, ref)
+
+
+def test_cached_forward_rejects_a_mask_over_cached_tokens_and_a_cache_of_another_dtype():
+    """Both used to fail late or silently: a Hugging Face-style mask (cached + new tokens) grew the cache
+    by its whole length, and a fp32 cache under a bf16 model failed inside attention after layer 0 wrote."""
+    from mea import KVCache
+
+    m = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+    ids = torch.randint(0, 256, (2, 4))
+    cache = KVCache.for_model(m.config, 2, 16)
+    m(ids, cache=cache)
+    with pytest.raises(ValueError, match="covers the new tokens only"):
+        m(ids[:, :2], attention_mask=torch.ones(2, 6, dtype=torch.bool), cache=cache)
+    assert cache.seqlens.tolist() == [4, 4]
+    with pytest.raises(ValueError, match="cache: holds torch.float32"):
+        m.to(torch.bfloat16)(ids, cache=KVCache.for_model(m.config, 2, 16))
+
+
+def test_generate_accepts_a_pad_id_that_is_no_token():
+    """Finished rows are padded in the output, but the model goes on reading eos, so pad -1 works."""
+    m = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+    prompt = torch.randint(0, 256, (2, 3))
+    free = m.generate(prompt, max_new_tokens=6)
+    eos = int(free[0, 3])  # row 0 emits it as its first new token
+    out = m.generate(prompt, max_new_tokens=6, eos_token_id=eos, pad_token_id=-1)
+    assert out[0, 3] == eos and (out[0, 4:] == -1).all()
+    first = next((i for i in range(3, 9) if free[1, i] == eos), 9)
+    assert torch.equal(out[1, :first + 1], free[1, :first + 1])

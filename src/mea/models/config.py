@@ -89,8 +89,11 @@ class ModelConfig:
                     f"{key}: attention={self.attention!r} stores all heads; got {hk} != n_heads={h} "
                     "(use 'gqa' or 'mea' for fewer stored heads)"
                 )
-        if self.attention == "diff" and self.head_dim % 2:
-            raise ValueError(f"head_dim: diff splits each head into two halves, needs an even head_dim, got {self.head_dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: RoPE rotates pairs of channels, needs an even head_dim, got {self.head_dim}")
+        if self.attention == "diff" and self.head_dim % 4:
+            raise ValueError(f"head_dim: diff splits each head into two halves that RoPE rotates, needs a head_dim "
+                             f"divisible by 4, got {self.head_dim}")
         if self.head_norm is None:
             self.head_norm = _HEAD_NORM_DEFAULT[self.attention]
         if self.d_ff is None:

@@ -79,6 +79,13 @@ class Transformer(nn.Module):
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache: holds {cache.batch_size} rows, input has {B}")
+            if cache.k[0].dtype != dtype:
+                raise ValueError(f"cache: holds {cache.k[0].dtype} keys and values, the model computes in {dtype}; "
+                                 "make the cache in the model's dtype (KVCache.for_model(..., dtype=...))")
+            if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
+                raise ValueError(f"attention_mask: with a cache it covers the new tokens only, {(B, L)}; got "
+                                 f"{tuple(attention_mask.shape)} (a mask over cached + new tokens, as in Hugging Face, "
+                                 "is the wrapper's convention, not the core model's)")
             if attention_mask is not None and (attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any():
                 raise ValueError("attention_mask: with a cache, new tokens must be right-padded (pads last)")
             positions = cache.seqlens[:, None] + torch.arange(L, device=dev)
@@ -183,17 +190,20 @@ class Transformer(nn.Module):
         out = []
         for step in range(max_new_tokens):
             tok = sample_next_token(next_logits, temperature, top_k, top_p, generator)
-            tok = torch.where(finished, torch.full_like(tok, pad), tok)
-            out.append(tok)
+            done_before = finished.clone()
+            out.append(torch.where(done_before, torch.full_like(tok, pad), tok))
             if eos_token_id is not None:
                 finished |= tok == eos_token_id
                 if bool(finished.all()):
                     break
             if step + 1 < max_new_tokens:
+                # A finished row goes on reading eos, not the pad id: its output is unused, and a pad id
+                # that is no token (-1) must not reach the embedding.
+                feed = torch.where(done_before, torch.full_like(tok, eos_token_id), tok) if eos_token_id is not None else tok
                 if graphed is not None and not graphed.failed:
-                    next_logits = graphed(tok)
+                    next_logits = graphed(feed)
                 else:
-                    next_logits = self(tok[:, None], cache=cache)[:, -1]
+                    next_logits = self(feed[:, None], cache=cache)[:, -1]
         new = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
         if new.shape[1] < max_new_tokens:
             new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=pad)
