@@ -210,7 +210,7 @@ def test_evaluate_many_combines_models_and_resumes(tmp_path):
     assert only.splitlines()[:3] == ["| Model | val ppl | bits/byte |", "|---|---|---|", "| x | 31.50 | 1.2500 |"]
 
 
-def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_settings(tmp_path):
+def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_settings(tmp_path, monkeypatch):
     from mea.eval.many import _scored_as_asked, _unique_names
 
     names = _unique_names([("final", str(tmp_path / "a" / "final")), ("final", str(tmp_path / "b" / "final")),
@@ -226,6 +226,21 @@ def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_setting
     assert not _scored_as_asked(res, str(model), dict(asked, limit=30))
     assert not _scored_as_asked(res, str(model), dict(asked, perplexity=True))
     assert not _scored_as_asked(res, str(tmp_path / "b" / "final"), asked)
+    # with perplexity, on the same corpus only
+    import mea.data.prepare as prep
+
+    monkeypatch.setattr(prep, "corpus_dir", lambda c: Path(c))
+    res.write_text(json.dumps({"model": str(model.resolve()), "settings": {"tasks": ["arc_easy"], "limit": 10},
+                               "tasks": {}, "perplexity": {"corpus": "/data/prose"}}))
+    assert _scored_as_asked(res, str(model), dict(asked, perplexity=True, corpus="/data/prose"))
+    assert not _scored_as_asked(res, str(model), dict(asked, perplexity=True, corpus="/data/other"))
+
+
+def test_a_metric_lm_eval_cannot_give_is_none():
+    """lm-eval reports the stderr of a single example as "N/A"; `--limit 1` crashed after scoring."""
+    from mea.eval.evaluate import _num
+
+    assert _num("N/A") is None and _num(None) is None and _num(float("nan")) is None and _num("0.25") == 0.25
 
 
 def test_evaluate_checks_the_perplexity_corpus_before_the_benchmarks(tmp_path):

@@ -175,7 +175,7 @@ def test_resuming_a_finished_run_rewrites_its_status(tmp_path, corpus):
     assert json.loads((tmp_path / "f" / "status.json").read_text())["step"] == 8
 
 
-def test_resume_refuses_other_settings_and_outlives_its_init_weights(tmp_path, corpus):
+def test_resume_refuses_other_settings_and_outlives_its_init_weights(tmp_path, corpus, monkeypatch):
     """What a resumed run trains is its saved config: a different setting given with --resume is an
     error that names it. A run started --init_from other weights resumes from its own checkpoint once
     those weights are gone."""
@@ -191,8 +191,16 @@ def test_resume_refuses_other_settings_and_outlives_its_init_weights(tmp_path, c
     with pytest.raises(ValueError, match="preset: given 'small'"):
         pretrain(out=str(tmp_path / "cont"), resume=True, preset="small", device="cpu", progress=False)
     shutil.rmtree(tmp_path / "src")
-    done = pretrain(out=str(tmp_path / "cont"), resume=True, device="cpu", progress=False)
-    assert done["status"] == "finished" and done["step"] == 8
+    # how it runs may change: an explicit --parallel wins over the saved one (and an explicit false --compile
+    # over a saved true, which the old `compile or saved` could not express)
+    import mea.train.pretrain as P
+
+    seen = []
+    real_wrap = P.D.wrap
+    monkeypatch.setattr(P.D, "wrap", lambda net, info, parallel, device: seen.append(parallel) or real_wrap(
+        net, info, parallel, device))
+    done = pretrain(out=str(tmp_path / "cont"), resume=True, parallel="fsdp", device="cpu", progress=False)
+    assert done["status"] == "finished" and done["step"] == 8 and seen == ["fsdp"]
 
 
 def test_resume_on_other_rank_counts_keeps_the_global_batch():
@@ -421,6 +429,11 @@ def test_sweep_bookkeeping(tmp_path, corpus):
           model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
     again = json.loads(status_file.read_text())
     assert again["status"] == "finished" and again["step"] == 4 and again["val_loss"] == status["val_loss"]
+    # the same sweep folder with other settings: its finished runs are not the runs asked for
+    with pytest.raises(ValueError, match="finished with other settings .*train.max_steps"):
+        sweep(out=str(tmp_path / "sw"), variants=["mha", "mea:head_norm=false"], lrs=[1e-3, 80.0], preset="tiny",
+              model=MICRO, data=DataConfig(corpus=str(corpus), seq_len=32),
+              train=dataclasses.replace(train, max_steps=5), device="cpu")
     # a grid point listed twice is one run
     sweep(out=str(tmp_path / "dup"), variants=["mha"], lrs=[1e-3], seeds=[0, 0], preset="tiny", model=MICRO,
           data=DataConfig(corpus=str(corpus), seq_len=32), train=train, device="cpu")
@@ -445,6 +458,17 @@ def test_config_errors_are_clear(tmp_path):
         assert "nope" in r.stderr or "lr" in r.stderr
     from mea.train.pretrain import resolve_model_config
 
+    # --model may name the variant (the --attention default used to override it silently); both disagreeing is an error
+    assert resolve_model_config("tiny", None, None, None, {"attention": "mha"}, 32).attention == "mha"
+    assert resolve_model_config("tiny", None, None, None, None, 32).attention == "mea"
+    with pytest.raises(ValueError, match="^attention: --attention 'mea' and --model.attention 'mha' disagree"):
+        resolve_model_config("tiny", "mea", None, None, {"attention": "mha"}, 32)
+    # a GQA preset asked for a variant that stores every head drops its stored-head count
+    from mea.models.config import ModelConfig
+
+    smol = ModelConfig.from_preset("smollm2-135m", attention="mha")
+    assert smol.n_kv_heads == smol.n_heads == 9
+    assert ModelConfig.from_preset("smollm2-135m").n_kv_heads == 3
     with pytest.raises(ValueError, match="^bogus:"):
         resolve_model_config("tiny", None, None, None, {"bogus": 1}, 32)
     with pytest.raises(ValueError, match="^d_model:"):

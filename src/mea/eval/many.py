@@ -23,12 +23,12 @@ def sweep_models(sweep: str) -> list[tuple[str, str]]:
     return [(name, path) for name, path, _ in _finished_runs(sweep)]
 
 
-def _finished_runs(sweep: str) -> list[tuple[str, str, float]]:
+def _finished_runs(sweep: str, option: str = "sweep") -> list[tuple[str, str, float]]:
     from ..train.sweep import read_results
 
     csv_path = Path(sweep) / "results.csv"
     if not csv_path.is_file():
-        raise FileNotFoundError(f"sweep: {csv_path} not found (run the sweep first)")
+        raise FileNotFoundError(f"{option}: {csv_path} not found (run the sweep first)")
     rows = [r for r in read_results(sweep) if r["status"] == "finished"]
     if not rows:
         raise ValueError(f"sweep: {csv_path} lists no finished run")
@@ -44,7 +44,7 @@ def result_dirname(name: str) -> str:
 def best_models(sweep: str) -> list[tuple[str, str]]:
     """(name, run directory) of each variant's best run (lowest final validation loss) of a sweep."""
     best: dict[str, tuple[str, str, float]] = {}
-    for name, path, loss in _finished_runs(sweep):
+    for name, path, loss in _finished_runs(sweep, "best_of"):
         variant = name.split(" lr=")[0]
         if loss is not None and (variant not in best or loss < best[variant][2]):
             best[variant] = (name, path, loss)
@@ -151,7 +151,12 @@ def _scored_as_asked(results: Path, model: str, common: dict) -> bool:
     got = run.get("settings", {})
     want = parse_tasks(common["tasks"]) if common["tasks"] and str(common["tasks"]).strip() else []
     same = (Path(run.get("model", "")) == Path(model).resolve() and list(got.get("tasks", [])) == want
-            and got.get("limit") == common["limit"] and (not common["perplexity"] or "perplexity" in run))
+            and got.get("limit") == common["limit"])
+    if same and common["perplexity"]:  # and on the same corpus
+        from ..data.prepare import corpus_dir
+
+        ppl = run.get("perplexity") or {}
+        same = bool(ppl) and Path(ppl.get("corpus", "")) == Path(corpus_dir(common["corpus"]))
     if not same:
         print(f"evaluate-many: {results} was scored with other settings or for another model; scoring again",
               file=sys.stderr)

@@ -114,6 +114,9 @@ class ModelConfig:
         _check_types(overrides)
         kw = dict(PRESETS[name])
         kw.update(name=name)
+        if overrides.get("attention") in ("mha", "diff", "talking_heads") and "n_kv_heads" not in overrides:
+            kw.pop("n_kv_heads", None)  # a GQA preset (smollm2-135m) asked for a variant that stores every head
+            kw.pop("layer_kv_heads", None)
         kw.update(overrides)
         return cls(**kw)
 

@@ -67,7 +67,10 @@ def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Opti
     over: dict[str, Any] = parse_text_values(model or {})
     for key, val in (("attention", attention), ("n_kv_heads", n_kv_heads), ("head_norm", head_norm)):
         if val is not None:
+            if key in over and over[key] != val:
+                raise ValueError(f"{key}: --{key} {val!r} and --model.{key} {over[key]!r} disagree; give one")
             over[key] = val
+    over.setdefault("attention", "mea")
     over.pop("name", None)
     cfg = ModelConfig.from_preset(preset, **over)
     if cfg.max_seq_len < seq_len:
@@ -103,17 +106,19 @@ def evaluate_loss(model, val, data: DataConfig, batch_size: int, max_batches: in
     return float(total[0] / total[1])
 
 
-def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[str] = "mea",
+def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[str] = None,
              n_kv_heads: Optional[int] = None, head_norm: Optional[bool] = None, model: Optional[dict] = None,
              data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), init_from: Optional[str] = None,
-             resume: bool = False, device: str = "auto", compile: bool = False, parallel: str = "ddp",
+             resume: bool = False, device: str = "auto", compile: Optional[bool] = None,
+             parallel: Optional[str] = None,
              halt_after: Optional[int] = None, progress: bool = True) -> dict:
     """Pretrain a model on prepared token shards; write config, metrics, checkpoints and a loss plot to OUT.
 
     Args:
         out: run directory (config.yaml, metrics.jsonl, checkpoints/, loss.png).
         preset: model preset (tiny, mini, small, 125m, 350m).
-        attention: attention variant (mha, gqa, diff, talking_heads, mea).
+        attention: attention variant (mha, gqa, diff, talking_heads, mea; default mea, or what --model
+            names).
         n_kv_heads: stored key/value heads (gqa groups, or h' for mea).
         head_norm: switch the per-head RMSNorm on or off (default: on for mea and diff).
         model: further ModelConfig overrides, e.g. {d_model: 384, n_layers: 6}.
@@ -123,8 +128,9 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
             one written by `mea convert`); the model settings then come from it.
         resume: continue the run in OUT from its latest checkpoint, with its saved config.
         device: auto, cpu, cuda.
-        compile: torch.compile each decoder layer.
-        parallel: under torchrun, ddp or fsdp (FSDP2 fully_shard per layer).
+        compile: torch.compile each decoder layer (default false; a resumed run: as it was).
+        parallel: under torchrun, ddp or fsdp (FSDP2 fully_shard per layer; default ddp; a resumed
+            run: as it was).
         halt_after: stop after this step as if killed (no final eval or checkpoint); for testing resume.
         progress: show a progress bar.
     """
@@ -142,8 +148,9 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
         data, train = DataConfig(**conf["data"]), TrainConfig(**conf["train"])
         init_from = conf.get("init_from")
         # How to run (not what to train) may change on resume: given ones win, else the run's own.
-        compile = compile or conf.get("compile", False)
-        parallel = parallel if parallel != "ddp" else conf.get("parallel", parallel)
+        compile = conf.get("compile", False) if compile is None else compile
+        parallel = conf.get("parallel", "ddp") if parallel is None else parallel
+    compile, parallel = bool(compile), parallel or "ddp"
     device = parse_device(device)
     info = D.setup(device)
     dev = f"cuda:{info.local_rank}" if device == "cuda" else device
@@ -200,7 +207,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             print(f"resuming {out_dir} at step {start_step}", file=sys.stderr)
         else:
             if not resume and (out_dir / "checkpoints" / "latest").exists():
-                raise FileExistsError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+                raise FileExistsError(f"{out_dir}: already holds a run; pass --resume true to continue it or choose another --out")
             if resume:
                 print(f"no checkpoint in {out_dir}; starting fresh", file=sys.stderr)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,7 +373,7 @@ def _check_resume_options(conf: dict, preset, attention, n_kv_heads, head_norm, 
             diffs.append(f"{name}: given {given!r}, the run has {saved!r}")
 
     differ("preset", preset, "tiny", conf.get("preset"))
-    differ("attention", attention, "mea", conf.get("attention"))
+    differ("attention", attention, None, conf.get("attention"))
     differ("n_kv_heads", n_kv_heads, None, conf.get("n_kv_heads"))
     differ("head_norm", head_norm, None, conf.get("head_norm"))
     for k, v in parse_text_values(model or {}).items():

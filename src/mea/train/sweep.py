@@ -121,6 +121,12 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
     jobs = unique
     if lrs_from:
         _link_finished(jobs, Path(lrs_from), preset, data, train)
+    for v, lr, seed, run_dir, kw in jobs:  # a finished run counts only if it is the run asked for now
+        if _done(run_dir) and not run_dir.is_symlink():
+            diffs = _settings_differ(run_dir, preset, data, dataclasses.replace(train, lr=lr, seed=seed), kw)
+            if diffs:
+                raise ValueError(f"sweep: {run_dir} finished with other settings ({'; '.join(diffs[:3])}); "
+                                 "use another --out, or the settings it ran with")
     todo = [j for j in jobs if not _done(j[3])]
     print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already done", file=sys.stderr)
     deadline = t_start + deadline_s if deadline_s else None
@@ -227,8 +233,9 @@ def _settings_differ(run_dir: Path, preset: str, data: DataConfig, train: TrainC
     for key in ("preset", "model", "data", "train"):
         have, need = conf.get(key), want[key]
         if isinstance(need, dict) and isinstance(have, dict):
+            # a key the saved config lacks is an option added since that run: not a difference
             diffs += [f"{key}.{k}: {have.get(k)!r} there, {v!r} here" for k, v in need.items()
-                      if k != "name" and have.get(k) != v]
+                      if k != "name" and k in have and have[k] != v]
         elif have != need:
             diffs.append(f"{key}: {have!r} there, {need!r} here")
     return diffs
