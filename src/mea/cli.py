@@ -22,7 +22,9 @@ def info(preset: str = "tiny", n_kv_heads: Optional[int] = None, prompt: str = "
     from .models import ATTENTION_VARIANTS, ModelConfig, Transformer
 
     base = ModelConfig.from_preset(preset)
-    hk = n_kv_heads or max(1, base.n_heads // 2)
+    hk = n_kv_heads if n_kv_heads is not None else max(1, base.n_heads // 2)
+    if not 1 <= hk <= base.n_heads:
+        raise ValueError(f"n_kv_heads: must satisfy 1 <= n_kv_heads <= n_heads={base.n_heads}, got {hk}")
     tok = None
     try:
         from .data.tokenizer import load_tokenizer
@@ -75,9 +77,19 @@ def _commands() -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    import os
+
     from jsonargparse import CLI
 
-    result = CLI(_commands(), args=argv, as_positional=True)
+    try:
+        result = CLI(_commands(), args=argv, as_positional=True)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Bad input (a setting, a path, a model) is said in one line, as the parser says its own errors;
+        # MEA_DEBUG=1 shows where it was raised.
+        if os.environ.get("MEA_DEBUG", "0") == "1":
+            raise
+        print(f"mea: error: {type(e).__name__}: {e}\n(MEA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
     if isinstance(result, dict) and result.get("status") == "diverged":
         sys.exit(1)
 
