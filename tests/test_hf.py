@@ -285,3 +285,64 @@ def test_import_smollm2_gguf():
     with torch.no_grad():
         torch.testing.assert_close(core(ids), llama(ids).logits, rtol=0, atol=1e-4)
     assert "Paris" in tok.decode(core.generate(ids, max_new_tokens=3)[0, ids.shape[1]:])
+
+
+def test_transformers_training_conventions():
+    """What Trainer and feature extractors rely on: a loss summed over num_items_in_batch when given
+    (else Trainer's gradient accumulation doubled the gradient), hidden states, return_dict=False, and
+    gradient checkpointing with the same loss and gradients."""
+    hf = MEAForCausalLM.from_core(tiny("mea")).train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    mean = hf(ids, labels=labels, use_cache=False).loss
+    n = int((labels[:, 1:] != -100).sum())
+    summed = hf(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(3 * n)).loss
+    torch.testing.assert_close(summed, mean / 3)
+    out = hf(ids, use_cache=False, output_hidden_states=True)
+    assert len(out.hidden_states) == hf.config.num_hidden_layers + 1
+    torch.testing.assert_close(hf.lm_head(out.hidden_states[-1]), out.logits)
+    loss, logits = hf(ids, labels=labels, use_cache=False, return_dict=False)[:2]
+    assert torch.is_tensor(loss) and logits.shape == (2, 12, VOCAB)
+
+    def loss_and_grads():
+        hf.zero_grad()
+        hf(ids, labels=labels).loss.backward()  # use_cache is turned off while checkpointing
+        return {k: p.grad.clone() for k, p in hf.named_parameters() if p.grad is not None}
+
+    plain = loss_and_grads()
+    hf.gradient_checkpointing_enable()
+    assert hf.core.gradient_checkpointing
+    again = loss_and_grads()
+    assert plain.keys() == again.keys()
+    for k in plain:
+        torch.testing.assert_close(again[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_on_k_or_v_proj_is_applied_with_and_without_a_cache():
+    """PEFT wraps q_proj/v_proj in its own module; MEA's training path used to read v_proj.weight
+    directly (the fold) and skip the adapter: use_cache=False gave other logits and the adapter no
+    gradient. A wrapped or hooked projection now runs as its module."""
+    class Adapter(torch.nn.Module):  # the shape of a LoRA layer: the base Linear plus a low-rank delta
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.delta = base, torch.nn.Linear(base.in_features, base.out_features, bias=False)
+
+        @property
+        def weight(self):
+            return self.base.weight
+
+        def forward(self, x):
+            return self.base(x) + self.delta(x)
+
+    hf = MEAForCausalLM.from_core(tiny("mea")).eval()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        before = hf(ids, use_cache=False).logits
+        for layer in hf.core.model.layers:
+            layer.self_attn.v_proj = Adapter(layer.self_attn.v_proj)
+        cached, uncached = hf(ids, use_cache=True).logits, hf(ids, use_cache=False).logits
+    torch.testing.assert_close(uncached, cached, rtol=1e-4, atol=1e-5)
+    assert (uncached - before).abs().max() > 1e-3
+    hf(ids, use_cache=False).logits.sum().backward()
+    assert hf.core.model.layers[0].self_attn.v_proj.delta.weight.grad.abs().sum() > 0

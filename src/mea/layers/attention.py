@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.attention import fold_mix_into_proj, sdpa, talking_heads_attention
+from ..ops.attention import fold_mix_into_proj, mix_heads, sdpa, talking_heads_attention
 from ..ops.decode import mea_attention_cached
 from .cache import KVCache
 from .norm import HeadNorm
@@ -106,6 +106,13 @@ class MEAttention(Attention):
         self.v_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
         self.triton_fold = TRITON_FOLD
 
+    def _foldable(self) -> bool:
+        """Whether K and V may come from folded weights: only for plain nn.Linear projections without
+        hooks. A LoRA adapter (PEFT wraps the Linear) or a forward hook changes what the module computes,
+        which the weight alone does not show."""
+        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (self.k_proj, self.v_proj))
+
     def _fold(self, weight: Tensor, mix: Tensor) -> Tensor:
         """The training path's effective K or V weight (a method, so that a benchmark can swap its backward)."""
         if self.triton_fold and _triton_fold is not None and weight.is_cuda:
@@ -115,10 +122,14 @@ class MEAttention(Attention):
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         if a.cache is None:
             q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
-            k_w = self._fold(self.k_proj.weight, self.k_mix)
-            v_w = self._fold(self.v_proj.weight, self.v_mix)
-            k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
-            v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
+            if self._foldable():
+                k_w = self._fold(self.k_proj.weight, self.k_mix)
+                v_w = self._fold(self.v_proj.weight, self.v_mix)
+                k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
+                v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
+            else:  # the projection must run as its module: mix its component heads token by token
+                k = apply_rope(mix_heads(self._heads(self.k_proj(x), self.n_kv_heads), self.k_mix), a.cos, a.sin)
+                v = mix_heads(self._heads(self.v_proj(x), self.n_kv_heads), self.v_mix)
             return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None))
         q, k_comp, v_comp = self._qkv(x, a)
         o = mea_attention_cached(q, k_comp, v_comp, self.k_mix, self.v_mix, mask=a.mask)

@@ -67,7 +67,7 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MEAConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the core's own flag: Transformer.gradient_checkpointing
     _no_split_modules = ["DecoderLayer"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -178,7 +178,7 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ forward
     def _cached_hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor],
-                              position_ids: Optional[Tensor], cache) -> Tensor:
+                              position_ids: Optional[Tensor], cache, states: Optional[list] = None) -> Tensor:
         """Run the core layers over new tokens appended to ``cache`` (HF convention: one past length for
         every row, padding marked in the 2-D ``attention_mask`` over past and new tokens)."""
         core = self._core
@@ -206,9 +206,7 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
         x = core.model.embed_tokens(input_ids)
         cos, sin = core.rotary(position_ids, x.dtype)
         a = AttnInputs(cos=cos, sin=sin, mask=mask, cache=_CacheView(cache), positions=None, kv_len=T)
-        for layer in core.model.layers:
-            x = layer(x, a)
-        return core.model.norm(x)
+        return core.run_layers(x, a, states)
 
     def forward(
         self,
@@ -233,12 +231,18 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask: expected a 2-D (batch, seq) mask, got {attention_mask.dim()}-D")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self._core.gradient_checkpointing and self.training:
+            use_cache = False  # as LlamaForCausalLM: a recomputed layer must not write a cache twice
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        want_states = kwargs.pop("output_hidden_states", None)
+        want_states = self.config.output_hidden_states if want_states is None else want_states
+        states = [] if want_states else None
         if cache is None:
-            h = self._core.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            h = self._core.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         states=states)
         else:
-            h = self._cached_hidden_states(input_ids, attention_mask, position_ids, cache)
+            h = self._cached_hidden_states(input_ids, attention_mask, position_ids, cache, states)
         if isinstance(logits_to_keep, int):
             if logits_to_keep:
                 h = h[:, -logits_to_keep:]
@@ -247,9 +251,18 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            # With gradient accumulation, Trainer passes the batch's count of target tokens and expects the
+            # sum over them (it then does not divide by the accumulation steps); else the mean.
+            n_items = kwargs.pop("num_items_in_batch", None)
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+                                   ignore_index=-100, reduction="mean" if n_items is None else "sum")
+            if n_items is not None:
+                loss = loss / (n_items.to(loss.device) if torch.is_tensor(n_items) else n_items)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(states) if states else None,
+                                     **{_CACHE_FIELD: cache})
+        if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
+            return out.to_tuple()
+        return out
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..layers.attention import AttnInputs, build_attention
@@ -40,6 +41,9 @@ class DecoderStack(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # Recompute each layer's activations in the backward instead of keeping them (training only).
+        # Kept here, on a module the Hugging Face wrapper registers, so gradient_checkpointing_enable() finds it.
+        self.gradient_checkpointing = False
 
 
 class Transformer(nn.Module):
@@ -54,6 +58,15 @@ class Transformer(nn.Module):
         rope_dim = config.head_dim // 2 if config.attention == "diff" else config.head_dim
         self.rotary = RotaryEmbedding(rope_dim, config.rope_theta)
         self.reset_parameters()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each layer's activations in the backward (training only), trading compute for memory."""
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.model.gradient_checkpointing = bool(on)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for weights; residual output projections scaled by 1/sqrt(2 L) (GPT-2).
@@ -114,17 +127,35 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                       position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None,
-                      whole_cache: bool = False) -> Tensor:
+                      whole_cache: bool = False, states: Optional[list] = None) -> Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (batch, seq), got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
         a = self._attn_inputs(input_ids, attention_mask, position_ids, cache, x.dtype, whole_cache)
-        for layer in self.model.layers:
-            x = layer(x, a)
+        x = self.run_layers(x, a, states)
         if cache is not None:
             n_new = attention_mask.long().sum(-1) if attention_mask is not None else input_ids.shape[1]
             cache.seqlens += n_new
-        return self.model.norm(x)
+        return x
+
+    def run_layers(self, x: Tensor, a: AttnInputs, states: Optional[list] = None) -> Tensor:
+        """The decoder layers over embeddings ``x``, then the final norm. ``states`` (a list) collects the
+        input of every layer and the normed output (Hugging Face's ``hidden_states``)."""
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointed and a.cache is not None:
+            raise ValueError("gradient_checkpointing: recomputing a layer would write its cache twice; train "
+                             "without a cache (use_cache=False)")
+        for layer in self.model.layers:
+            if states is not None:
+                states.append(x)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(layer, x, a, use_reentrant=False)
+            else:
+                x = layer(x, a)
+        x = self.model.norm(x)
+        if states is not None:
+            states.append(x)
+        return x
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
