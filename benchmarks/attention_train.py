@@ -330,12 +330,14 @@ def main():
               "  ".join(f"{n} {rec[n + '_ms']:.3f}ms" for n in names) +
               (f"  | mea/mha tokens/s {rec['mea_vs_mha_tokens_per_s']:.3f}" if "mea_vs_mha_tokens_per_s" in rec else ""),
               flush=True)
+    # Every variant that ran at some shape: one skipped at one shape (it failed there) shows "-" there.
+    names = list(dict.fromkeys(n for r in records for n in r.get("tokens_per_s", {})))
     print("\n| shape | " + " | ".join(f"{n} ms" for n in names) + " | mea vs mha |")
     print("|---|" + "---|" * (len(names) + 1))
     for r in records:
         ratio = f"{r['mea_vs_mha_tokens_per_s']:.3f}" if "mea_vs_mha_tokens_per_s" in r else "-"
         print(f"| B{r['batch']} T{r['seq']} D{r['d_model']} h{r['n_heads']} | " +
-              " | ".join(f"{r[n + '_ms']:.3f}" for n in names) + f" | {ratio} |")
+              " | ".join(f"{r[n + '_ms']:.3f}" if n + "_ms" in r else "-" for n in names) + f" | {ratio} |")
     save()
     print(f"saved {args.out}")
 

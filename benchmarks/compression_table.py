@@ -164,7 +164,10 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        _save(out_dir, settings, rows)
+        # The rows of earlier calls not measured again yet are saved too: a call stopped early in slow
+        # work (reconverting a model whose weights were packed away) must not drop later finished rows.
+        measured = {(r["model"], r["kv_heads"], r["init"], r["stage"]) for r in rows}
+        _save(out_dir, settings, rows + [r for k, r in done.items() if k not in measured])
 
     # What a continued call must redo when an earlier call's folder lost its weights (the GPU study
     # packs results without them): a model whose zero-shot scores are still missing needs its weights.

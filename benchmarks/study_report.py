@@ -169,8 +169,11 @@ def plot_downstream(csv_file: Path, out: Path) -> None:
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, [100 * float(r[f"{t}_value"]) for t in tasks], width,
-               yerr=[200 * float(r[f"{t}_stderr"]) for t in tasks], capsize=2, label=r["model"], color=f"C{i}")
+        # An empty cell (a task the model lacks, lm-eval's "N/A" stderr) draws no bar or no error bar.
+        num = lambda v: float(v) if v not in ("", None) else float("nan")  # noqa: E731
+        ax.bar(xs, [100 * num(r[f"{t}_value"]) for t in tasks], width,
+               yerr=[0.0 if r[f"{t}_stderr"] in ("", None) else 200 * num(r[f"{t}_stderr"]) for t in tasks],
+               capsize=2, label=r["model"], color=f"C{i}")
     for j, t in enumerate(tasks):
         ax.hlines(100 * CHANCE[t], j - 0.45, j + 0.45, colors="k", linestyles=":", lw=1)
     ax.set_xticks(range(len(tasks)), tasks)

@@ -120,8 +120,8 @@ def main():
     print("\n| variant | ms/step | tokens/s | MFU | vs mha |\n|---|---|---|---|---|")
     for r in records:
         r["ratio_to_mha"] = r["tokens_per_s"] / base if base else None
-        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {100 * (r['mfu'] or 0):.1f}% | "
-              f"{r['ratio_to_mha']:.3f} |" if base else "")
+        ratio = f"{r['ratio_to_mha']:.3f}" if base else "-"
+        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {100 * (r['mfu'] or 0):.1f}% | {ratio} |")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": getattr(__import__("triton"), "__version__", None) if args.compile else None,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),

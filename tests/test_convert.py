@@ -684,6 +684,38 @@ def test_compression_table_continues_from_results_without_weights(tmp_path):
     assert [strip(r) for r in second][:3] == [strip(r) for r in json.loads(json.dumps(first))][:3]
 
 
+def test_compression_table_stopped_early_keeps_the_rows_it_had_not_reached(tmp_path, monkeypatch):
+    """A continuing call stopped in slow early work (here: healing the control that an added
+    --heal_original asks for) keeps the finished rows it had not reached in results.json; they used to
+    vanish, and the next call then tried to load a healed run without weights."""
+    import shutil
+
+    mod = compression_table_module()
+    corpus = tiny_corpus(tmp_path / "corpus")
+    run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
+    out = tmp_path / "table"
+    kw = dict(kv_heads=[2], inits=["svd"], out=str(out), corpus=str(corpus), calib_tokens=256, val_tokens=128,
+              seq_len=32, heal_steps=1, heal_batch_size=2, heal_seq_len=32, heal_lr=1e-4, batch_size=2)
+    mod.compression_table(str(run), **kw)
+    keys = lambda: [(r["model"], r["init"]) for r in json.loads((out / "results.json").read_text())["rows"]]
+    first = keys()
+    assert ("healed", "svd") in first
+    for d in out.glob("kv2-*"):  # packed: no weights
+        shutil.rmtree(d / "checkpoints") if d.name.endswith("healed") else (d / "model.safetensors").unlink()
+    import mea.train.pretrain as P
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt("the stage's time limit")
+
+    monkeypatch.setattr(P, "pretrain", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        mod.compression_table(str(run), **kw, heal_original=True)
+    assert set(first) <= set(keys())
+    monkeypatch.undo()
+    rows = mod.compression_table(str(run), **kw, heal_original=True)
+    assert {(r["model"], r["init"]) for r in rows} == set(first) | {("healed", "-")}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_calibration_on_the_gpu_matches_the_cpu(tmp_path):
     """`calibrate(device="cuda")` gives the CPU's covariances (fp32 forward, float64 sums) and leaves the

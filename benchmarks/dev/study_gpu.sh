@@ -34,10 +34,12 @@ stage() {
   say "start (${t}s): $*"
   setsid "$@" &
   local pid=$!
-  ( sleep "$t"; kill -TERM -- -$pid 2>/dev/null; sleep 10; kill -KILL -- -$pid 2>/dev/null ) &
+  # The watchdog writes nothing and its sleep is killed with it: a leftover sleep holding stdout would
+  # keep the call open (and the GPU held) until its timer ran out, after the stage had ended.
+  ( sleep "$t"; kill -TERM -- -$pid 2>/dev/null; sleep 10; kill -KILL -- -$pid 2>/dev/null ) >/dev/null 2>&1 &
   local watch=$!
   wait $pid; local rc=$?
-  kill $watch 2>/dev/null; wait $watch 2>/dev/null
+  pkill -P $watch 2>/dev/null; kill $watch 2>/dev/null; wait $watch 2>/dev/null
   say "end rc=$rc: ${*:1:3}"
   return $rc
 }
