@@ -286,6 +286,56 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path, corpus):
         load_model(tmp_path / "nope")
 
 
+
+def test_damaged_checkpoints_are_errors_not_models(tmp_path, corpus):
+    """Garbled bytes of the same length (no safetensors error), missing tensors (with tied embeddings
+    the resume used to load non-strictly and go on with fresh layers), and damaged trainer or state
+    files: each is a CheckpointError that says so, for load_model and for --resume."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mea.train.checkpoint import CheckpointError, latest_checkpoint, load_model
+    from mea.train.pretrain import pretrain
+
+    run(tmp_path / "c", corpus, steps=4, save_every=2, halt_after=2)
+    ckpt = latest_checkpoint(tmp_path / "c")
+    shutil.copytree(ckpt, tmp_path / "good")
+    f = ckpt / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-4096:] = bytes(4096)
+    f.write_bytes(bytes(raw))
+    for load in (lambda: load_model(tmp_path / "c"),
+                 lambda: pretrain(out=str(tmp_path / "c"), resume=True, device="cpu", progress=False)):
+        with pytest.raises(CheckpointError, match="do not match the sha256"):
+            load()
+    state = load_file(str(tmp_path / "good" / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k}, str(f), metadata={"format": "pt"})
+    (ckpt / "state.json").write_text(json.dumps({k: v for k, v in json.loads((ckpt / "state.json").read_text()).items()
+                                                 if k != "model_sha256"}))  # an old checkpoint: no hash
+    with pytest.raises(CheckpointError, match="missing"):
+        pretrain(out=str(tmp_path / "c"), resume=True, device="cpu", progress=False)
+    shutil.copy(tmp_path / "good" / "model.safetensors", f)
+    (ckpt / "trainer.pt").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="trainer.pt: cannot be read"):
+        pretrain(out=str(tmp_path / "c"), resume=True, device="cpu", progress=False)
+
+
+def test_pruning_orders_checkpoints_by_step():
+    """step_10000000 sorts before step_9999999 by name: pruning by name deleted the checkpoint just written."""
+    import tempfile
+
+    from mea.models.config import ModelConfig
+    from mea.train.checkpoint import latest_checkpoint, save_checkpoint
+
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2)
+    with tempfile.TemporaryDirectory() as d:
+        for step in (9_999_998, 9_999_999, 10_000_000):
+            save_checkpoint(d, step, {"w": torch.zeros(2)}, cfg, {}, {"step": step, "tokens": 0}, keep=2)
+        assert latest_checkpoint(d).name == "step_10000000"
+        assert sorted(p.name for p in (Path(d) / "checkpoints").glob("step_*")) == ["step_10000000", "step_9999999"]
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_schedules(schedule):
     cfg = TrainConfig(max_steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule, decay_fraction=0.2)
@@ -554,6 +604,36 @@ def test_run_on_gpus_queues_jobs_on_slots(tmp_path):
     assert run_on_gpus(jobs, [0], deadline=time.time() - 1) == {}
     with pytest.raises(ValueError, match="slots"):
         run_on_gpus(jobs, [])
+
+
+
+def test_run_on_gpus_takes_its_jobs_down_with_it(tmp_path):
+    """A parent killed with SIGTERM stops its running jobs instead of leaving them writing run folders."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import sys
+from pathlib import Path
+from mea.procs import Job, run_on_gpus
+child = "import os, time; open({str(tmp_path / 'pid')!r} + str(os.getpid()), 'w').close(); time.sleep(60)"
+run_on_gpus([Job(f"j{{i}}", [sys.executable, "-c", child], Path({str(tmp_path)!r}) / f"j{{i}}.log") for i in range(2)],
+            [0, 1], poll_s=0.05)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("pid*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    pids = [int(p.name[3:]) for p in tmp_path.glob("pid*")]
+    assert len(pids) == 2
+    parent.terminate()
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive = not Path(f"/proc/{pid}/status").read_text().count("State:\tZ")
+        except ProcessLookupError:
+            alive = False
+        assert not alive, f"job {pid} outlived its parent"
 
 
 def test_sweep_in_subprocesses_on_slots(tmp_path, corpus):

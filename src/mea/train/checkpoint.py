@@ -8,10 +8,12 @@ Layout of a run directory::
         model.safetensors                 core Transformer state dict (tied lm_head omitted)
         model_config.json                 ModelConfig, so a checkpoint dir stands alone
         trainer.pt                        optimizer state, RNG states
-        state.json                        step, tokens, data position, metrics
+        state.json                        step, tokens, data position, metrics, the weights' sha256
 
-A checkpoint is written to a temporary directory and renamed into place, then ``latest`` is
-replaced atomically: a kill at any moment leaves the previous checkpoint intact.
+A checkpoint is written to a temporary directory, flushed to disk and renamed into place, then
+``latest`` is replaced atomically: a kill (or a power loss) at any moment leaves the previous
+checkpoint intact. Loading checks the weights against their sha256, so garbled bytes are an error,
+not a model.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from ..models.transformer import Transformer
 MODEL_FILE = "model.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is (damaged, incomplete, or not matching its config)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,19 +63,31 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    from ..data.fetch import sha256_file
+
     save_file(model_state_for_saving(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
     (tmp / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "state.json").write_text(json.dumps({**state, "model_sha256": sha256_file(tmp / MODEL_FILE)}, indent=2))
+    for f in tmp.iterdir():  # on disk before `latest` names it
+        _fsync(f)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(ckpt_root / "latest", name)
-    # Prune old checkpoints only after the new one is in place.
-    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    # Prune old checkpoints only after the new one is in place; by step, not by name (step_10000000
+    # sorts before step_9999999).
+    done = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
     for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -103,10 +117,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    want = read_state(ckpt).get("model_sha256") if (ckpt / "state.json").exists() else None
+    if want is not None:  # checkpoints from before the hash was written load unchecked
+        from ..data.fetch import sha256_file
+
+        if sha256_file(ckpt / MODEL_FILE) != want:
+            raise CheckpointError(f"{ckpt / MODEL_FILE}: its bytes do not match the sha256 saved with it; the "
+                                  "checkpoint is corrupt (an earlier one may still be in checkpoints/)")
     try:
         return load_file(str(ckpt / MODEL_FILE))
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise CheckpointError(f"{ckpt / MODEL_FILE}: cannot be read ({e}); the checkpoint is corrupt") from e
+
+
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's state.json (step, tokens, ...), with a clear error when it is damaged."""
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: cannot be read ({e}); the checkpoint is corrupt") from e
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer.pt (optimizer state, RNG), with a clear error when it is damaged."""
+    try:
+        return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle and zip errors of a truncated or garbled file
+        raise CheckpointError(f"{ckpt / 'trainer.pt'}: cannot be read ({e}); the checkpoint is corrupt") from e
+
+
+def load_weights(model: Transformer, ckpt: Path) -> Transformer:
+    """Load a checkpoint's weights into ``model``; every weight must be there (only a tied lm_head is not
+    stored), so a checkpoint missing tensors is an error rather than a model with fresh layers."""
+    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:
@@ -120,10 +167,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     """Load the core model from a run directory (its latest checkpoint) or a checkpoint directory."""
     ckpt = resolve_checkpoint(path)
     config = load_model_config(ckpt)
-    model = Transformer(config)
-    state = load_model_state(ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = load_weights(Transformer(config), ckpt)
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from . import distributed as D
-from .checkpoint import atomic_write_text, latest_checkpoint, load_model_config, load_model_state, save_checkpoint
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_model_config, load_weights, read_state,
+                         read_trainer_state, save_checkpoint)
 from .config import DataConfig, TrainConfig, lr_at, parse_device
 from .metrics import MetricsLog, plot_loss
 
@@ -194,11 +195,11 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     trainer_state = None
     resumed_val_loss = None
     if ckpt is not None:
-        net.load_state_dict(load_model_state(ckpt), strict=not cfg.tie_embeddings)
-        state = json.loads((ckpt / "state.json").read_text())
+        load_weights(net, ckpt)
+        state = read_state(ckpt)
         start_step, tokens, resumed_val_loss = state["step"], state["tokens"], state.get("val_loss")
         train = _same_global_batch(train, state, info)
-        trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        trainer_state = read_trainer_state(ckpt)
         if trainer_state.get("rng") is not None:
             torch.set_rng_state(trainer_state["rng"])
     if info.is_main:
