@@ -301,6 +301,7 @@ def test_kv_cache_bytes_halved_for_mea():
     (dict(attention="mea", head_norm_init=0.0), "head_norm_init"),
     (dict(d_model=60, n_heads=4), "head_dim"),                    # 15 channels: RoPE rotates pairs
     (dict(d_model=24, n_heads=4, attention="diff"), "head_dim"),  # halves of 3 channels
+    (dict(vocab_size="x"), "vocab_size"),                         # named, not a bare int() error
 ])
 def test_bad_configs_name_the_field(kw, field):
     base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4)

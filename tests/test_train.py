@@ -650,3 +650,14 @@ def test_sweep_in_subprocesses_on_slots(tmp_path, corpus):
     rows = list(csv.DictReader(open(tmp_path / "sw" / "results.csv")))
     assert [r["status"] for r in rows] == ["finished", "finished"]
     assert all((Path(r["run_dir"]) / "stdout.log").is_file() for r in rows)
+
+
+def test_peak_flops_matches_the_most_specific_device_name(monkeypatch):
+    """"L4" is in "L40S" and "H100" in "H100 PCIe": the longest key wins, or MFU is off 1.2-3x."""
+    import mea.train.pretrain as P
+
+    for name, peak in (("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("Tesla T4", None)):
+        monkeypatch.setattr(P.torch.cuda, "get_device_name", lambda *a, name=name: name)
+        assert P.peak_flops("cuda") == peak, name
+    assert P.peak_flops("cpu") is None

@@ -53,8 +53,9 @@ class ModelConfig:
                 f"attention: unknown variant {self.attention!r}; expected one of {', '.join(ATTENTION_VARIANTS)}"
             )
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{key}: must be a positive integer, got {val!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(
@@ -171,8 +172,9 @@ class ModelConfig:
         6 N for every weight matmul (lm head included), plus the attention scores and weighted sums
         (causal, counted as half the full square as in FlashAttention's accounting), plus the
         variant's extra work: diff computes two score maps; talking heads mixes the h x T score
-        matrix twice; MEA's mixing folds into the projection weights once per step, which is
-        negligible per token and not counted.
+        matrix twice. MEA is counted at its minimal work, K and V projected to h' heads; its training
+        path folds the mixing into the weights and projects to all h heads, which at h' < h is more
+        (about 5% of the 125m model's FLOPs at h' = h/2) and is not counted.
         """
         T = seq_len or self.max_seq_len
         matmul_params = self.num_params(non_embedding=True) + self.vocab_size * self.d_model
@@ -223,7 +225,7 @@ def _check_types(values: dict[str, Any]) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: trains for a few minutes on a laptop.
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=256),
-    # ~6M non-embedding parameters.
+    # ~4.8M non-embedding parameters.
     "mini": dict(d_model=256, n_layers=6, n_heads=4, max_seq_len=512),
     # ~25M non-embedding parameters: the size of the learning-rate study.
     "small": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=1024),

@@ -21,8 +21,10 @@ from .checkpoint import (atomic_write_text, latest_checkpoint, load_model_config
 from .config import DataConfig, TrainConfig, lr_at, parse_device
 from .metrics import MetricsLog, plot_loss
 
-# Dense bf16 peak of the accelerators we report MFU on (vendor datasheets).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+# Dense bf16 peak of the accelerators we report MFU on (vendor datasheets). Matched against the device
+# name longest key first, so "L40S" is not taken for "L4", nor an "H100 PCIe" for the SXM "H100".
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "4090": 165e12}
 
 
 def peak_flops(device: str) -> Optional[float]:
@@ -30,7 +32,7 @@ def peak_flops(device: str) -> Optional[float]:
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((PEAK_FLOPS[k] for k in sorted(PEAK_FLOPS, key=len, reverse=True) if k in name), None)
 
 
 def _open_data(data: DataConfig, split: str):
@@ -117,7 +119,7 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
 
     Args:
         out: run directory (config.yaml, metrics.jsonl, checkpoints/, loss.png).
-        preset: model preset (tiny, mini, small, 125m, 350m).
+        preset: model preset (tiny, mini, small, 125m, 350m, smollm2-135m).
         attention: attention variant (mha, gqa, diff, talking_heads, mea; default mea, or what --model
             names).
         n_kv_heads: stored key/value heads (gqa groups, or h' for mea).
