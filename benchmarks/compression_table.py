@@ -139,6 +139,10 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
         "heal_batch_size", "heal_lr", "heal_seq_len", "heal_mixing_lr_mult", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
+    if tasks:  # zero-shot scores of another task definition (ARC on validation) must not mix into this table
+        from mea.eval.data import TASKS_REVISION
+
+        settings["tasks_revision"] = TASKS_REVISION
     if heal_original:  # only when set, so that tables made before this option continue
         settings["heal_original"] = True
     if heal_seed:  # likewise

@@ -715,6 +715,13 @@ def test_compression_table_stopped_early_keeps_the_rows_it_had_not_reached(tmp_p
     rows = mod.compression_table(str(run), **kw, heal_original=True)
     assert {(r["model"], r["init"]) for r in rows} == set(first) | {("healed", "-")}
 
+    # a table scored under an earlier task definition is not continued with scores of the current one
+    saved = json.loads((out / "results.json").read_text())
+    saved["settings"]["tasks"] = ["piqa"]
+    (out / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings"):
+        mod.compression_table(str(run), **kw, heal_original=True, tasks=["piqa"])
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_calibration_on_the_gpu_matches_the_cpu(tmp_path):

@@ -242,10 +242,17 @@ def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_setting
     assert [n for n, _ in names] == ["final (a/final)", "final (b/final)", "other"]
     res = tmp_path / "results.json"
     model = tmp_path / "a" / "final"
-    res.write_text(json.dumps({"model": str(model.resolve()), "settings": {"tasks": ["arc_easy"], "limit": 10},
-                               "tasks": {}}))
+    from mea.eval.data import TASKS_REVISION
+
+    settings = {"tasks": ["arc_easy"], "limit": 10, "tasks_revision": TASKS_REVISION}
+    res.write_text(json.dumps({"model": str(model.resolve()), "settings": settings, "tasks": {}}))
     asked = {"tasks": "arc_easy", "limit": 10, "batch_size": 4, "perplexity": False}
     assert _scored_as_asked(res, str(model), asked)
+    # scored under an earlier task definition (ARC on its validation split): not reused
+    res.write_text(json.dumps({"model": str(model.resolve()), "settings": {"tasks": ["arc_easy"], "limit": 10},
+                               "tasks": {}}))
+    assert not _scored_as_asked(res, str(model), asked)
+    res.write_text(json.dumps({"model": str(model.resolve()), "settings": settings, "tasks": {}}))
     assert not _scored_as_asked(res, str(model), dict(asked, tasks="piqa"))
     assert not _scored_as_asked(res, str(model), dict(asked, limit=30))
     assert not _scored_as_asked(res, str(model), dict(asked, perplexity=True))
@@ -254,7 +261,7 @@ def test_evaluate_many_tells_same_named_models_apart_and_rescores_on_new_setting
     import mea.data.prepare as prep
 
     monkeypatch.setattr(prep, "corpus_dir", lambda c: Path(c))
-    res.write_text(json.dumps({"model": str(model.resolve()), "settings": {"tasks": ["arc_easy"], "limit": 10},
+    res.write_text(json.dumps({"model": str(model.resolve()), "settings": settings,
                                "tasks": {}, "perplexity": {"corpus": "/data/prose"}}))
     assert _scored_as_asked(res, str(model), dict(asked, perplexity=True, corpus="/data/prose"))
     assert not _scored_as_asked(res, str(model), dict(asked, perplexity=True, corpus="/data/other"))

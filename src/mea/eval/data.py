@@ -38,6 +38,9 @@ TEST_SETS = {
     "openbookqa": ("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "question_stem", 500),
 }
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# Bumped whenever a task's documents change (2: OBQA and ARC moved from validation to lm-eval's test
+# splits), so that saved scores of the earlier definition are not reused as if they were comparable.
+TASKS_REVISION = 2
 PAPER_TASKS = ("piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 
 

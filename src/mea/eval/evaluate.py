@@ -220,7 +220,7 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
     Returns:
         The results dict that results.json holds.
     """
-    from .data import parse_tasks, render_tasks
+    from .data import TASKS_REVISION, parse_tasks, render_tasks
 
     names = parse_tasks(tasks) if tasks and str(tasks).strip() else []
     if not names and not perplexity:
@@ -240,7 +240,8 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
     hf, tok, kind = load_for_eval(model, dev, torch_dtype)
     run: dict[str, Any] = {
         "name": name or Path(model).resolve().name, "model": str(Path(model).resolve()), "kind": kind,
-        "settings": {"tasks": names, "limit": limit, "batch_size": batch_size, "device": dev,
+        "settings": {"tasks": names, "tasks_revision": TASKS_REVISION, "limit": limit, "batch_size": batch_size,
+                     "device": dev,
                      "dtype": str(torch_dtype).replace("torch.", ""), "num_fewshot": num_fewshot},
         "tasks": {},
     }

@@ -150,8 +150,10 @@ def _scored_as_asked(results: Path, model: str, common: dict) -> bool:
         return False
     got = run.get("settings", {})
     want = parse_tasks(common["tasks"]) if common["tasks"] and str(common["tasks"]).strip() else []
+    from .data import TASKS_REVISION
+
     same = (Path(run.get("model", "")) == Path(model).resolve() and list(got.get("tasks", [])) == want
-            and got.get("limit") == common["limit"])
+            and got.get("limit") == common["limit"] and (not want or got.get("tasks_revision") == TASKS_REVISION))
     if same and common["perplexity"]:  # and on the same corpus
         from ..data.prepare import corpus_dir
 
