@@ -203,7 +203,7 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     ``tokenizer_dir`` (``None``: GPT-2) must read it: unchanged when it is in the model's tokenizer,
     else its GPT-2 source re-tokenized for the model (cached, once). Without a GPT-2 source that is an
     error: the ids would silently mean other tokens to the model."""
-    from ..data.shards import MANIFEST, read_manifest
+    from ..data.shards import read_manifest
     from ..data.tokenizer import load_tokenizer
 
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
@@ -224,16 +224,17 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
 
         if tok.get("sha256") == sha256_file(Path(tokenizer_dir) / "tokenizer.json"):
             return corpus
-    source = path if in_gpt2 else Path(manifest.get("source") or "/nonexistent")
-    if (source / MANIFEST).is_file():  # the same text, in the model's ids
-        out = source if want == "gpt2" else retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", str(source))
-        if verbose:
-            print(f"data.corpus: {path} is not in the model's tokenizer; reading {out} (its text in the model's "
-                  "ids)", file=sys.stderr)
-        return str(out)
-    raise ValueError(f"data.corpus: {path} is in another tokenizer ({tok.get('name')}, {tok.get('vocab_size')} ids) "
-                     f"than the model's ({'GPT-2' if want == 'gpt2' else Path(tokenizer_dir) / 'tokenizer.json'}), "
-                     "and no GPT-2 source corpus to re-tokenize is known; give a GPT-2 corpus instead")
+    try:
+        source = gpt2_source(str(path))  # the same text, in GPT-2 ids
+    except ValueError:
+        raise ValueError(f"data.corpus: {path} is in another tokenizer ({tok.get('name')}, {tok.get('vocab_size')} ids) "
+                         f"than the model's ({'GPT-2' if want == 'gpt2' else Path(tokenizer_dir) / 'tokenizer.json'}), "
+                         "and no GPT-2 source corpus to re-tokenize is known; give a GPT-2 corpus instead") from None
+    out = source if want == "gpt2" else retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", str(source))
+    if verbose:
+        print(f"data.corpus: {path} is not in the model's tokenizer; reading {out} (its text in the model's ids)",
+              file=sys.stderr)
+    return str(out)
 
 
 def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, window: int, corpus: str = "prose",

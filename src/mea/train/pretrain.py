@@ -275,14 +275,13 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf"))
-        loss_val = float(D.all_reduce_mean(loss_sum, info))
+        loss_val, grad_val = float(D.all_reduce_mean(loss_sum, info)), float(grad_norm)
         # A non-finite gradient with a finite loss would write NaN weights (clipping spreads it to every
         # gradient), and a checkpoint of them would pass for the last good one.
-        if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)) or loss_val > diverge_at:
+        if not math.isfinite(loss_val) or not math.isfinite(grad_val) or loss_val > diverge_at:
             reason = (f"loss {loss_val:.4g} at step {step + 1} is not finite" if not math.isfinite(loss_val) else
-                      f"gradient norm {float(grad_norm):.4g} at step {step + 1} is not finite"
-                      if not math.isfinite(float(grad_norm)) else
-                      f"loss {loss_val:.4g} at step {step + 1} exceeds {diverge_at:.3g}")
+                      f"gradient norm {grad_val:.4g} at step {step + 1} is not finite" if not math.isfinite(grad_val)
+                      else f"loss {loss_val:.4g} at step {step + 1} exceeds {diverge_at:.3g}")
             status = "diverged"
             optimizer.zero_grad(set_to_none=True)
             if info.is_main:
@@ -298,7 +297,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             now = time.perf_counter()
             tps = (tokens - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, tokens
-            rec = {"step": done, "tokens": tokens, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+            rec = {"step": done, "tokens": tokens, "loss": loss_val, "lr": lr, "grad_norm": grad_val,
                    "tokens_per_s": tps, "mfu": (tps * flops_per_token / (peak * info.world_size)) if peak else None}
         if done % train.eval_every == 0 or done == train.max_steps:
             val_loss = evaluate_loss(fwd, val_ds, data, train.batch_size, train.eval_batches, dev, autocast, info)
@@ -367,29 +366,31 @@ def _check_resume_options(conf: dict, preset, attention, n_kv_heads, head_norm, 
     """`--resume` continues the run as it was configured: a setting given with it that differs from the
     saved one (a longer schedule, another batch size or model) would be silently ignored, so it is an
     error. Settings left at their defaults are not compared."""
+    import inspect
+
     from ..models.config import parse_text_values
 
+    defaults = {k: p.default for k, p in inspect.signature(pretrain).parameters.items()}
     diffs = []
 
     def differ(name, given, default, saved):
         if given != default and given != saved:
             diffs.append(f"{name}: given {given!r}, the run has {saved!r}")
 
-    differ("preset", preset, "tiny", conf.get("preset"))
-    differ("attention", attention, None, conf.get("attention"))
-    differ("n_kv_heads", n_kv_heads, None, conf.get("n_kv_heads"))
-    differ("head_norm", head_norm, None, conf.get("head_norm"))
+    differ("preset", preset, defaults["preset"], conf.get("preset"))
+    differ("attention", attention, defaults["attention"], conf.get("attention"))
+    differ("n_kv_heads", n_kv_heads, defaults["n_kv_heads"], conf.get("n_kv_heads"))
+    differ("head_norm", head_norm, defaults["head_norm"], conf.get("head_norm"))
     for k, v in parse_text_values(model or {}).items():
         if k != "name":
             differ(f"model.{k}", v, None, conf["model"].get(k))
-    for name, given, default in (("data", data, DataConfig()), ("train", train, TrainConfig())):
-        g, d, saved = dataclasses.asdict(given), dataclasses.asdict(default), conf[name]
+    for name, given in (("data", data), ("train", train)):
+        g, d, saved = dataclasses.asdict(given), dataclasses.asdict(defaults[name]), conf[name]
         for k, v in g.items():
             # A run continued from other weights saves its corpus re-tokenized for them: not comparable.
             if k in saved and not (name == "data" and k == "corpus" and conf.get("init_from")):
                 differ(f"{name}.{k}", v, d[k], saved[k])
-    if init_from is not None:
-        differ("init_from", init_from, None, conf.get("init_from"))
+    differ("init_from", init_from, defaults["init_from"], conf.get("init_from"))
     if diffs:
         raise ValueError("resume: a resumed run keeps its saved settings; these differ: " + "; ".join(diffs) +
                          ". Start a new run from it instead: mea pretrain --init_from RUN --out NEW ...")
