@@ -211,7 +211,7 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
     origins: list[tuple[dict, float, Iterable[tuple[str, str]], int]] = []  # (record, weight, docs, min_chars)
     if files:
         paths = _list_files(files)
-        origins.append(({"name": "files", "registry": "local", "files": len(paths), "sha256": _files_sha256(paths)},
+        origins.append(({"name": "files", "registry": "local", "files": len(paths), "sha256": request["files_sha256"]},
                         1.0, _file_documents(paths), 1))
     elif hf_dataset:
         origins.append(({"name": hf_dataset, "registry": "huggingface"}, 1.0, _hf_documents(hf_dataset), 1))
