@@ -222,17 +222,18 @@ def unpack(pkg: Package, root: Optional[Path] = None) -> Path:
     archive = fetch(pkg, base / "downloads")
     dest = base / "unpacked" / pkg.key
     marker = dest / ".done"
-    if marker.is_file() and marker.read_text().strip() == sha256_file(archive):
+    digest = sha256_file(archive)
+    if marker.is_file() and marker.read_text().strip() == digest:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Processes starting on a fresh cache at once (evaluate-many --gpus, torchrun) unpack it one at a time.
     with file_lock(dest.with_name(f".{dest.name}.lock")):
-        if marker.is_file() and marker.read_text().strip() == sha256_file(archive):
+        if marker.is_file() and marker.read_text().strip() == digest:
             return dest  # another process unpacked it while this one waited
-        return _unpack(archive, dest)
+        return _unpack(archive, dest, digest)
 
 
-def _unpack(archive: Path, dest: Path) -> Path:
+def _unpack(archive: Path, dest: Path, digest: str) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
@@ -250,7 +251,7 @@ def _unpack(archive: Path, dest: Path) -> Path:
             _unpack_deb(archive, tmp)
         else:
             raise FetchError(f"do not know how to unpack {name}")
-        (tmp / ".done").write_text(sha256_file(archive))
+        (tmp / ".done").write_text(digest)
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
