@@ -36,6 +36,7 @@ from timing import allow_compiled_variants, cuda_ms_per_step  # noqa: E402
 
 SHAPE_MAIN = dict(batch=8, seq=2048, d_model=2048, n_heads=16)
 SHAPE_125M = dict(batch=16, seq=1024, d_model=768, n_heads=12)  # one layer of the 125m preset's training step
+LAYER_FLAGS = ("triton_fold", "fold_norm_gain")
 SHAPES = {"main": [SHAPE_MAIN], "125m": [SHAPE_125M], "all": [SHAPE_MAIN, SHAPE_125M]}
 
 
@@ -47,7 +48,7 @@ class MEAMaterialized(MEAttention):
         kc = apply_rope(self._heads(self.k_proj(x), self.n_kv_heads), a.cos, a.sin)
         vc = self._heads(self.v_proj(x), self.n_kv_heads)
         k, v = mix_heads(kc, self.k_mix), mix_heads(vc, self.v_mix)
-        return self._output(sdpa(q, k, v, causal=True))
+        return self._output(sdpa(q, k, v, causal=True), a)
 
 
 class _ChunkedFold(torch.autograd.Function):
@@ -93,8 +94,9 @@ def check_chunked_fold() -> None:
 
 
 def variant_specs(h: int) -> dict[str, dict]:
-    """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel,
-    ``triton_fold=True`` MEA's fold as Triton kernels (mea.ops.triton_fold)."""
+    """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel, and the
+    layer attributes of LAYER_FLAGS are set on the layer: ``triton_fold`` (MEA's fold as Triton kernels,
+    mea.ops.triton_fold) and ``fold_norm_gain`` (the head norm's weight folded into o_proj)."""
     return {"mha": dict(attention="mha", head_norm=False),
             "mha+norm": dict(attention="mha", head_norm=True),
             "mha+norm-tritonnorm": dict(attention="mha", head_norm=True, triton_norm=True),
@@ -102,8 +104,11 @@ def variant_specs(h: int) -> dict[str, dict]:
             "mea": dict(attention="mea", head_norm=True),
             "mea-tritonnorm": dict(attention="mea", head_norm=True, triton_norm=True),
             "mea-nonorm": dict(attention="mea", head_norm=False),
+            "mha+norm-foldgain": dict(attention="mha", head_norm=True, fold_norm_gain=True),
             "mea-tritonfold": dict(attention="mea", head_norm=True, triton_fold=True),
             "mea-nonorm-tritonfold": dict(attention="mea", head_norm=False, triton_fold=True),
+            "mea-foldgain": dict(attention="mea", head_norm=True, fold_norm_gain=True),
+            "mea-tritonfold-foldgain": dict(attention="mea", head_norm=True, triton_fold=True, fold_norm_gain=True),
             "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
             "mea-materialized": dict(attention="mea", head_norm=True),
             "mea-chunkedgrad": dict(attention="mea", head_norm=True),
@@ -264,14 +269,14 @@ def main():
         for name in names:
             kw = dict(specs[name])
             use_triton = kw.pop("triton_norm", False) and has_triton_norm
-            triton_fold = kw.pop("triton_fold", False)
+            flags = {f: kw.pop(f) for f in LAYER_FLAGS if f in kw}
             cfg = ModelConfig(vocab_size=256, d_model=sh["d_model"], n_layers=1, n_heads=h, max_seq_len=sh["seq"], **kw)
             torch.manual_seed(0)
             cls = (MEAMaterialized if name == "mea-materialized" else
                    MEAChunkedFoldGrad if name.endswith("chunkedgrad") else None)
             layer = (cls(cfg, 0) if cls else build_attention(cfg, 0)).cuda()
-            if triton_fold:
-                layer.triton_fold = True
+            for f, on in flags.items():
+                setattr(layer, f, on)
             fn = layer if args.eager else torch.compile(layer)
             pos = torch.arange(sh["seq"], device="cuda")[None].expand(sh["batch"], -1)
             cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(pos, torch.bfloat16)

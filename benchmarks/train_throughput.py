@@ -36,6 +36,9 @@ def variants(preset: str) -> list[tuple[str, dict]]:
             ("mea-nonorm", {"attention": "mea", "head_norm": False}),
             ("mea-tritonfold", {"attention": "mea", "triton_fold": True}),   # mea.ops.triton_fold
             ("mea-nonorm-tritonfold", {"attention": "mea", "head_norm": False, "triton_fold": True}),
+            ("mha+norm-foldgain", {"attention": "mha", "head_norm": True, "fold_norm_gain": True}),
+            ("mea-foldgain", {"attention": "mea", "fold_norm_gain": True}),  # head norm weight in o_proj
+            ("mea-tritonfold-foldgain", {"attention": "mea", "triton_fold": True, "fold_norm_gain": True}),
             (f"mea(h'={half})", {"attention": "mea", "n_kv_heads": half}),
             ("diff", {"attention": "diff"}),
             ("talking_heads", {"attention": "talking_heads"})]
@@ -45,12 +48,14 @@ def build(preset, kw, batch, seq, compile_model, device):
     """One variant's model, optimizer and training step (the step runs a full optimizer update)."""
     torch.manual_seed(0)
     kw = dict(kw)
-    triton_fold = kw.pop("triton_fold", False)
+    # layer attributes, not config fields: MEA's fold as Triton kernels, the head norm's weight in o_proj
+    flags = {f: kw.pop(f) for f in ("triton_fold", "fold_norm_gain") if f in kw}
     cfg = ModelConfig.from_preset(preset, max_seq_len=seq, **kw)
     model = Transformer(cfg).to(device)
     for m in model.modules():
-        if hasattr(m, "triton_fold"):
-            m.triton_fold = triton_fold
+        for f, on in flags.items():
+            if hasattr(m, f):
+                setattr(m, f, on)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compile_model:
         model.compile_layers()

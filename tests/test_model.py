@@ -123,6 +123,46 @@ def test_head_norm_breaks_the_fold():
     assert not torch.allclose(mea(x), mha(x), atol=1e-3)
 
 
+@pytest.mark.parametrize("attention", ["mha", "mea", "diff"])
+def test_norm_gain_folded_into_o_proj_is_the_same_layer(attention):
+    """``fold_norm_gain`` moves the head norm's weight into o_proj (W_O diag(g)) on the full-sequence path:
+    same outputs and gradients for every parameter (float64); a cached forward and a hooked o_proj keep
+    the norm as it is."""
+    torch.manual_seed(11)
+    model = Transformer(tiny(attention, n_kv_heads=2 if attention == "mea" else None, head_norm=True)).double()
+    randomize(model)
+    for layer in model.model.layers:
+        layer.self_attn.head_norm.weight.data.uniform_(0.2, 1.5)
+    x = torch.randint(0, 97, (2, 11))
+    runs = []
+    for fold in (False, True):
+        for layer in model.model.layers:
+            layer.self_attn.fold_norm_gain = fold
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
+    for n, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], g, rtol=1e-9, atol=1e-12, msg=n)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # the cached path (decode) and a hooked o_proj call the norm itself
+        calls = []
+        handle = attn.head_norm.register_forward_hook(lambda m, i, o: calls.append(1))
+        cache = KVCache.for_model(model.config, 2, 16, dtype=torch.float64)
+        model(x, cache=cache)
+        assert calls
+        calls.clear()
+        seen = attn.o_proj.register_forward_hook(lambda m, i, o: None)
+        model(x)
+        assert calls
+        seen.remove()
+        calls.clear()
+        model(x)
+        assert not calls
+        handle.remove()
+
+
 def test_diff_lambda_init_schedule():
     m = Transformer(tiny("diff", n_layers=3))
     inits = [l.self_attn.lambda_init for l in m.model.layers]

@@ -136,11 +136,13 @@ def test_gpu_real_sizes(hk, h, d, D):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("n_kv_heads,head_norm", [(8, True), (8, False), (3, True)])
+@pytest.mark.parametrize("n_kv_heads,head_norm,fold_gain", [(8, True, False), (8, False, False), (3, True, False),
+                                                          (3, True, True)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, head_norm, compiled):
+def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, head_norm, fold_gain, compiled):
     """``layer.triton_fold = True`` changes how W_eff is computed, not what the layer does: outputs and
-    every parameter's gradient agree with the matmul fold under bf16 autocast (and compiled)."""
+    every parameter's gradient agree with the matmul fold under bf16 autocast (and compiled); so does
+    ``fold_norm_gain`` (the head norm's weight in o_proj's) on top of it."""
     from mea import ModelConfig
     from mea.layers.attention import AttnInputs, build_attention
     from mea.layers.rope import RotaryEmbedding
@@ -159,6 +161,7 @@ def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, 
     results = []
     for triton_fold in (False, True):
         layer.triton_fold = triton_fold
+        layer.fold_norm_gain = fold_gain and triton_fold
         layer.zero_grad(set_to_none=True)
         fn = torch.compile(layer) if compiled else layer
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -28,7 +28,7 @@ stamp() { echo "[$1: rc=$2 at $((SECONDS - start)) s]" | tee -a "$out/env.txt"; 
 } > "$out/env.txt"
 
 # (a) tests: the GPU-marked ones run here (CI runs the rest on CPU under TRITON_INTERPRET=1).
-timeout 150 python3 -m pytest -q -x tests/test_triton_norm.py tests/test_triton_fold.py tests/test_generate_graph.py tests/test_triton_decode.py \
+[ "${TESTS:-1}" = 1 ] && timeout 150 python3 -m pytest -q -x tests/test_triton_norm.py tests/test_triton_fold.py tests/test_generate_graph.py tests/test_triton_decode.py \
   tests/test_convert.py::test_calibration_on_the_gpu_matches_the_cpu \
   -p no:cacheprovider > "$out/pytest.log" 2>&1
 stamp tests $?
@@ -55,14 +55,17 @@ fi
 # (b) where MEA's training time goes: one layer at the large shape and at the 125m model's, with the fold
 # as GEMMs and as Triton kernels (mea.ops.triton_fold; opt-in until this measures it), then each variant's
 # kernels profiled. At the large shape the fold's GEMMs were 2% of the kernel time (train_profile.json).
-timeout 200 python3 benchmarks/attention_train.py --shapes all --repeats 9 \
-  --variants mha,mha+norm,mea,mea-nonorm,mea-tritonfold,mea-nonorm-tritonfold --profile --out "$out/attention_train.json" > "$out/attention_train.log" 2>&1
+# ATT_VARIANTS, TP_VARIANTS and TP_BATCHES choose what (b) and (e) time; TESTS=0 skips (a).
+timeout 240 python3 benchmarks/attention_train.py --shapes all --repeats 9 \
+  --variants "${ATT_VARIANTS:-mha,mha+norm,mha+norm-foldgain,mea,mea-foldgain,mea-nonorm,mea-tritonfold,mea-tritonfold-foldgain,mea-nonorm-tritonfold}" \
+  --profile --out "$out/attention_train.json" > "$out/attention_train.log" 2>&1
 stamp attention_train $?
 tail -n 60 "$out/attention_train.log"
 # (e) the whole 125m model's training step (the goal's number), round-robin with medians, at 16 and 32 sequences
 # per step: a per-step cost (the fold works on weights, not tokens) halves its share at 32.
-for b in 16 32; do
-  timeout 150 python3 benchmarks/train_throughput.py --compile --only mha,mha+norm,mea,mea-nonorm,mea-tritonfold,mea-nonorm-tritonfold \
+for b in ${TP_BATCHES:-16 32}; do
+  timeout 200 python3 benchmarks/train_throughput.py --compile \
+    --only "${TP_VARIANTS:-mha,mha+norm,mha+norm-foldgain,mea,mea-foldgain,mea-tritonfold,mea-tritonfold-foldgain,mea-nonorm-tritonfold}" \
     --repeats 5 --batch $b \
     --out "$out/train_throughput_b$b.json" > "$out/train_throughput_b$b.log" 2>&1
   stamp train_throughput_b$b $?

@@ -25,6 +25,11 @@ from .rope import apply_rope
 # cast folded in, instead of a cast and three skinny GEMMs per weight. Opt-in (MEA_TRITON_FOLD=1, or
 # ``layer.triton_fold = True`` per layer) until an H200 has timed it against the GEMMs.
 TRITON_FOLD = os.environ.get("MEA_TRITON_FOLD", "0") == "1"
+# The head norm's weight folded into o_proj's (W_O diag(g)) on the full-sequence path, so that the
+# norm's token-sized work is a scale per head and row, and the weight's gradient comes from a
+# weight-sized product instead of a reduction over every token. Opt-in (MEA_FOLD_NORM_GAIN=1, or
+# ``layer.fold_norm_gain = True``) until an H200 has timed it.
+FOLD_NORM_GAIN = os.environ.get("MEA_FOLD_NORM_GAIN", "0") == "1"
 _triton_fold = None
 try:  # only where CUDA is present, so a CPU-only `import mea` never imports triton
     if torch.cuda.is_available():
@@ -43,6 +48,13 @@ class AttnInputs:
     cache: Optional[KVCache] = None
     positions: Optional[Tensor] = None  # (B, Lq) cache slots of the new tokens
     kv_len: int = 0  # keys to attend to when a cache is used
+
+
+def _plain_linear(*mods: nn.Module) -> bool:
+    """Whether a projection may be replaced by its weight: only a plain nn.Linear without hooks. A LoRA
+    adapter (PEFT wraps the Linear) or a forward hook changes what the module computes, which the weight
+    alone does not show."""
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
 
 
 def mixing_init(n_kv_heads: int, n_heads: int) -> Tensor:
@@ -65,6 +77,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, hk * d, bias=False)
         self.o_proj = nn.Linear(h * d, D, bias=False)
         self.head_norm = HeadNorm(h, d, config.head_norm_eps, config.head_norm_init) if config.head_norm else None
+        self.fold_norm_gain = FOLD_NORM_GAIN
 
     def _heads(self, t: Tensor, n: int) -> Tensor:
         B, L, _ = t.shape
@@ -81,15 +94,31 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, a: AttnInputs) -> Tensor:
         return sdpa(q, k, v, mask=a.mask, causal=a.mask is None)
 
-    def _output(self, o: Tensor) -> Tensor:
+    def _out_scale(self) -> Optional[Tensor]:
+        """A scalar on the (normed) heads before o_proj; None for none."""
+        return None
+
+    def _output(self, o: Tensor, a: AttnInputs) -> Tensor:
+        """(B, h, L, d) attention output -> (B, L, D): the head norm, then o_proj."""
         o = o.transpose(1, 2)  # (B, L, h, d)
+        scale = self._out_scale()
+        if (self.head_norm is not None and self.fold_norm_gain and a.cache is None
+                and _plain_linear(self.o_proj)):
+            gain = self.head_norm.weight.flatten()
+            if scale is not None:
+                gain = gain * scale
+            w = self.o_proj.weight * gain.to(self.o_proj.weight.dtype)
+            return nn.functional.linear(self.head_norm.normalize(o).flatten(2), w)
         if self.head_norm is not None:
             o = self.head_norm(o)
-        return self.o_proj(o.flatten(2))
+        o = o.flatten(2)
+        if scale is not None:
+            o = o * scale.to(o.dtype)
+        return self.o_proj(o)
 
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         q, k, v = self._qkv(x, a)
-        return self._output(self._attend(q, k, v, a))
+        return self._output(self._attend(q, k, v, a), a)
 
 
 class MEAttention(Attention):
@@ -106,13 +135,6 @@ class MEAttention(Attention):
         self.v_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
         self.triton_fold = TRITON_FOLD
 
-    def _foldable(self) -> bool:
-        """Whether K and V may come from folded weights: only for plain nn.Linear projections without
-        hooks. A LoRA adapter (PEFT wraps the Linear) or a forward hook changes what the module computes,
-        which the weight alone does not show."""
-        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in (self.k_proj, self.v_proj))
-
     def _fold(self, weight: Tensor, mix: Tensor) -> Tensor:
         """The training path's effective K or V weight (a method, so that a benchmark can swap its backward)."""
         if self.triton_fold and _triton_fold is not None and weight.is_cuda:
@@ -122,7 +144,7 @@ class MEAttention(Attention):
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         if a.cache is None:
             q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
-            if self._foldable():
+            if _plain_linear(self.k_proj, self.v_proj):
                 k_w = self._fold(self.k_proj.weight, self.k_mix)
                 v_w = self._fold(self.v_proj.weight, self.v_mix)
                 k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
@@ -130,10 +152,10 @@ class MEAttention(Attention):
             else:  # the projection must run as its module: mix its component heads token by token
                 k = apply_rope(mix_heads(self._heads(self.k_proj(x), self.n_kv_heads), self.k_mix), a.cos, a.sin)
                 v = mix_heads(self._heads(self.v_proj(x), self.n_kv_heads), self.v_mix)
-            return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None))
+            return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None), a)
         q, k_comp, v_comp = self._qkv(x, a)
         o = mea_attention_cached(q, k_comp, v_comp, self.k_mix, self.v_mix, mask=a.mask)
-        return self._output(o)
+        return self._output(o, a)
 
 
 class TalkingHeadsAttention(Attention):
@@ -200,11 +222,8 @@ class DiffAttention(Attention):
         o2 = sdpa(q[..., half:], k[..., half:], v, mask=a.mask, causal=causal)
         return o1 - self.lambda_full().to(o1.dtype) * o2
 
-    def _output(self, o):
-        o = o.transpose(1, 2)
-        if self.head_norm is not None:
-            o = self.head_norm(o)
-        return self.o_proj(o.flatten(2) * (1.0 - self.lambda_init_t).to(o.dtype))
+    def _out_scale(self):
+        return 1.0 - self.lambda_init_t
 
 
 ATTENTION_CLASSES = {

@@ -24,11 +24,15 @@ except ImportError:  # no triton: the PyTorch form serves
 
 
 
+def _normalize(x: Tensor, eps: float) -> Tensor:
+    # In fp32 at least: bf16's 8-bit mantissa makes the mean of squares visibly noisy.
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Normalize in fp32: bf16's 8-bit mantissa makes the mean of squares visibly noisy.
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    y = _normalize(x, eps)
+    return (y * weight.to(y.dtype)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -60,3 +64,7 @@ class HeadNorm(nn.Module):
                 and self.weight.dtype in KERNEL_DTYPES):
             return _triton_head_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """The norm without its weight, for a caller that folds the weight into the next projection."""
+        return _normalize(x, self.eps).to(x.dtype)

@@ -70,7 +70,8 @@ def _fold_bwd_kernel(G, W, MIX, GW, GMIX_PART, N, HK, H, stride_mk, stride_mh, b
         tl.store(GW + rk[:, None] * N + offs_n[None, :], gw.to(GW.dtype.element_ty),
                  mask=k_ok[:, None] & n_ok[None, :])
         acc += tl.dot(w, tl.trans(g), input_precision="ieee")      # (HK_P, H_P): W @ G^T, this block
-    tl.store(GMIX_PART + pid * HK_P * H_P + rk[:, None] * H_P + rh[None, :], acc)
+    # unpadded, so that summing the partials gives grad_mix as it is, with no slice or copy after
+    tl.store(GMIX_PART + pid * HK * H + rk[:, None] * H + rh[None, :], acc, mask=k_ok[:, None] & h_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------ launch
@@ -118,13 +119,13 @@ def fold_mix_bwd(grad: Tensor, weight: Tensor, mix: Tensor, programs: int = 0) -
         programs = 2 * sm_count(weight.device)
     per_prog = triton.cdiv(blocks, max(1, min(programs, blocks)))
     n_prog = triton.cdiv(blocks, per_prog)
-    part = torch.empty((n_prog, hk_p, h_p), dtype=torch.float32, device=weight.device)
+    part = torch.empty((n_prog, hk, h), dtype=torch.float32, device=weight.device)
     if N:
         _fold_bwd_kernel[(n_prog,)](g, w, mix, gw, part, N, hk, h, *mix.stride(), per_prog,
                                     HK_P=hk_p, H_P=h_p, BLOCK_N=bn, num_warps=4)
     else:
         part.zero_()
-    return gw.view(weight.shape), part.sum(0)[:hk, :h].to(mix.dtype).contiguous()
+    return gw.view(weight.shape), part.sum(0).to(mix.dtype)
 
 
 # ------------------------------------------------------------------------------------ custom ops
