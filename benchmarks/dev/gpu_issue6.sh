@@ -28,7 +28,7 @@ stamp() { echo "[$1: rc=$2 at $((SECONDS - start)) s]" | tee -a "$out/env.txt"; 
 } > "$out/env.txt"
 
 # (a) tests: the GPU-marked ones run here (CI runs the rest on CPU under TRITON_INTERPRET=1).
-[ "${TESTS:-1}" = 1 ] && timeout 150 python3 -m pytest -q -x tests/test_triton_norm.py tests/test_triton_fold.py tests/test_generate_graph.py tests/test_triton_decode.py \
+[ "${TESTS:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -x tests/test_triton_fold.py tests/test_triton_norm.py tests/test_generate_graph.py tests/test_triton_decode.py \
   tests/test_convert.py::test_calibration_on_the_gpu_matches_the_cpu \
   -p no:cacheprovider > "$out/pytest.log" 2>&1
 stamp tests $?

@@ -69,7 +69,9 @@ def _fold_bwd_kernel(G, W, MIX, GW, GMIX_PART, N, HK, H, stride_mk, stride_mh, b
         gw = tl.dot(mix, g, input_precision="ieee")                 # (HK_P, BLOCK_N): mix @ G
         tl.store(GW + rk[:, None] * N + offs_n[None, :], gw.to(GW.dtype.element_ty),
                  mask=k_ok[:, None] & n_ok[None, :])
-        acc += tl.dot(w, tl.trans(g), input_precision="ieee")      # (HK_P, H_P): W @ G^T, this block
+        # tf32x3 (three tensor-core products, about fp32 accuracy): the fp32 FMA form of a dot whose inner
+        # dimension is BLOCK_N spilled registers, 40x slower than the memory floor on an H200.
+        acc += tl.dot(w, tl.trans(g), input_precision="tf32x3")    # (HK_P, H_P): W @ G^T, this block
     # unpadded, so that summing the partials gives grad_mix as it is, with no slice or copy after
     tl.store(GMIX_PART + pid * HK * H + rk[:, None] * H + rh[None, :], acc, mask=k_ok[:, None] & h_ok[None, :])
 
