@@ -96,19 +96,19 @@ def check_chunked_fold() -> None:
 def variant_specs(h: int) -> dict[str, dict]:
     """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel, and the
     layer attributes of LAYER_FLAGS are set on the layer: ``triton_fold`` (MEA's fold as Triton kernels,
-    mea.ops.triton_fold) and ``fold_norm_gain`` (the head norm's weight folded into o_proj)."""
+    mea.ops.triton_fold) and ``fold_norm_gain`` (False: the head norm's weight on the tokens, not folded
+    into o_proj's)."""
     return {"mha": dict(attention="mha", head_norm=False),
             "mha+norm": dict(attention="mha", head_norm=True),
-            "mha+norm-tritonnorm": dict(attention="mha", head_norm=True, triton_norm=True),
+            "mha+norm-tritonnorm": dict(attention="mha", head_norm=True, triton_norm=True, fold_norm_gain=False),
             "gqa": dict(attention="gqa", n_kv_heads=h // 2, head_norm=False),
             "mea": dict(attention="mea", head_norm=True),
-            "mea-tritonnorm": dict(attention="mea", head_norm=True, triton_norm=True),
+            "mea-tritonnorm": dict(attention="mea", head_norm=True, triton_norm=True, fold_norm_gain=False),
             "mea-nonorm": dict(attention="mea", head_norm=False),
-            "mha+norm-foldgain": dict(attention="mha", head_norm=True, fold_norm_gain=True),
+            "mha+norm-unfoldedgain": dict(attention="mha", head_norm=True, fold_norm_gain=False),
             "mea-tritonfold": dict(attention="mea", head_norm=True, triton_fold=True),
             "mea-nonorm-tritonfold": dict(attention="mea", head_norm=False, triton_fold=True),
-            "mea-foldgain": dict(attention="mea", head_norm=True, fold_norm_gain=True),
-            "mea-tritonfold-foldgain": dict(attention="mea", head_norm=True, triton_fold=True, fold_norm_gain=True),
+            "mea-unfoldedgain": dict(attention="mea", head_norm=True, fold_norm_gain=False),
             "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
             "mea-materialized": dict(attention="mea", head_norm=True),
             "mea-chunkedgrad": dict(attention="mea", head_norm=True),

@@ -36,9 +36,9 @@ def variants(preset: str) -> list[tuple[str, dict]]:
             ("mea-nonorm", {"attention": "mea", "head_norm": False}),
             ("mea-tritonfold", {"attention": "mea", "triton_fold": True}),   # mea.ops.triton_fold
             ("mea-nonorm-tritonfold", {"attention": "mea", "head_norm": False, "triton_fold": True}),
-            ("mha+norm-foldgain", {"attention": "mha", "head_norm": True, "fold_norm_gain": True}),
-            ("mea-foldgain", {"attention": "mea", "fold_norm_gain": True}),  # head norm weight in o_proj
-            ("mea-tritonfold-foldgain", {"attention": "mea", "triton_fold": True, "fold_norm_gain": True}),
+            # the head norm's weight applied to the tokens rather than folded into o_proj's
+            ("mha+norm-unfoldedgain", {"attention": "mha", "head_norm": True, "fold_norm_gain": False}),
+            ("mea-unfoldedgain", {"attention": "mea", "fold_norm_gain": False}),
             (f"mea(h'={half})", {"attention": "mea", "n_kv_heads": half}),
             ("diff", {"attention": "diff"}),
             ("talking_heads", {"attention": "talking_heads"})]
@@ -48,7 +48,7 @@ def build(preset, kw, batch, seq, compile_model, device):
     """One variant's model, optimizer and training step (the step runs a full optimizer update)."""
     torch.manual_seed(0)
     kw = dict(kw)
-    # layer attributes, not config fields: MEA's fold as Triton kernels, the head norm's weight in o_proj
+    # layer attributes, not config fields: MEA's fold as Triton kernels, the head norm's weight in o_proj's
     flags = {f: kw.pop(f) for f in ("triton_fold", "fold_norm_gain") if f in kw}
     cfg = ModelConfig.from_preset(preset, max_seq_len=seq, **kw)
     model = Transformer(cfg).to(device)

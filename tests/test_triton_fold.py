@@ -7,7 +7,7 @@ pytest.importorskip("triton")
 from kernel_ref import DEV, TOL, rel_err  # noqa: E402
 
 from mea.ops.attention import fold_mix_into_proj  # noqa: E402
-from mea.ops.triton_fold import fold_mix_bwd, fold_mix_fwd, fold_mix_triton  # noqa: E402
+from mea.ops.triton_fold import fold_mix_bwd, fold_mix_fwd, fold_mix_triton, fold_mixes_triton  # noqa: E402
 
 
 def make(hk, h, d, D, dtype=torch.float32):
@@ -50,20 +50,32 @@ def test_forward_and_grads_match_reference(hk, h, d, D, out_dtype):
     assert rel_err(m.grad, gm_ref) < 1e-6
 
 
-@pytest.mark.parametrize("programs", [1, 2, 3, 64])
-def test_mixing_gradient_is_the_same_for_any_number_of_partial_sums(programs):
-    weight, mix = make(3, 6, 8, 200)  # several 256-wide blocks of d*D
-    grad = torch.randn(6 * 8, 200, device=DEV)
-    _, _, gm_ref = reference(weight, mix, 8, grad)
-    gw, gm = fold_mix_bwd(grad, weight, mix, programs=programs)
-    assert gw.shape == weight.shape
-    assert rel_err(gm, gm_ref) < 1e-6
+@pytest.mark.parametrize("hk,h,d,D", [(3, 6, 8, 200), (4, 4, 8, 24)])
+def test_k_and_v_in_one_launch_match_reference(hk, h, d, D):
+    """Two (weight, mix) pairs (MEA's K and V) share each launch; each pair's results are its own, over
+    several blocks of d*D (each block's share of the mixing gradient summed afterwards)."""
+    pairs = [make(hk, h, d, D) for _ in range(2)]
+    grads = [torch.randn(h * d, D, device=DEV) for _ in range(2)]
+    leaves = [(w.clone().requires_grad_(), m.clone().requires_grad_()) for w, m in pairs]
+    outs = fold_mixes_triton(leaves, d, torch.float32)
+    torch.autograd.backward(outs, grads)
+    for (w, m), out, grad in zip(leaves, outs, grads):
+        ref, gw_ref, gm_ref = reference(w, m, d, grad)
+        assert rel_err(out, ref) < 1e-6
+        assert rel_err(w.grad, gw_ref) < 1e-6 and rel_err(m.grad, gm_ref) < 1e-6
+    gws, gmix = fold_mix_bwd(grads, [w for w, _ in pairs], [m for _, m in pairs])
+    assert gmix.shape == (2, hk, h) and [g.shape for g in gws] == [pairs[0][0].shape] * 2
+    # an unused output (its gradient None) counts as zero
+    w, m = pairs[0][0].clone().requires_grad_(), pairs[0][1].clone().requires_grad_()
+    k_eff, _ = fold_mixes_triton([(w, m), (pairs[1][0], pairs[1][1])], d, torch.float32)
+    k_eff.backward(grads[0])
+    assert rel_err(m.grad, reference(w, m, d, grads[0])[2]) < 1e-6
 
 
 def test_bf16_weight_and_autocast_dtype():
     weight, mix = make(2, 4, 8, 16, torch.bfloat16)
     ref = fold_mix_into_proj(weight.double(), mix.double(), 8)
-    out = fold_mix_fwd(weight, mix)
+    (out,) = fold_mix_fwd([weight], [mix])
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < TOL[torch.bfloat16]
     with torch.autocast(DEV, dtype=torch.bfloat16):
         out = fold_mix_triton(weight.float(), mix, 8)
@@ -93,6 +105,10 @@ def test_bad_inputs_raise():
         fold_mix_triton(weight.double(), mix, 8)
     with pytest.raises(ValueError, match="at most"):
         fold_mix_triton(torch.zeros(300, 2, device=DEV), torch.zeros(300, 300, device=DEV), 1)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fold_mixes_triton([(weight, mix), make(2, 4, 8, 12)], 8)
+    with pytest.raises(ValueError, match="one or two"):
+        fold_mixes_triton([(weight, mix)] * 3, 8)
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
@@ -103,11 +119,13 @@ def test_cpu_without_interpreter_raises(monkeypatch):
 
 def test_custom_op_opcheck():
     weight, mix = make(3, 6, 8, 12)
-    torch.library.opcheck(torch.ops.mea.fold_mix.default, (weight, mix, torch.float32))
+    weight2, mix2 = make(3, 6, 8, 12)
+    torch.library.opcheck(torch.ops.mea.fold_mix.default, ([weight], [mix], torch.float32))
     torch.library.opcheck(torch.ops.mea.fold_mix.default,
-                          (weight.clone().requires_grad_(), mix.clone().requires_grad_(), torch.float32))
-    grad = torch.randn(6 * 8, 12, device=DEV)
-    torch.library.opcheck(torch.ops.mea.fold_mix_bwd.default, (grad, weight, mix))
+                          ([weight.clone().requires_grad_(), weight2.clone().requires_grad_()],
+                           [mix.clone().requires_grad_(), mix2.clone().requires_grad_()], torch.float32))
+    grads = [torch.randn(6 * 8, 12, device=DEV) for _ in range(2)]
+    torch.library.opcheck(torch.ops.mea.fold_mix_bwd.default, (grads, [weight, weight2], [mix, mix2]))
 
 
 def test_torch_compile_fullgraph():

@@ -21,19 +21,20 @@ from .cache import KVCache
 from .norm import HeadNorm
 from .rope import apply_rope
 
-# MEA's training fold as Triton kernels (mea.ops.triton_fold): one launch each way, with the weight's
-# cast folded in, instead of a cast and three skinny GEMMs per weight. Opt-in (MEA_TRITON_FOLD=1, or
-# ``layer.triton_fold = True`` per layer) until an H200 has timed it against the GEMMs.
+# MEA's training fold of K and V as Triton kernels (mea.ops.triton_fold): one launch each way for both,
+# with the weights' cast folded in, instead of a cast and three skinny GEMMs per weight. Opt-in
+# (MEA_TRITON_FOLD=1, or ``layer.triton_fold = True`` per layer); docs/performance.md has its timings.
 TRITON_FOLD = os.environ.get("MEA_TRITON_FOLD", "0") == "1"
 # The head norm's weight folded into o_proj's (W_O diag(g)) on the full-sequence path, so that the
 # norm's token-sized work is a scale per head and row, and the weight's gradient comes from a
-# weight-sized product instead of a reduction over every token. Opt-in (MEA_FOLD_NORM_GAIN=1, or
-# ``layer.fold_norm_gain = True``) until an H200 has timed it.
-FOLD_NORM_GAIN = os.environ.get("MEA_FOLD_NORM_GAIN", "0") == "1"
+# weight-sized product instead of a reduction over every token: on an H200 it took a third to a half of
+# the norm's cost off a training step (docs/performance.md). MEA_FOLD_NORM_GAIN=0 (or
+# ``layer.fold_norm_gain = False``) applies the weight to the tokens instead.
+FOLD_NORM_GAIN = os.environ.get("MEA_FOLD_NORM_GAIN", "1") == "1"
 _triton_fold = None
 try:  # only where CUDA is present, so a CPU-only `import mea` never imports triton
     if torch.cuda.is_available():
-        from ..ops.triton_fold import fold_mix_triton as _triton_fold
+        from ..ops.triton_fold import fold_mixes_triton as _triton_fold
 except ImportError:  # no triton: the matmul form serves
     pass
 
@@ -137,16 +138,21 @@ class MEAttention(Attention):
 
     def _fold(self, weight: Tensor, mix: Tensor) -> Tensor:
         """The training path's effective K or V weight (a method, so that a benchmark can swap its backward)."""
-        if self.triton_fold and _triton_fold is not None and weight.is_cuda:
-            return _triton_fold(weight, mix, self.head_dim)
         return fold_mix_into_proj(weight, mix, self.head_dim)
+
+    def _fold_kv(self) -> tuple[Tensor, Tensor]:
+        wk, wv = self.k_proj.weight, self.v_proj.weight
+        if (self.triton_fold and _triton_fold is not None and wk.is_cuda and wk.dtype == wv.dtype
+                and self.k_mix.dtype == self.v_mix.dtype):
+            k_w, v_w = _triton_fold([(wk, self.k_mix), (wv, self.v_mix)], self.head_dim)
+            return k_w, v_w
+        return self._fold(wk, self.k_mix), self._fold(wv, self.v_mix)
 
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         if a.cache is None:
             q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
             if _plain_linear(self.k_proj, self.v_proj):
-                k_w = self._fold(self.k_proj.weight, self.k_mix)
-                v_w = self._fold(self.v_proj.weight, self.v_mix)
+                k_w, v_w = self._fold_kv()
                 k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
                 v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
             else:  # the projection must run as its module: mix its component heads token by token

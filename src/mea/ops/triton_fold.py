@@ -7,10 +7,11 @@ MEA's training forward folds each mixing matrix into its projection weight once 
 and autograd then needs grad_W = mix @ G and grad_mix = W @ G^T, with G = dL/dW_eff (h, d*D). Done
 as matmuls, that is a weight cast and three cuBLAS calls per weight on skinny shapes (a 16-row
 product; a 16 x 16 result reduced over d*D), which an H200 ran at about 3x their memory floor
-(docs/performance.md). Here the forward is one kernel that reads the fp32 weight once and writes the
-folded weight in the compute dtype (the cast folded in), and the backward is one kernel that reads G
-and W once and writes both gradients (the mixing gradient as per-program partial sums, then one small
-``sum``: no atomics, so the result does not depend on scheduling). Arithmetic is fp32 throughout.
+(docs/performance.md). Here K's and V's folds share one launch each way: the forward reads each fp32
+weight once and writes the folded weight in the compute dtype (the cast folded in), and the backward
+reads G and W once and writes both gradients (the mixing gradient as one partial sum per block of
+d*D, then one small ``sum``: no atomics, so the result does not depend on scheduling). Arithmetic
+is fp32 FMAs throughout.
 
 ``mea::fold_mix`` and ``mea::fold_mix_bwd`` are torch.library custom ops with fake kernels and an
 autograd formula, so torch.compile keeps each one a single node. The kernels run on CUDA, and on CPU
@@ -18,71 +19,92 @@ tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_util import check_inputs, sm_count
+from .triton_util import check_inputs
 
-__all__ = ["fold_mix_triton", "fold_mix_fwd", "fold_mix_bwd"]
+__all__ = ["fold_mix_triton", "fold_mixes_triton", "fold_mix_fwd", "fold_mix_bwd"]
 
 MAX_HEADS = 256  # an (h, BLOCK_N) fp32 tile per program must fit in registers
 
 
 @triton.jit
-def _fold_fwd_kernel(W, MIX, OUT, N, HK, H, stride_mk, stride_mh,
-                     HK_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, HK_P)
-    rh = tl.arange(0, H_P)
-    n_ok = offs_n < N
-    w = tl.load(W + rk[:, None] * N + offs_n[None, :], mask=(rk < HK)[:, None] & n_ok[None, :], other=0.0)
-    # mix^T as an (H_P, HK_P) tile; the padding rows and columns are zero.
-    mix_t = tl.load(MIX + rk[None, :] * stride_mk + rh[:, None] * stride_mh,
-                    mask=(rh < H)[:, None] & (rk < HK)[None, :], other=0.0)
-    out = tl.dot(mix_t.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-    tl.store(OUT + rh[:, None] * N + offs_n[None, :], out.to(OUT.dtype.element_ty),
-             mask=(rh < H)[:, None] & n_ok[None, :])
+def _pick(which, a, b):
+    # which weight of the pair this program works on (grid axis 1): a pointer or stride, selected
+    if which == 0:
+        out = a
+    else:
+        out = b
+    return out
 
 
 @triton.jit
-def _fold_bwd_kernel(G, W, MIX, GW, GMIX_PART, N, HK, H, stride_mk, stride_mh, blocks_per_prog,
-                     HK_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    rk = tl.arange(0, HK_P)
+def _fold_fwd_kernel(W0, W1, M0, M1, O0, O1, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
+                     H_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    which = tl.program_id(1)
+    W = _pick(which, W0, W1)
+    MIX = _pick(which, M0, M1)
+    OUT = _pick(which, O0, O1)
+    s_k = _pick(which, sm0_k, sm1_k)
+    s_h = _pick(which, sm0_h, sm1_h)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rh = tl.arange(0, H_P)
-    k_ok = rk < HK
+    n_ok = offs_n < N
     h_ok = rh < H
-    mix = tl.load(MIX + rk[:, None] * stride_mk + rh[None, :] * stride_mh,
-                  mask=k_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros((HK_P, H_P), dtype=tl.float32)
-    for b in range(blocks_per_prog):
-        offs_n = ((pid * blocks_per_prog + b) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_ok = offs_n < N
-        g = tl.load(G + rh[:, None] * N + offs_n[None, :], mask=h_ok[:, None] & n_ok[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(W + rk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0).to(tl.float32)
-        gw = tl.dot(mix, g, input_precision="ieee")                 # (HK_P, BLOCK_N): mix @ G
-        tl.store(GW + rk[:, None] * N + offs_n[None, :], gw.to(GW.dtype.element_ty),
-                 mask=k_ok[:, None] & n_ok[None, :])
-        # tf32x3 (three tensor-core products, about fp32 accuracy): the fp32 FMA form of a dot whose inner
-        # dimension is BLOCK_N spilled registers, 40x slower than the memory floor on an H200.
-        acc += tl.dot(w, tl.trans(g), input_precision="tf32x3")    # (HK_P, H_P): W @ G^T, this block
-    # unpadded, so that summing the partials gives grad_mix as it is, with no slice or copy after
-    tl.store(GMIX_PART + pid * HK * H + rk[:, None] * H + rh[None, :], acc, mask=k_ok[:, None] & h_ok[None, :])
+    # out[i, :] = sum_k mix[k, i] w[k, :], one component row at a time: plain fp32 FMAs on rows as
+    # they load, with no layout changes (the tl.dot forms of these 16-wide products ran far below
+    # the memory floor on an H200).
+    acc = tl.zeros((H_P, BLOCK_N), dtype=tl.float32)
+    for k in range(HK):
+        w_k = tl.load(W + k * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        m_k = tl.load(MIX + k * s_k + rh * s_h, mask=h_ok, other=0.0).to(tl.float32)
+        acc += m_k[:, None] * w_k[None, :]
+    tl.store(OUT + rh[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=h_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fold_bwd_kernel(G0, G1, W0, W1, M0, M1, GW0, GW1, GMIX_PART, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
+                     HK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    block = tl.program_id(0)
+    which = tl.program_id(1)
+    G = _pick(which, G0, G1)
+    W = _pick(which, W0, W1)
+    MIX = _pick(which, M0, M1)
+    GW = _pick(which, GW0, GW1)
+    s_k = _pick(which, sm0_k, sm1_k)
+    s_h = _pick(which, sm0_h, sm1_h)
+    rk = tl.arange(0, HK_P)
+    k_ok = rk < HK
+    offs_n = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    w = tl.load(W + rk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    gw = tl.zeros((HK_P, BLOCK_N), dtype=tl.float32)
+    part = GMIX_PART + (block * 2 + which) * HK * H
+    # One row of G at a time: grad_W += mix[:, i] G[i, :], and this block's share of grad_mix[:, i],
+    # W @ G[i, :], goes to its own slot; one ``sum`` over blocks adds them (no atomics: the result does
+    # not depend on scheduling).
+    for i in range(H):
+        g_i = tl.load(G + i * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        m_i = tl.load(MIX + rk * s_k + i * s_h, mask=k_ok, other=0.0).to(tl.float32)
+        gw += m_i[:, None] * g_i[None, :]
+        tl.store(part + rk * H + i, tl.sum(w * g_i[None, :], axis=1), mask=k_ok)
+    tl.store(GW + rk[:, None] * N + offs_n[None, :], gw.to(GW.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------ launch
-def _pad(n: int) -> int:
-    return max(16, 1 << max(0, n - 1).bit_length())  # tl.dot wants every dimension >= 16
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
-def _block_n(hk_p: int, h_p: int) -> int:
-    return max(32, min(256, 4096 // max(hk_p, h_p)))
+def _block_n(rows: int) -> int:
+    """Columns per program: a (rows, BLOCK_N) fp32 tile of about 4k values."""
+    return max(32, min(256, 4096 // _pow2(rows)))
 
 
 def _rows(weight: Tensor, hk: int) -> Tensor:
@@ -90,95 +112,118 @@ def _rows(weight: Tensor, hk: int) -> Tensor:
     return weight.contiguous().view(hk, -1)
 
 
-def fold_mix_fwd(weight: Tensor, mix: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The forward kernel: W_eff (h*d, D) in ``out_dtype`` (default: the weight's)."""
-    hk, h = mix.shape
-    w = _rows(weight, hk)
-    N = w.shape[1]
-    out = torch.empty((h * (weight.shape[0] // hk), weight.shape[1]), dtype=out_dtype or weight.dtype,
-                      device=weight.device)
-    if N == 0:
-        return out
-    hk_p, h_p = _pad(hk), _pad(h)
-    bn = _block_n(hk_p, h_p)
-    _fold_fwd_kernel[(triton.cdiv(N, bn),)](w, mix, out, N, hk, h, *mix.stride(),
-                                              HK_P=hk_p, H_P=h_p, BLOCK_N=bn, num_warps=4)
-    return out
-
-
-def fold_mix_bwd(grad: Tensor, weight: Tensor, mix: Tensor, programs: int = 0) -> tuple[Tensor, Tensor]:
-    """The backward kernel: (grad_weight in the weight's dtype and shape, grad_mix in the mix's dtype).
-    ``programs``: how many slices of d*D reduce their own partial grad_mix (0 = two per multiprocessor)."""
-    hk, h = mix.shape
-    w = _rows(weight, hk)
-    N = w.shape[1]
-    g = grad.contiguous().view(h, N)
-    gw = torch.empty_like(w)
-    hk_p, h_p = _pad(hk), _pad(h)
-    bn = _block_n(hk_p, h_p)
-    blocks = triton.cdiv(N, bn)
-    if not programs:
-        programs = 2 * sm_count(weight.device)
-    per_prog = triton.cdiv(blocks, max(1, min(programs, blocks)))
-    n_prog = triton.cdiv(blocks, per_prog)
-    part = torch.empty((n_prog, hk, h), dtype=torch.float32, device=weight.device)
+def fold_mix_fwd(weights: Sequence[Tensor], mixes: Sequence[Tensor],
+                 out_dtype: Optional[torch.dtype] = None) -> list[Tensor]:
+    """The forward kernel, one launch for one or two (weight, mix) pairs of one shape: each W_eff
+    (h*d, D) in ``out_dtype`` (default: the weights' dtype)."""
+    hk, h = mixes[0].shape
+    ws = [_rows(w, hk) for w in weights]
+    N = ws[0].shape[1]
+    outs = [torch.empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype or w.dtype, device=w.device)
+            for w in weights]
     if N:
-        _fold_bwd_kernel[(n_prog,)](g, w, mix, gw, part, N, hk, h, *mix.stride(), per_prog,
-                                    HK_P=hk_p, H_P=h_p, BLOCK_N=bn, num_warps=4)
+        bn = _block_n(h)
+        _fold_fwd_kernel[(triton.cdiv(N, bn), len(ws))](
+            ws[0], ws[-1], mixes[0], mixes[-1], outs[0], outs[-1], N, hk, h, *mixes[0].stride(), *mixes[-1].stride(),
+            H_P=_pow2(h), BLOCK_N=bn, num_warps=4)
+    return outs
+
+
+def fold_mix_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor],
+                 mixes: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """The backward kernel, one launch for the pairs: (grad of each weight, in its dtype and shape; the mixing
+    gradients stacked, (pairs, h', h) fp32)."""
+    hk, h = mixes[0].shape
+    ws = [_rows(w, hk) for w in weights]
+    N = ws[0].shape[1]
+    gs = [g.contiguous().view(h, N) for g in grads]
+    gws = [torch.empty_like(w) for w in ws]
+    bn = _block_n(hk)
+    blocks = triton.cdiv(N, bn)
+    part = torch.empty((blocks, 2, hk, h), dtype=torch.float32, device=ws[0].device)
+    if N:
+        _fold_bwd_kernel[(blocks, len(ws))](
+            gs[0], gs[-1], ws[0], ws[-1], mixes[0], mixes[-1], gws[0], gws[-1], part, N, hk, h,
+            *mixes[0].stride(), *mixes[-1].stride(), HK_P=_pow2(hk), BLOCK_N=bn, num_warps=4)
+        gmix = part[:, :len(ws)].sum(0)
     else:
-        part.zero_()
-    return gw.view(weight.shape), part.sum(0).to(mix.dtype)
+        gmix = part.new_zeros((len(ws), hk, h))
+    return [gw.view(w.shape) for gw, w in zip(gws, weights)], gmix
 
 
 # ------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("mea::fold_mix", mutates_args=())
-def _fwd_op(weight: Tensor, mix: Tensor, out_dtype: torch.dtype) -> Tensor:
-    return fold_mix_fwd(weight, mix, out_dtype)
+def _fwd_op(weights: list[Tensor], mixes: list[Tensor], out_dtype: torch.dtype) -> list[Tensor]:
+    return fold_mix_fwd(weights, mixes, out_dtype)
 
 
 @_fwd_op.register_fake
-def _(weight, mix, out_dtype):
-    hk, h = mix.shape
-    return weight.new_empty((h * (weight.shape[0] // hk), weight.shape[1]), dtype=out_dtype)
+def _(weights, mixes, out_dtype):
+    hk, h = mixes[0].shape
+    return [w.new_empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype) for w in weights]
 
 
 @torch.library.custom_op("mea::fold_mix_bwd", mutates_args=())
-def _bwd_op(grad: Tensor, weight: Tensor, mix: Tensor) -> tuple[Tensor, Tensor]:
-    return fold_mix_bwd(grad, weight, mix)
+def _bwd_op(grads: list[Tensor], weights: list[Tensor], mixes: list[Tensor]) -> list[Tensor]:
+    """The weights' gradients, then the stacked mixing gradients (one list: a custom op returns no nesting)."""
+    gws, gmix = fold_mix_bwd(grads, weights, mixes)
+    return gws + [gmix]
 
 
 @_bwd_op.register_fake
-def _(grad, weight, mix):
-    return weight.new_empty(weight.shape), mix.new_empty(mix.shape)
+def _(grads, weights, mixes):
+    hk, h = mixes[0].shape
+    return [w.new_empty(w.shape) for w in weights] + [weights[0].new_empty((len(weights), hk, h), dtype=torch.float32)]
 
 
 def _setup_context(ctx, inputs, output):
-    weight, mix, _ = inputs
-    ctx.save_for_backward(weight, mix)
+    weights, mixes, _ = inputs
+    ctx.save_for_backward(*weights, *mixes)
+    ctx.pairs = len(weights)
 
 
-def _backward(ctx, grad):
-    weight, mix = ctx.saved_tensors
-    gw, gmix = _bwd_op(grad, weight, mix)
-    return gw, gmix, None
+def _backward(ctx, grads):
+    n = ctx.pairs
+    weights, mixes = list(ctx.saved_tensors[:n]), list(ctx.saved_tensors[n:])
+    grads = [g if g is not None else w.new_zeros((w.shape[0] // m.shape[0] * m.shape[1], w.shape[1]))
+             for g, w, m in zip(grads, weights, mixes)]
+    out = _bwd_op(grads, weights, mixes)
+    return out[:n], [out[n][i].to(m.dtype) for i, m in enumerate(mixes)], None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fold_mix_triton(weight: Tensor, mix: Tensor, head_dim: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``fold_mix_into_proj`` as one kernel each way, differentiable in weight and mix.
+def fold_mixes_triton(pairs: Sequence[tuple[Tensor, Tensor]], head_dim: int,
+                      out_dtype: Optional[torch.dtype] = None) -> list[Tensor]:
+    """``fold_mix_into_proj`` of one or two (weight, mix) pairs of one shape and dtype (MEA's K and V), one
+    kernel launch each way for all of them; differentiable in every weight and mix.
 
-    weight: (h' * head_dim, D); mix: (h', h). Returns W_eff (h * head_dim, D) in ``out_dtype`` (default:
-    the autocast dtype inside an autocast region, else the weight's dtype), computed in fp32.
+    weight: (h' * head_dim, D); mix: (h', h). Returns each W_eff (h * head_dim, D) in ``out_dtype``
+    (default: the autocast dtype inside an autocast region, else the weights' dtype), computed in fp32.
     """
-    if weight.dim() != 2 or mix.dim() != 2 or weight.shape[0] != mix.shape[0] * head_dim:
-        raise ValueError(f"fold_mix_triton: weight {tuple(weight.shape)} must be (h' * head_dim, D) for mix "
-                         f"{tuple(mix.shape)} = (h', h) and head_dim {head_dim}")
+    if not 1 <= len(pairs) <= 2:
+        raise ValueError(f"fold_mixes_triton: one or two (weight, mix) pairs, got {len(pairs)}")
+    weights, mixes = [w for w, _ in pairs], [m for _, m in pairs]
+    weight, mix = pairs[0]
+    for w, m in pairs:
+        if w.dim() != 2 or m.dim() != 2 or w.shape[0] != m.shape[0] * head_dim:
+            raise ValueError(f"fold_mixes_triton: weight {tuple(w.shape)} must be (h' * head_dim, D) for mix "
+                             f"{tuple(m.shape)} = (h', h) and head_dim {head_dim}")
+        if w.shape != weight.shape or m.shape != mix.shape or w.dtype != weight.dtype or m.dtype != mix.dtype:
+            raise ValueError("fold_mixes_triton: the pairs must have one shape and dtype, got "
+                             + " and ".join(f"{tuple(w.shape)} {w.dtype} / {tuple(m.shape)} {m.dtype}" for w, m in pairs))
+        check_inputs("fold_mixes_triton", "mea.ops.attention.fold_mix_into_proj", weight=w, mix=m)
+    if weight.device != mix.device or any(t.device != weight.device for t in weights + mixes):
+        raise ValueError("fold_mixes_triton: all weights and mixes must be on one device")
     if mix.shape[0] > MAX_HEADS or mix.shape[1] > MAX_HEADS:
-        raise ValueError(f"fold_mix_triton: at most {MAX_HEADS} heads, got mix {tuple(mix.shape)}")
-    check_inputs("fold_mix_triton", "mea.ops.attention.fold_mix_into_proj", weight=weight, mix=mix)
+        raise ValueError(f"fold_mixes_triton: at most {MAX_HEADS} heads, got mix {tuple(mix.shape)}")
     if out_dtype is None:
         dev = weight.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    return _fwd_op(weight, mix, out_dtype)
+    return _fwd_op(weights, mixes, out_dtype)
+
+
+def fold_mix_triton(weight: Tensor, mix: Tensor, head_dim: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``fold_mix_into_proj`` of one weight as Triton kernels (see ``fold_mixes_triton``)."""
+    return fold_mixes_triton([(weight, mix)], head_dim, out_dtype)[0]
