@@ -160,6 +160,7 @@ def _attention_layer(attention, **kw):
                       head_norm=True, **kw)
     torch.manual_seed(1)
     layer = build_attention(cfg, 0).cuda()
+    layer.fold_norm_gain = False  # the kernel normalizes with the weight on the tokens; folded, no norm kernel runs
     with torch.no_grad():
         layer.head_norm.weight.add_(0.3 * torch.randn_like(layer.head_norm.weight))
     return cfg, layer

@@ -11,7 +11,9 @@ from ..ops.triton_util import KERNEL_DTYPES
 # The head norm's fused Triton kernel (mea.ops.triton_norm) takes CUDA tensors when this is True
 # (MEA_TRITON_NORM=1 in the environment). Off by default: inside a compiled H200 training layer it
 # was no faster than the torch.compile'd PyTorch form (0.1% apart, docs/performance.md), which needs
-# no Triton of our own. torch.compile guards on it; flipping it recompiles.
+# no Triton of our own. Where the attention layer folds the weight into o_proj (its training path by
+# default, ``fold_norm_gain``), only ``normalize`` runs and this kernel does not. torch.compile guards on
+# it; flipping it recompiles.
 TRITON_HEAD_NORM = os.environ.get("MEA_TRITON_NORM", "0") == "1"
 
 # Loaded only where CUDA is present, so a CPU-only `import mea` never imports triton.
