@@ -319,10 +319,12 @@ def test_transformers_training_conventions():
         torch.testing.assert_close(again[k], plain[k], rtol=1e-5, atol=1e-6)
 
 
-def test_an_adapter_on_k_or_v_proj_is_applied_with_and_without_a_cache():
-    """PEFT wraps q_proj/v_proj in its own module; MEA's training path used to read v_proj.weight
-    directly (the fold) and skip the adapter: use_cache=False gave other logits and the adapter no
-    gradient. A wrapped or hooked projection now runs as its module."""
+@pytest.mark.parametrize("proj", ["v_proj", "o_proj"])
+def test_an_adapter_on_a_folded_projection_is_applied_with_and_without_a_cache(proj):
+    """PEFT wraps q_proj/v_proj (or o_proj) in its own module; MEA's training path used to read
+    v_proj.weight directly (the fold) and skip the adapter: use_cache=False gave other logits and the
+    adapter no gradient. The same holds for o_proj, whose weight takes the head norm's (fold_norm_gain).
+    A wrapped or hooked projection now runs as its module."""
     class Adapter(torch.nn.Module):  # the shape of a LoRA layer: the base Linear plus a low-rank delta
         def __init__(self, base):
             super().__init__()
@@ -340,9 +342,10 @@ def test_an_adapter_on_k_or_v_proj_is_applied_with_and_without_a_cache():
     with torch.no_grad():
         before = hf(ids, use_cache=False).logits
         for layer in hf.core.model.layers:
-            layer.self_attn.v_proj = Adapter(layer.self_attn.v_proj)
+            setattr(layer.self_attn, proj, Adapter(getattr(layer.self_attn, proj)))
         cached, uncached = hf(ids, use_cache=True).logits, hf(ids, use_cache=False).logits
+    assert hf.core.model.layers[0].self_attn.head_norm is not None and hf.core.model.layers[0].self_attn.fold_norm_gain
     torch.testing.assert_close(uncached, cached, rtol=1e-4, atol=1e-5)
     assert (uncached - before).abs().max() > 1e-3
     hf(ids, use_cache=False).logits.sum().backward()
-    assert hf.core.model.layers[0].self_attn.v_proj.delta.weight.grad.abs().sum() > 0
+    assert getattr(hf.core.model.layers[0].self_attn, proj).delta.weight.grad.abs().sum() > 0
