@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU, in about 8 minutes: (a) the GPU tests of the head-norm and fold kernels, CUDA-graph
 # decoding, the decode kernel (contiguous and paged) and calibration; (b) one attention layer's training
-# step at the large shape and the 125m model's (mha, mha + head norm, mea and mea without the norm, each
-# MEA also with the Triton fold; 9 round-robin repeats, then each one's kernels profiled); (e) the whole
-# 125m model's training step, the same variants, 5 round-robin repeats, at 16 and at 32 sequences per
-# step. DECODE=1 adds (c) Transformer.generate with and without CUDA graphs and the decode kernel,
+# step at the large shape and the 125m model's (mha, gqa, mha + head norm, mea and mea without the norm,
+# MEA also with the Triton fold, and the head norm with its weight on the tokens instead of folded into
+# o_proj; 9 round-robin repeats, then each one's kernels profiled); (e) the whole 125m model's training
+# step, the same variants but gqa, 5 round-robin repeats, at 16 and at 32 sequences per step. DECODE=1 adds (c) Transformer.generate with and without CUDA graphs and the decode kernel,
 # contiguous and paged, at the main shape.
 # Usage: bash benchmarks/dev/gpu_issue6.sh OUT_DIR  (writes env.txt, pytest.log and a .log and a .json
 # per benchmark there)
@@ -53,8 +53,8 @@ if [ "${DECODE:-0}" = 1 ]; then
 fi
 
 # (b) where MEA's training time goes: one layer at the large shape and at the 125m model's, with the fold
-# as GEMMs and as Triton kernels (mea.ops.triton_fold; opt-in until this measures it), then each variant's
-# kernels profiled. At the large shape the fold's GEMMs were 2% of the kernel time (train_profile.json).
+# as GEMMs and as Triton kernels (mea.ops.triton_fold, opt-in), then each variant's kernels profiled
+# (docs/performance.md reads them).
 # ATT_VARIANTS, TP_VARIANTS and TP_BATCHES choose what (b) and (e) time; TESTS=0 skips (a).
 timeout 240 python3 benchmarks/attention_train.py --shapes all --repeats 9 \
   --variants "${ATT_VARIANTS:-mha,gqa,mha+norm,mha+norm-unfoldedgain,mea,mea-unfoldedgain,mea-nonorm,mea-tritonfold,mea-nonorm-tritonfold}" \
