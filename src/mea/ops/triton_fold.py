@@ -44,14 +44,17 @@ def _pick(which, a, b):
 
 
 @triton.jit
+def _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h):
+    """This program's weight, mixing matrix and the matrix's strides."""
+    return _pick(which, W0, W1), _pick(which, M0, M1), _pick(which, sm0_k, sm1_k), _pick(which, sm0_h, sm1_h)
+
+
+@triton.jit
 def _fold_fwd_kernel(W0, W1, M0, M1, O0, O1, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
                      H_P: tl.constexpr, BLOCK_N: tl.constexpr):
     which = tl.program_id(1)
-    W = _pick(which, W0, W1)
-    MIX = _pick(which, M0, M1)
+    W, MIX, s_k, s_h = _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h)
     OUT = _pick(which, O0, O1)
-    s_k = _pick(which, sm0_k, sm1_k)
-    s_h = _pick(which, sm0_h, sm1_h)
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rh = tl.arange(0, H_P)
     n_ok = offs_n < N
@@ -73,12 +76,9 @@ def _fold_bwd_kernel(G0, G1, W0, W1, M0, M1, GW0, GW1, GMIX_PART, N, HK, H, sm0_
                      HK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     block = tl.program_id(0)
     which = tl.program_id(1)
+    W, MIX, s_k, s_h = _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h)
     G = _pick(which, G0, G1)
-    W = _pick(which, W0, W1)
-    MIX = _pick(which, M0, M1)
     GW = _pick(which, GW0, GW1)
-    s_k = _pick(which, sm0_k, sm1_k)
-    s_h = _pick(which, sm0_h, sm1_h)
     rk = tl.arange(0, HK_P)
     k_ok = rk < HK
     offs_n = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
