@@ -32,11 +32,10 @@ from mea.layers import norm as norm_mod  # noqa: E402
 from mea.layers.attention import AttnInputs, MEAttention, build_attention  # noqa: E402
 from mea.layers.rope import RotaryEmbedding, apply_rope  # noqa: E402
 from mea.ops.attention import fold_mix_into_proj, mix_heads, sdpa  # noqa: E402
-from timing import allow_compiled_variants, cuda_ms_per_step  # noqa: E402
+from timing import allow_compiled_variants, cuda_ms_per_step, pop_layer_flags, set_layer_flags  # noqa: E402
 
 SHAPE_MAIN = dict(batch=8, seq=2048, d_model=2048, n_heads=16)
 SHAPE_125M = dict(batch=16, seq=1024, d_model=768, n_heads=12)  # one layer of the 125m preset's training step
-LAYER_FLAGS = ("triton_fold", "fold_norm_gain")
 SHAPES = {"main": [SHAPE_MAIN], "125m": [SHAPE_125M], "all": [SHAPE_MAIN, SHAPE_125M]}
 
 
@@ -95,7 +94,7 @@ def check_chunked_fold() -> None:
 
 def variant_specs(h: int) -> dict[str, dict]:
     """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel, and the
-    layer attributes of LAYER_FLAGS are set on the layer: ``triton_fold`` (MEA's fold as Triton kernels,
+    layer attributes of timing.LAYER_FLAGS are set on the layer: ``triton_fold`` (MEA's fold as Triton kernels,
     mea.ops.triton_fold) and ``fold_norm_gain`` (False: the head norm's weight on the tokens, not folded
     into o_proj's)."""
     return {"mha": dict(attention="mha", head_norm=False),
@@ -269,14 +268,13 @@ def main():
         for name in names:
             kw = dict(specs[name])
             use_triton = kw.pop("triton_norm", False) and has_triton_norm
-            flags = {f: kw.pop(f) for f in LAYER_FLAGS if f in kw}
+            flags = pop_layer_flags(kw)
             cfg = ModelConfig(vocab_size=256, d_model=sh["d_model"], n_layers=1, n_heads=h, max_seq_len=sh["seq"], **kw)
             torch.manual_seed(0)
             cls = (MEAMaterialized if name == "mea-materialized" else
                    MEAChunkedFoldGrad if name.endswith("chunkedgrad") else None)
             layer = (cls(cfg, 0) if cls else build_attention(cfg, 0)).cuda()
-            for f, on in flags.items():
-                setattr(layer, f, on)
+            set_layer_flags(layer, flags)
             fn = layer if args.eager else torch.compile(layer)
             pos = torch.arange(sh["seq"], device="cuda")[None].expand(sh["batch"], -1)
             cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(pos, torch.bfloat16)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mea import ModelConfig, Transformer  # noqa: E402
 from mea.train.pretrain import peak_flops  # noqa: E402
-from timing import allow_compiled_variants, cuda_ms_per_step  # noqa: E402
+from timing import allow_compiled_variants, cuda_ms_per_step, pop_layer_flags, set_layer_flags  # noqa: E402
 
 
 def variants(preset: str) -> list[tuple[str, dict]]:
@@ -48,14 +48,10 @@ def build(preset, kw, batch, seq, compile_model, device):
     """One variant's model, optimizer and training step (the step runs a full optimizer update)."""
     torch.manual_seed(0)
     kw = dict(kw)
-    # layer attributes, not config fields: MEA's fold as Triton kernels, the head norm's weight in o_proj's
-    flags = {f: kw.pop(f) for f in ("triton_fold", "fold_norm_gain") if f in kw}
+    flags = pop_layer_flags(kw)
     cfg = ModelConfig.from_preset(preset, max_seq_len=seq, **kw)
     model = Transformer(cfg).to(device)
-    for m in model.modules():
-        for f, on in flags.items():
-            if hasattr(m, f):
-                setattr(m, f, on)
+    set_layer_flags(model, flags)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compile_model:
         model.compile_layers()
