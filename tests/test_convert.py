@@ -800,8 +800,8 @@ def test_retokenizing_reads_gpt2_documents_whatever_corpus_it_is_given(tmp_path)
     import numpy as np
     from tokenizers import Tokenizer
 
-    from mea.convert.corpus import (_stream_documents, corpus_windows, end_of_document_id, gpt2_source,
-                                    retokenize_corpus)
+    from mea.convert.corpus import (_stream_documents, corpus_for_model, corpus_windows, end_of_document_id,
+                                    gpt2_source, retokenize_corpus)
 
     eos = 50256
     docs = [d.tolist() for d in _stream_documents([np.array([1, 2, eos, 3, 4]), np.array([5, eos, 6])], eos)]
@@ -811,6 +811,7 @@ def test_retokenizing_reads_gpt2_documents_whatever_corpus_it_is_given(tmp_path)
     tok_dir = byte_tokenizer_folder(tmp_path / "tok")
     out = retokenize_corpus(tok_dir / "tokenizer.json", str(gpt2_dir), out=tmp_path / "re", progress=False)
     assert gpt2_source(str(out)).resolve() == gpt2_dir.resolve()
+    assert corpus_for_model(None, str(out)).resolve() == gpt2_dir.resolve()  # a GPT-2 model reads GPT-2 ids
     again = retokenize_corpus(tok_dir / "tokenizer.json", str(out), out=tmp_path / "re", progress=False)
     assert again == out  # given the re-tokenized corpus, its GPT-2 source is what is read (and cached)
     want = corpus_windows(tok_dir, "val", 64, 16, corpus=str(gpt2_dir))

@@ -177,10 +177,11 @@ def _write_docs(writer, tok, gpt2, docs: list[np.ndarray], eos: Optional[int]) -
 
 def corpus_for_model(tokenizer_dir: Optional[Path], corpus: str = "prose",
                      max_tokens: Optional[dict[str, int]] = None) -> Path:
-    """The prepared directory whose ids a model reads: the GPT-2 corpus for mea models (``None``),
-    else the corpus re-tokenized with the folder's ``tokenizer.json``."""
+    """The prepared directory whose ids a model reads: the GPT-2 corpus for mea models (``None``; for a
+    corpus already re-tokenized for some model, the GPT-2 corpus it was made from), else the corpus
+    re-tokenized with the folder's ``tokenizer.json``."""
     if tokenizer_dir is None:
-        return corpus_dir(corpus)
+        return gpt2_source(corpus)
     return retokenize_corpus(Path(tokenizer_dir) / "tokenizer.json", corpus, max_tokens=max_tokens)
 
 
