@@ -16,9 +16,13 @@ def make(hk, h, d, D, dtype=torch.float32):
     return weight, mix
 
 
-def reference(weight, mix, d, grad):
-    w = weight.detach().double().requires_grad_()
-    m = mix.detach().double().requires_grad_()
+def reference(weight, mix, d, grad, dtype=torch.float32):
+    """The fold in float64 of the operands as the kernels take them: on the GPU rounded to the compute
+    ``dtype``, as autocast's matmul fold rounds them (the products are then exact, the sums fp32); the
+    interpreter keeps them fp32 (its bf16 casts truncate)."""
+    dtype = dtype if DEV == "cuda" else torch.float32
+    w = weight.detach().to(dtype).double().requires_grad_()
+    m = mix.detach().to(dtype).double().requires_grad_()
     out = fold_mix_into_proj(w, m, d)
     out.backward(grad.double())
     return out.detach(), w.grad, m.grad
@@ -39,14 +43,14 @@ SHAPES = [  # (h', h, d, D): h' dividing h or not, head counts not powers of two
 def test_forward_and_grads_match_reference(hk, h, d, D, out_dtype):
     weight, mix = make(hk, h, d, D)
     grad = torch.randn(h * d, D, device=DEV).to(out_dtype)
-    ref, gw_ref, gm_ref = reference(weight, mix, d, grad)
+    ref, gw_ref, gm_ref = reference(weight, mix, d, grad, out_dtype)
     w, m = weight.clone().requires_grad_(), mix.clone().requires_grad_()
     out = fold_mix_triton(w, m, d, out_dtype)
     assert out.shape == (h * d, D) and out.dtype == out_dtype
     out.backward(grad)
     assert w.grad.dtype == weight.dtype and m.grad.dtype == mix.dtype
     assert rel_err(out, ref) < TOL[out_dtype]
-    assert rel_err(w.grad, gw_ref) < 1e-6   # grad arrives in out_dtype; the kernels add no rounding of their own
+    assert rel_err(w.grad, gw_ref) < 1e-6   # no rounding past the operands': the sums are fp32
     assert rel_err(m.grad, gm_ref) < 1e-6
 
 
@@ -145,7 +149,7 @@ def test_torch_compile_fullgraph():
 def test_gpu_real_sizes(hk, h, d, D):
     weight, mix = make(hk, h, d, D)
     grad = torch.randn(h * d, D, device="cuda").bfloat16()
-    ref, gw_ref, gm_ref = reference(weight, mix, d, grad)
+    ref, gw_ref, gm_ref = reference(weight, mix, d, grad, torch.bfloat16)
     w, m = weight.clone().requires_grad_(), mix.clone().requires_grad_()
     out = fold_mix_triton(w, m, d, torch.bfloat16)
     out.backward(grad)
@@ -190,3 +194,22 @@ def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, 
     assert rel_err(y1, y0) < 2e-2
     for name in g0:
         assert rel_err(g1[name], g0[name]) < 3e-2, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp32_training_keeps_the_matmul_fold(monkeypatch):
+    """Without autocast the layer's products are fp32, which the Triton fold would take as exact fp32
+    products (far slower than cuBLAS): ``triton_fold`` then leaves the fold to the matmul form."""
+    import mea.layers.attention as attention
+    from mea import ModelConfig
+
+    calls = []
+    monkeypatch.setattr(attention, "_triton_fold", lambda *a, **k: calls.append(1) or fold_mixes_triton(*a, **k))
+    cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, attention="mea", max_seq_len=64)
+    layer = attention.build_attention(cfg, 0).cuda()
+    layer.triton_fold = True
+    layer._fold_kv()
+    assert not calls
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        k_w, _ = layer._fold_kv()
+    assert calls and k_w.dtype == torch.bfloat16

@@ -39,6 +39,14 @@ except ImportError:  # no triton: the matmul form serves
     pass
 
 
+def _half_compute(weight: Tensor) -> bool:
+    """Whether a product with this weight runs in fp16/bf16 (autocast, or half weights): the Triton fold's
+    tensor-core products serve those; fp32 training keeps the matmul fold (cuBLAS fp32)."""
+    dev = weight.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 @dataclass
 class AttnInputs:
     """What every attention layer of one forward pass shares."""
@@ -143,7 +151,7 @@ class MEAttention(Attention):
     def _fold_kv(self) -> tuple[Tensor, Tensor]:
         wk, wv = self.k_proj.weight, self.v_proj.weight
         if (self.triton_fold and _triton_fold is not None and wk.is_cuda and wk.dtype == wv.dtype
-                and self.k_mix.dtype == self.v_mix.dtype):
+                and self.k_mix.dtype == self.v_mix.dtype and _half_compute(wk)):
             k_w, v_w = _triton_fold([(wk, self.k_mix), (wv, self.v_mix)], self.head_dim)
             return k_w, v_w
         return self._fold(wk, self.k_mix), self._fold(wv, self.v_mix)

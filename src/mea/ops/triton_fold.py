@@ -5,13 +5,16 @@ MEA's training forward folds each mixing matrix into its projection weight once 
     W_eff = mix^T @ W        W: (h', d*D) (the (h'*d, D) weight, row-major), mix: (h', h)
 
 and autograd then needs grad_W = mix @ G and grad_mix = W @ G^T, with G = dL/dW_eff (h, d*D). Done
-as matmuls, that is a weight cast and three cuBLAS calls per weight on skinny shapes (a 16-row
-product; a 16 x 16 result reduced over d*D), which an H200 ran at about 3x their memory floor
+as matmuls, that is casts and three cuBLAS calls per weight on skinny shapes (a 16-row product; a
+16 x 16 result reduced over d*D), which an H200 ran at about 3x their memory floor
 (docs/performance.md). Here K's and V's folds share one launch each way: the forward reads each fp32
-weight once and writes the folded weight in the compute dtype (the cast folded in), and the backward
-reads G and W once and writes both gradients (the mixing gradient as one partial sum per block of
-d*D, then one small ``sum``: no atomics, so the result does not depend on scheduling). Arithmetic
-is fp32 FMAs throughout.
+weight once and writes the folded weight in the compute dtype (the cast folded in); the backward reads
+G and W once and writes both gradients (the mixing gradient as one partial sum per program, then one
+small ``sum``: no atomics, so the result does not depend on scheduling). The products are tensor-core
+``tl.dot``s over (heads x block-of-columns) tiles, with operands rounded to the compute dtype and fp32
+accumulation: the arithmetic of the matmul fold under autocast. Head counts are padded to 16 inside a
+tile (tl.dot's smallest side). fp32 data takes exact fp32 products (correct, but far slower: the layer
+sends fp32 training to the matmul fold).
 
 ``mea::fold_mix`` and ``mea::fold_mix_bwd`` are torch.library custom ops with fake kernels and an
 autograd formula, so torch.compile keeps each one a single node. The kernels run on CUDA, and on CPU
@@ -26,11 +29,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_util import check_inputs
+from .triton_util import check_inputs, interpreting
 
 __all__ = ["fold_mix_triton", "fold_mixes_triton", "fold_mix_fwd", "fold_mix_bwd"]
 
-MAX_HEADS = 256  # an (h, BLOCK_N) fp32 tile per program must fit in registers
+MAX_HEADS = 256  # the (h', h) mixing tile lives in registers; past this it would not compile in reasonable size
 
 
 @triton.jit
@@ -50,61 +53,94 @@ def _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h):
 
 
 @triton.jit
+def _operand(x, cdt, F32: tl.constexpr):
+    """A product's operand: rounded to the compute dtype (autocast's matmul rounds the same way), or kept
+    fp32 (fp32 data; the interpreter, whose bf16 casts truncate and whose bf16 products are wrong)."""
+    if F32:
+        out = x.to(tl.float32)
+    else:
+        out = x.to(cdt)
+    return out
+
+
+@triton.jit
+def _mm(a, b, F32: tl.constexpr):
+    """a @ b with fp32 accumulation: on the tensor cores for half operands, exact fp32 products else."""
+    if F32:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
 def _fold_fwd_kernel(W0, W1, M0, M1, O0, O1, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
-                     H_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HK_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+                     F32: tl.constexpr):
     which = tl.program_id(1)
     W, MIX, s_k, s_h = _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h)
     OUT = _pick(which, O0, O1)
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cdt = OUT.dtype.element_ty  # the compute dtype: both operands are rounded to it, as autocast's matmul does
+    rk = tl.arange(0, HK_P)
     rh = tl.arange(0, H_P)
-    n_ok = offs_n < N
+    k_ok = rk < HK
     h_ok = rh < H
-    # out[i, :] = sum_k mix[k, i] w[k, :], one component row at a time: plain fp32 FMAs on rows as
-    # they load, with no layout changes (the tl.dot forms of these 16-wide products ran far below
-    # the memory floor on an H200).
-    acc = tl.zeros((H_P, BLOCK_N), dtype=tl.float32)
-    for k in range(HK):
-        w_k = tl.load(W + k * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        m_k = tl.load(MIX + k * s_k + rh * s_h, mask=h_ok, other=0.0).to(tl.float32)
-        acc += m_k[:, None] * w_k[None, :]
-    tl.store(OUT + rh[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
-             mask=h_ok[:, None] & n_ok[None, :])
+    mix_t = tl.load(MIX + rk[None, :] * s_k + rh[:, None] * s_h, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+    mix_t = _operand(mix_t, cdt, F32)
+    # out[:, cols] = mix^T @ w[:, cols]: a (h, h') by (h', BLOCK_N) product per block of columns, SUB of
+    # them per program, so a program's loads pipeline behind its products.
+    for s in range(SUB):
+        offs_n = ((tl.program_id(0) * SUB + s) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = offs_n < N
+        w = tl.load(W + rk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        out = _mm(mix_t, _operand(w, cdt, F32), F32)
+        tl.store(OUT + rh[:, None] * N + offs_n[None, :], out.to(cdt), mask=h_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _fold_bwd_kernel(G0, G1, W0, W1, M0, M1, GW0, GW1, GMIX_PART, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
-                     HK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    block = tl.program_id(0)
+                     HK_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+                     F32: tl.constexpr):
     which = tl.program_id(1)
     W, MIX, s_k, s_h = _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h)
     G = _pick(which, G0, G1)
     GW = _pick(which, GW0, GW1)
+    cdt = G.dtype.element_ty
     rk = tl.arange(0, HK_P)
+    rh = tl.arange(0, H_P)
     k_ok = rk < HK
-    offs_n = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    n_ok = offs_n < N
-    w = tl.load(W + rk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    gw = tl.zeros((HK_P, BLOCK_N), dtype=tl.float32)
-    part = GMIX_PART + (block * 2 + which) * HK * H
-    # One row of G at a time: grad_W += mix[:, i] G[i, :], and this block's share of grad_mix[:, i],
-    # W @ G[i, :], goes to its own slot; one ``sum`` over blocks adds them (no atomics: the result does
-    # not depend on scheduling).
-    for i in range(H):
-        g_i = tl.load(G + i * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        m_i = tl.load(MIX + rk * s_k + i * s_h, mask=k_ok, other=0.0).to(tl.float32)
-        gw += m_i[:, None] * g_i[None, :]
-        tl.store(part + rk * H + i, tl.sum(w * g_i[None, :], axis=1), mask=k_ok)
-    tl.store(GW + rk[:, None] * N + offs_n[None, :], gw.to(GW.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+    h_ok = rh < H
+    mix = tl.load(MIX + rk[:, None] * s_k + rh[None, :] * s_h, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+    mix = _operand(mix, cdt, F32)
+    gmix = tl.zeros((HK_P, H_P), dtype=tl.float32)
+    # Per block of columns: grad_W[:, cols] = mix @ G[:, cols], and this program's share of
+    # grad_mix = W @ G^T accumulates in registers; one partial per program, summed afterwards by one
+    # small ``sum`` (no atomics: the result does not depend on scheduling).
+    for s in range(SUB):
+        offs_n = ((tl.program_id(0) * SUB + s) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = offs_n < N
+        g = tl.load(G + rh[:, None] * N + offs_n[None, :], mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(W + rk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        g = _operand(g, cdt, F32)
+        gw = _mm(mix, g, F32)
+        tl.store(GW + rk[:, None] * N + offs_n[None, :], gw.to(GW.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+        gmix += _mm(_operand(w, cdt, F32), tl.trans(g), F32)
+    part = GMIX_PART + (tl.program_id(0) * 2 + which) * HK_P * H_P
+    tl.store(part + rk[:, None] * H_P + rh[None, :], gmix)
 
 
 # ------------------------------------------------------------------------------------ launch
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+def _pad(n: int) -> int:
+    """A head count padded for tl.dot: a power of two, at least 16."""
+    return max(16, 1 << max(0, n - 1).bit_length())
 
 
-def _block_n(rows: int) -> int:
-    """Columns per program: a (rows, BLOCK_N) fp32 tile of about 4k values."""
-    return max(32, min(256, 4096 // _pow2(rows)))
+def _launch(hk: int, h: int, tile: int, interpret_f32: bool) -> dict:
+    """Tile sizes shared by both kernels: BLOCK_N columns per product (a (heads, BLOCK_N) tile of at most
+    ``tile`` values), four blocks per program; fp32 operands for fp32 data and under the interpreter."""
+    hk_p, h_p = _pad(hk), _pad(h)
+    return dict(HK_P=hk_p, H_P=h_p, BLOCK_N=max(16, min(128, tile // max(hk_p, h_p))), SUB=4,
+                F32=interpret_f32 or interpreting(), num_warps=4, num_stages=3)
 
 
 def _rows(weight: Tensor, hk: int) -> Tensor:
@@ -115,37 +151,38 @@ def _rows(weight: Tensor, hk: int) -> Tensor:
 def fold_mix_fwd(weights: Sequence[Tensor], mixes: Sequence[Tensor],
                  out_dtype: Optional[torch.dtype] = None) -> list[Tensor]:
     """The forward kernel, one launch for one or two (weight, mix) pairs of one shape: each W_eff
-    (h*d, D) in ``out_dtype`` (default: the weights' dtype)."""
+    (h*d, D) in ``out_dtype`` (default: the weights' dtype), from operands rounded to that dtype."""
     hk, h = mixes[0].shape
     ws = [_rows(w, hk) for w in weights]
     N = ws[0].shape[1]
     outs = [torch.empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype or w.dtype, device=w.device)
             for w in weights]
     if N:
-        bn = _block_n(h)
-        _fold_fwd_kernel[(triton.cdiv(N, bn), len(ws))](
+        cfg = _launch(hk, h, 2048, outs[0].dtype == torch.float32)
+        _fold_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"]), len(ws))](
             ws[0], ws[-1], mixes[0], mixes[-1], outs[0], outs[-1], N, hk, h, *mixes[0].stride(), *mixes[-1].stride(),
-            H_P=_pow2(h), BLOCK_N=bn, num_warps=4)
+            **cfg)
     return outs
 
 
 def fold_mix_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor],
                  mixes: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
     """The backward kernel, one launch for the pairs: (grad of each weight, in its dtype and shape; the mixing
-    gradients stacked, (pairs, h', h) fp32)."""
+    gradients stacked, (pairs, h', h) fp32). The products take their operands rounded to the gradient's
+    dtype (what autocast's matmul fold does) and accumulate in fp32."""
     hk, h = mixes[0].shape
     ws = [_rows(w, hk) for w in weights]
     N = ws[0].shape[1]
     gs = [g.contiguous().view(h, N) for g in grads]
     gws = [torch.empty_like(w) for w in ws]
-    bn = _block_n(hk)
-    blocks = triton.cdiv(N, bn)
-    part = torch.empty((blocks, 2, hk, h), dtype=torch.float32, device=ws[0].device)
+    cfg = _launch(hk, h, 1024, gs[0].dtype == torch.float32)
+    blocks = triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"])
+    part = torch.empty((blocks, 2, cfg["HK_P"], cfg["H_P"]), dtype=torch.float32, device=ws[0].device)
     if N:
         _fold_bwd_kernel[(blocks, len(ws))](
             gs[0], gs[-1], ws[0], ws[-1], mixes[0], mixes[-1], gws[0], gws[-1], part, N, hk, h,
-            *mixes[0].stride(), *mixes[-1].stride(), HK_P=_pow2(hk), BLOCK_N=bn, num_warps=4)
-        gmix = part[:, :len(ws)].sum(0)
+            *mixes[0].stride(), *mixes[-1].stride(), **cfg)
+        gmix = part[:, :len(ws), :hk, :h].sum(0)
     else:
         gmix = part.new_zeros((len(ws), hk, h))
     return [gw.view(w.shape) for gw, w in zip(gws, weights)], gmix
