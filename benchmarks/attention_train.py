@@ -94,8 +94,8 @@ def check_chunked_fold() -> None:
 
 def variant_specs(h: int) -> dict[str, dict]:
     """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel, and the
-    layer attributes of timing.LAYER_FLAGS are set on the layer: ``triton_fold`` (MEA's fold as Triton kernels,
-    mea.ops.triton_fold) and ``fold_norm_gain`` (False: the head norm's weight on the tokens, not folded
+    layer attributes of timing.LAYER_FLAGS are set on the layer: ``triton_fold`` (False: MEA's fold as matmuls,
+    not the Triton kernels of mea.ops.triton_fold) and ``fold_norm_gain`` (False: the head norm's weight on the tokens, not folded
     into o_proj's)."""
     return {"mha": dict(attention="mha", head_norm=False),
             "mha+norm": dict(attention="mha", head_norm=True),
@@ -105,13 +105,14 @@ def variant_specs(h: int) -> dict[str, dict]:
             "mea-tritonnorm": dict(attention="mea", head_norm=True, triton_norm=True, fold_norm_gain=False),
             "mea-nonorm": dict(attention="mea", head_norm=False),
             "mha+norm-unfoldedgain": dict(attention="mha", head_norm=True, fold_norm_gain=False),
-            "mea-tritonfold": dict(attention="mea", head_norm=True, triton_fold=True),
-            "mea-nonorm-tritonfold": dict(attention="mea", head_norm=False, triton_fold=True),
+            "mea-matmulfold": dict(attention="mea", head_norm=True, triton_fold=False),
+            "mea-nonorm-matmulfold": dict(attention="mea", head_norm=False, triton_fold=False),
             "mea-unfoldedgain": dict(attention="mea", head_norm=True, fold_norm_gain=False),
             "mea-half": dict(attention="mea", n_kv_heads=h // 2, head_norm=True),
-            "mea-materialized": dict(attention="mea", head_norm=True),
-            "mea-chunkedgrad": dict(attention="mea", head_norm=True),
-            "mea-nonorm-chunkedgrad": dict(attention="mea", head_norm=False)}
+            # these three replace the matmul fold's pieces, so they keep it
+            "mea-materialized": dict(attention="mea", head_norm=True, triton_fold=False),
+            "mea-chunkedgrad": dict(attention="mea", head_norm=True, triton_fold=False),
+            "mea-nonorm-chunkedgrad": dict(attention="mea", head_norm=False, triton_fold=False)}
 
 
 def time_layer(layer, x, a, steps, warmup):

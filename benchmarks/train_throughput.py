@@ -34,8 +34,9 @@ def variants(preset: str) -> list[tuple[str, dict]]:
             (f"gqa(h'={half})", {"attention": "gqa", "n_kv_heads": half}),
             ("mea", {"attention": "mea"}),
             ("mea-nonorm", {"attention": "mea", "head_norm": False}),
-            ("mea-tritonfold", {"attention": "mea", "triton_fold": True}),   # mea.ops.triton_fold
-            ("mea-nonorm-tritonfold", {"attention": "mea", "head_norm": False, "triton_fold": True}),
+            # the fold as matmuls rather than the Triton kernels of mea.ops.triton_fold
+            ("mea-matmulfold", {"attention": "mea", "triton_fold": False}),
+            ("mea-nonorm-matmulfold", {"attention": "mea", "head_norm": False, "triton_fold": False}),
             # the head norm's weight applied to the tokens rather than folded into o_proj's
             ("mha+norm-unfoldedgain", {"attention": "mha", "head_norm": True, "fold_norm_gain": False}),
             ("mea-unfoldedgain", {"attention": "mea", "fold_norm_gain": False}),

@@ -213,3 +213,46 @@ def test_gpu_fp32_training_keeps_the_matmul_fold(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         k_w, _ = layer._fold_kv()
     assert calls and k_w.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fsdp2_sharded_model_with_the_triton_fold(tmp_path, monkeypatch):
+    """Under FSDP2 (one rank here; each layer fully_shard-ed) the layers' weights reach the fold as the
+    unsharded parameters: the Triton fold runs there, and the loss and every gradient match the unsharded
+    model's."""
+    import copy
+
+    import torch.distributed as dist
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    import mea.layers.attention as attention
+    from mea import ModelConfig, Transformer
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, attention="mea",
+                          max_seq_len=64)
+        torch.manual_seed(0)
+        ref = Transformer(cfg).cuda()
+        sharded = copy.deepcopy(ref)
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        ids = torch.randint(0, 256, (2, 64), device="cuda")
+        calls = []
+        monkeypatch.setattr(attention, "_triton_fold", lambda *a, **k: calls.append(1) or fold_mixes_triton(*a, **k))
+        losses = []
+        for model in (ref, sharded):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(ids, ids)
+            loss.backward()
+            losses.append(loss.item())
+        assert len(calls) == 2 * cfg.n_layers
+        assert abs(losses[0] - losses[1]) < 1e-5
+        for (name, p), q in zip(ref.named_parameters(), sharded.parameters()):
+            grad = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+            assert rel_err(grad, p.grad) < 1e-5, name
+    finally:
+        dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """Probe: forms of the Triton fold (K and V in one launch each way) against the library's kernels and the
 matmul fold, at the 125m shape and the large layer shape. Device times via CUDA-graph do_bench.
-Usage: PYTHONPATH=src python benchmarks/dev/fold_probe.py [--quick]"""
+Usage: PYTHONPATH=src python benchmarks/dev/fold_probe.py [--quick | --library] [--out FILE]"""
 from __future__ import annotations
 
 import itertools
@@ -164,6 +164,8 @@ def main():
         rec("fwd", "matmul", bench(mm_fwd), 0.0)
         rec("bwd", "matmul", bench(mm_bwd), 0.0)
 
+        if "--library" in sys.argv:
+            continue
         cfgs = [(64, 1), (128, 1), (256, 1), (128, 2), (128, 4), (256, 2), (64, 4), (128, 8)]
         if quick:
             cfgs = cfgs[:3]

@@ -57,7 +57,7 @@ fi
 # (docs/performance.md reads them).
 # ATT_VARIANTS, TP_VARIANTS and TP_BATCHES choose what (b) and (e) time; TESTS=0 skips (a).
 timeout 240 python3 benchmarks/attention_train.py --shapes all --repeats 9 \
-  --variants "${ATT_VARIANTS:-mha,gqa,mha+norm,mha+norm-unfoldedgain,mea,mea-unfoldedgain,mea-nonorm,mea-tritonfold,mea-nonorm-tritonfold}" \
+  --variants "${ATT_VARIANTS:-mha,gqa,mha+norm,mha+norm-unfoldedgain,mea,mea-unfoldedgain,mea-nonorm,mea-matmulfold,mea-nonorm-matmulfold}" \
   --profile --out "$out/attention_train.json" > "$out/attention_train.log" 2>&1
 stamp attention_train $?
 tail -n 60 "$out/attention_train.log"
@@ -65,7 +65,7 @@ tail -n 60 "$out/attention_train.log"
 # per step: a per-step cost (the fold works on weights, not tokens) halves its share at 32.
 for b in ${TP_BATCHES:-16 32}; do
   timeout 200 python3 benchmarks/train_throughput.py --compile \
-    --only "${TP_VARIANTS:-mha,mha+norm,mha+norm-unfoldedgain,mea,mea-unfoldedgain,mea-nonorm,mea-tritonfold,mea-nonorm-tritonfold}" \
+    --only "${TP_VARIANTS:-mha,mha+norm,mha+norm-unfoldedgain,mea,mea-unfoldedgain,mea-nonorm,mea-matmulfold,mea-nonorm-matmulfold}" \
     --repeats 5 --batch $b \
     --out "$out/train_throughput_b$b.json" > "$out/train_throughput_b$b.log" 2>&1
   stamp train_throughput_b$b $?

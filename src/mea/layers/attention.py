@@ -22,9 +22,10 @@ from .norm import HeadNorm
 from .rope import apply_rope
 
 # MEA's training fold of K and V as Triton kernels (mea.ops.triton_fold): one launch each way for both,
-# with the weights' cast folded in, instead of a cast and three skinny GEMMs per weight. Opt-in
-# (MEA_TRITON_FOLD=1, or ``layer.triton_fold = True`` per layer); docs/performance.md has its timings.
-TRITON_FOLD = os.environ.get("MEA_TRITON_FOLD", "0") == "1"
+# with the weights' cast folded in, instead of casts and three skinny GEMMs per weight; on an H200 a
+# quarter to a third of the GEMMs' time (docs/performance.md). Used on CUDA for fp16/bf16 products;
+# MEA_TRITON_FOLD=0 (or ``layer.triton_fold = False``) keeps the matmul fold.
+TRITON_FOLD = os.environ.get("MEA_TRITON_FOLD", "1") == "1"
 # The head norm's weight folded into o_proj's (W_O diag(g)) on the full-sequence path, so that the
 # norm's token-sized work is a scale per head and row, and the weight's gradient comes from a
 # weight-sized product instead of a reduction over every token: on an H200 it took a third to a half of
