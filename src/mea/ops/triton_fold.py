@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from .triton_util import check_inputs, interpreting
 
@@ -159,7 +160,7 @@ def fold_mix_fwd(weights: Sequence[Tensor], mixes: Sequence[Tensor],
             for w in weights]
     if N:
         cfg = _launch(hk, h, 2048, outs[0].dtype == torch.float32)
-        _fold_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"]), len(ws))](
+        wrap_triton(_fold_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"]), len(ws))](
             ws[0], ws[-1], mixes[0], mixes[-1], outs[0], outs[-1], N, hk, h, *mixes[0].stride(), *mixes[-1].stride(),
             **cfg)
     return outs
@@ -179,7 +180,7 @@ def fold_mix_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor],
     blocks = triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"])
     part = torch.empty((blocks, 2, cfg["HK_P"], cfg["H_P"]), dtype=torch.float32, device=ws[0].device)
     if N:
-        _fold_bwd_kernel[(blocks, len(ws))](
+        wrap_triton(_fold_bwd_kernel)[(blocks, len(ws))](
             gs[0], gs[-1], ws[0], ws[-1], mixes[0], mixes[-1], gws[0], gws[-1], part, N, hk, h,
             *mixes[0].stride(), *mixes[-1].stride(), **cfg)
         gmix = part[:, :len(ws), :hk, :h].sum(0)
@@ -189,28 +190,39 @@ def fold_mix_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor],
 
 
 # ------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("mea::fold_mix", mutates_args=())
+def _op(name: str):
+    """triton_op on the GPU: torch.compile sees the kernels through it and launches them from its own
+    generated code, without a Python op call per launch (which left the fold launch-bound on small
+    models). Under the interpreter a custom_op with a fake kernel: there, tracing would run the
+    interpreted kernels on fake tensors."""
+    if interpreting():
+        return torch.library.custom_op(name, mutates_args=())
+    return torch.library.triton_op(name, mutates_args=())
+
+
+@_op("mea::fold_mix")
 def _fwd_op(weights: list[Tensor], mixes: list[Tensor], out_dtype: torch.dtype) -> list[Tensor]:
     return fold_mix_fwd(weights, mixes, out_dtype)
 
 
-@_fwd_op.register_fake
-def _(weights, mixes, out_dtype):
-    hk, h = mixes[0].shape
-    return [w.new_empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype) for w in weights]
-
-
-@torch.library.custom_op("mea::fold_mix_bwd", mutates_args=())
+@_op("mea::fold_mix_bwd")
 def _bwd_op(grads: list[Tensor], weights: list[Tensor], mixes: list[Tensor]) -> list[Tensor]:
     """The weights' gradients, then the stacked mixing gradients (one list: a custom op returns no nesting)."""
     gws, gmix = fold_mix_bwd(grads, weights, mixes)
     return gws + [gmix]
 
 
-@_bwd_op.register_fake
-def _(grads, weights, mixes):
-    hk, h = mixes[0].shape
-    return [w.new_empty(w.shape) for w in weights] + [weights[0].new_empty((len(weights), hk, h), dtype=torch.float32)]
+if interpreting():  # a triton_op's fake form is its own function, traced
+    @_fwd_op.register_fake
+    def _(weights, mixes, out_dtype):
+        hk, h = mixes[0].shape
+        return [w.new_empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype) for w in weights]
+
+    @_bwd_op.register_fake
+    def _(grads, weights, mixes):
+        hk, h = mixes[0].shape
+        return ([w.new_empty(w.shape) for w in weights]
+                + [weights[0].new_empty((len(weights), hk, h), dtype=torch.float32)])
 
 
 def _setup_context(ctx, inputs, output):
