@@ -67,8 +67,8 @@ def test_k_and_v_in_one_launch_match_reference(hk, h, d, D):
         ref, gw_ref, gm_ref = reference(w, m, d, grad)
         assert rel_err(out, ref) < 1e-6
         assert rel_err(w.grad, gw_ref) < 1e-6 and rel_err(m.grad, gm_ref) < 1e-6
-    gws, gmix = fold_mix_bwd(grads, [w for w, _ in pairs], [m for _, m in pairs])
-    assert gmix.shape == (2, hk, h) and [g.shape for g in gws] == [pairs[0][0].shape] * 2
+    gw, gmix = fold_mix_bwd(torch.stack(grads), [w for w, _ in pairs], [m for _, m in pairs])
+    assert gmix.shape == (2, hk, h) and gw.shape == (2,) + pairs[0][0].shape
     # an unused output (its gradient None) counts as zero
     w, m = pairs[0][0].clone().requires_grad_(), pairs[0][1].clone().requires_grad_()
     k_eff, _ = fold_mixes_triton([(w, m), (pairs[1][0], pairs[1][1])], d, torch.float32)
@@ -79,7 +79,7 @@ def test_k_and_v_in_one_launch_match_reference(hk, h, d, D):
 def test_bf16_weight_and_autocast_dtype():
     weight, mix = make(2, 4, 8, 16, torch.bfloat16)
     ref = fold_mix_into_proj(weight.double(), mix.double(), 8)
-    (out,) = fold_mix_fwd([weight], [mix])
+    (out,) = fold_mix_fwd([weight], [mix])  # (pairs, h*d, D)
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < TOL[torch.bfloat16]
     with torch.autocast(DEV, dtype=torch.bfloat16):
         out = fold_mix_triton(weight.float(), mix, 8)
@@ -129,7 +129,8 @@ def test_custom_op_opcheck():
                           ([weight.clone().requires_grad_(), weight2.clone().requires_grad_()],
                            [mix.clone().requires_grad_(), mix2.clone().requires_grad_()], torch.float32))
     grads = [torch.randn(6 * 8, 12, device=DEV) for _ in range(2)]
-    torch.library.opcheck(torch.ops.mea.fold_mix_bwd.default, (grads, [weight, weight2], [mix, mix2]))
+    torch.library.opcheck(torch.ops.mea.fold_mix_bwd.default, (torch.stack(grads), [weight, weight2], [mix, mix2]))
+    torch.library.opcheck(torch.ops.mea.fold_mix_bwd.default, (grads[0][None], [weight], [mix]))
 
 
 def test_torch_compile_fullgraph():

@@ -147,11 +147,13 @@ def main():
             print(f"{shape:24s} {kind:4s} {name:40s} {us:8.2f} us  err {e:.2e}", flush=True)
 
         # library kernels
-        o = fold_mix_fwd([w.view(hk * d, D) for w in ws], ms, torch.bfloat16)
+        o = fold_mix_fwd([w.view(hk * d, D) for w in ws], ms, torch.bfloat16).unbind(0)
         rec("fwd", "library", bench(lambda: fold_mix_fwd([w.view(hk * d, D) for w in ws], ms, torch.bfloat16)),
             max(err(a.view(h, N), b) for a, b in zip(o, ref_o)))
-        gw, gm = fold_mix_bwd(gs, [w.view(hk * d, D) for w in ws], ms)
-        rec("bwd", "library", bench(lambda: fold_mix_bwd(gs, [w.view(hk * d, D) for w in ws], ms)),
+        g_st = torch.stack(gs)
+        gw, gm = fold_mix_bwd(g_st, [w.view(hk * d, D) for w in ws], ms)
+        gw = gw.view(2, hk, N)
+        rec("bwd", "library", bench(lambda: fold_mix_bwd(g_st, [w.view(hk * d, D) for w in ws], ms)),
             max(max(err(a.view(hk, N), b) for a, b in zip(gw, ref_gw)), max(err(gm[i], ref_gm[i]) for i in range(2))))
 
         # matmul fold as autocast runs it: casts, then bf16 GEMMs; grads cast back to fp32

@@ -75,12 +75,12 @@ def _mm(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _fold_fwd_kernel(W0, W1, M0, M1, O0, O1, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
+def _fold_fwd_kernel(W0, W1, M0, M1, OUT, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
                      HK_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      F32: tl.constexpr):
     which = tl.program_id(1)
     W, MIX, s_k, s_h = _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h)
-    OUT = _pick(which, O0, O1)
+    OUT += which * H * N  # the pairs' outputs are slices of one tensor (outputs are never picked by pointer)
     cdt = OUT.dtype.element_ty  # the compute dtype: both operands are rounded to it, as autocast's matmul does
     rk = tl.arange(0, HK_P)
     rh = tl.arange(0, H_P)
@@ -99,13 +99,13 @@ def _fold_fwd_kernel(W0, W1, M0, M1, O0, O1, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_
 
 
 @triton.jit
-def _fold_bwd_kernel(G0, G1, W0, W1, M0, M1, GW0, GW1, GMIX_PART, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
+def _fold_bwd_kernel(G, W0, W1, M0, M1, GW, GMIX_PART, N, HK, H, sm0_k, sm0_h, sm1_k, sm1_h,
                      HK_P: tl.constexpr, H_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      F32: tl.constexpr):
     which = tl.program_id(1)
     W, MIX, s_k, s_h = _pair(which, W0, W1, M0, M1, sm0_k, sm0_h, sm1_k, sm1_h)
-    G = _pick(which, G0, G1)
-    GW = _pick(which, GW0, GW1)
+    G += which * H * N
+    GW += which * HK * N
     cdt = G.dtype.element_ty
     rk = tl.arange(0, HK_P)
     rh = tl.arange(0, H_P)
@@ -150,43 +150,44 @@ def _rows(weight: Tensor, hk: int) -> Tensor:
 
 
 def fold_mix_fwd(weights: Sequence[Tensor], mixes: Sequence[Tensor],
-                 out_dtype: Optional[torch.dtype] = None) -> list[Tensor]:
-    """The forward kernel, one launch for one or two (weight, mix) pairs of one shape: each W_eff
-    (h*d, D) in ``out_dtype`` (default: the weights' dtype), from operands rounded to that dtype."""
+                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The forward kernel, one launch for one or two (weight, mix) pairs of one shape: the W_eff (h*d, D)
+    stacked, (pairs, h*d, D), in ``out_dtype`` (default: the weights' dtype), from operands rounded to
+    that dtype. One tensor rather than one per pair: two outputs written by one launch would be two
+    mutated kernel arguments, which torch.compile's functionalization may not alias."""
     hk, h = mixes[0].shape
     ws = [_rows(w, hk) for w in weights]
     N = ws[0].shape[1]
-    outs = [torch.empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype or w.dtype, device=w.device)
-            for w in weights]
+    out = torch.empty((len(ws), h * (weights[0].shape[0] // hk), weights[0].shape[1]),
+                      dtype=out_dtype or weights[0].dtype, device=weights[0].device)
     if N:
-        cfg = _launch(hk, h, 2048, outs[0].dtype == torch.float32)
+        cfg = _launch(hk, h, 2048, out.dtype == torch.float32)
         wrap_triton(_fold_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"]), len(ws))](
-            ws[0], ws[-1], mixes[0], mixes[-1], outs[0], outs[-1], N, hk, h, *mixes[0].stride(), *mixes[-1].stride(),
-            **cfg)
-    return outs
+            ws[0], ws[-1], mixes[0], mixes[-1], out, N, hk, h, *mixes[0].stride(), *mixes[-1].stride(), **cfg)
+    return out
 
 
-def fold_mix_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor],
-                 mixes: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
-    """The backward kernel, one launch for the pairs: (grad of each weight, in its dtype and shape; the mixing
-    gradients stacked, (pairs, h', h) fp32). The products take their operands rounded to the gradient's
-    dtype (what autocast's matmul fold does) and accumulate in fp32."""
+def fold_mix_bwd(grad: Tensor, weights: Sequence[Tensor], mixes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The backward kernel, one launch for the pairs, from their W_eff gradients stacked (pairs, h*d, D):
+    (the weights' gradients stacked, (pairs, h'*d, D) in their dtype; the mixing gradients stacked,
+    (pairs, h', h) fp32). The products take their operands rounded to the gradient's dtype (what
+    autocast's matmul fold does) and accumulate in fp32."""
     hk, h = mixes[0].shape
     ws = [_rows(w, hk) for w in weights]
     N = ws[0].shape[1]
-    gs = [g.contiguous().view(h, N) for g in grads]
-    gws = [torch.empty_like(w) for w in ws]
-    cfg = _launch(hk, h, 1024, gs[0].dtype == torch.float32)
+    g = grad.contiguous()
+    gw = torch.empty((len(ws),) + tuple(weights[0].shape), dtype=weights[0].dtype, device=weights[0].device)
+    cfg = _launch(hk, h, 1024, g.dtype == torch.float32)
     blocks = triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"])
-    part = torch.empty((blocks, 2, cfg["HK_P"], cfg["H_P"]), dtype=torch.float32, device=ws[0].device)
+    part = torch.empty((blocks, 2, cfg["HK_P"], cfg["H_P"]), dtype=torch.float32, device=g.device)
     if N:
         wrap_triton(_fold_bwd_kernel)[(blocks, len(ws))](
-            gs[0], gs[-1], ws[0], ws[-1], mixes[0], mixes[-1], gws[0], gws[-1], part, N, hk, h,
+            g, ws[0], ws[-1], mixes[0], mixes[-1], gw, part, N, hk, h,
             *mixes[0].stride(), *mixes[-1].stride(), **cfg)
         gmix = part[:, :len(ws), :hk, :h].sum(0)
     else:
         gmix = part.new_zeros((len(ws), hk, h))
-    return [gw.view(w.shape) for gw, w in zip(gws, weights)], gmix
+    return gw, gmix
 
 
 # ------------------------------------------------------------------------------------ custom ops
@@ -201,28 +202,27 @@ def _op(name: str):
 
 
 @_op("mea::fold_mix")
-def _fwd_op(weights: list[Tensor], mixes: list[Tensor], out_dtype: torch.dtype) -> list[Tensor]:
+def _fwd_op(weights: list[Tensor], mixes: list[Tensor], out_dtype: torch.dtype) -> Tensor:
     return fold_mix_fwd(weights, mixes, out_dtype)
 
 
 @_op("mea::fold_mix_bwd")
-def _bwd_op(grads: list[Tensor], weights: list[Tensor], mixes: list[Tensor]) -> list[Tensor]:
-    """The weights' gradients, then the stacked mixing gradients (one list: a custom op returns no nesting)."""
-    gws, gmix = fold_mix_bwd(grads, weights, mixes)
-    return gws + [gmix]
+def _bwd_op(grad: Tensor, weights: list[Tensor], mixes: list[Tensor]) -> tuple[Tensor, Tensor]:
+    return fold_mix_bwd(grad, weights, mixes)
 
 
 if interpreting():  # a triton_op's fake form is its own function, traced
     @_fwd_op.register_fake
     def _(weights, mixes, out_dtype):
         hk, h = mixes[0].shape
-        return [w.new_empty((h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype) for w in weights]
+        w = weights[0]
+        return w.new_empty((len(weights), h * (w.shape[0] // hk), w.shape[1]), dtype=out_dtype)
 
     @_bwd_op.register_fake
-    def _(grads, weights, mixes):
+    def _(grad, weights, mixes):
         hk, h = mixes[0].shape
-        return ([w.new_empty(w.shape) for w in weights]
-                + [weights[0].new_empty((len(weights), hk, h), dtype=torch.float32)])
+        w = weights[0]
+        return w.new_empty((len(weights),) + tuple(w.shape)), w.new_empty((len(weights), hk, h), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -231,13 +231,11 @@ def _setup_context(ctx, inputs, output):
     ctx.pairs = len(weights)
 
 
-def _backward(ctx, grads):
+def _backward(ctx, grad):
     n = ctx.pairs
     weights, mixes = list(ctx.saved_tensors[:n]), list(ctx.saved_tensors[n:])
-    grads = [g if g is not None else w.new_zeros((w.shape[0] // m.shape[0] * m.shape[1], w.shape[1]))
-             for g, w, m in zip(grads, weights, mixes)]
-    out = _bwd_op(grads, weights, mixes)
-    return out[:n], [out[n][i].to(m.dtype) for i, m in enumerate(mixes)], None
+    gw, gmix = _bwd_op(grad, weights, mixes)
+    return list(gw.unbind(0)), [gmix[i].to(m.dtype) for i, m in enumerate(mixes)], None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -270,7 +268,7 @@ def fold_mixes_triton(pairs: Sequence[tuple[Tensor, Tensor]], head_dim: int,
     if out_dtype is None:
         dev = weight.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    return _fwd_op(weights, mixes, out_dtype)
+    return list(_fwd_op(weights, mixes, out_dtype).unbind(0))
 
 
 def fold_mix_triton(weight: Tensor, mix: Tensor, head_dim: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
