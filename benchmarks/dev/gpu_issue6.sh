@@ -2,7 +2,7 @@
 # Issue 6 on one GPU, in about 8 minutes: (a) the GPU tests of the head-norm and fold kernels, CUDA-graph
 # decoding, the decode kernel (contiguous and paged) and calibration; (b) one attention layer's training
 # step at the large shape and the 125m model's (mha, gqa, mha + head norm, mea and mea without the norm,
-# MEA also with the Triton fold, and the head norm with its weight on the tokens instead of folded into
+# MEA also with the matmul fold (MEA_TRITON_FOLD=0), and the head norm with its weight on the tokens instead of folded into
 # o_proj; 9 round-robin repeats, then each one's kernels profiled); (e) the whole 125m model's training
 # step, the same variants but gqa, 5 round-robin repeats, at 16 and at 32 sequences per step. DECODE=1 adds (c) Transformer.generate with and without CUDA graphs and the decode kernel,
 # contiguous and paged, at the main shape.
@@ -53,7 +53,7 @@ if [ "${DECODE:-0}" = 1 ]; then
 fi
 
 # (b) where MEA's training time goes: one layer at the large shape and at the 125m model's, with the fold
-# as GEMMs and as Triton kernels (mea.ops.triton_fold, opt-in), then each variant's kernels profiled
+# as Triton kernels (mea.ops.triton_fold, the default) and as GEMMs, then each variant's kernels profiled
 # (docs/performance.md reads them).
 # ATT_VARIANTS, TP_VARIANTS and TP_BATCHES choose what (b) and (e) time; TESTS=0 skips (a).
 timeout 240 python3 benchmarks/attention_train.py --shapes all --repeats 9 \
