@@ -16,9 +16,10 @@ accumulation: the arithmetic of the matmul fold under autocast. Head counts are 
 tile (tl.dot's smallest side). fp32 data takes exact fp32 products (correct, but far slower: the layer
 sends fp32 training to the matmul fold).
 
-``mea::fold_mix`` and ``mea::fold_mix_bwd`` are torch.library custom ops with fake kernels and an
-autograd formula, so torch.compile keeps each one a single node. The kernels run on CUDA, and on CPU
-tensors under ``TRITON_INTERPRET=1`` (the tests).
+``mea::fold_mix`` and ``mea::fold_mix_bwd`` are torch.library ops with an autograd formula: on the GPU
+``triton_op``s, which torch.compile traces into and launches from its own generated code; under the
+interpreter ``custom_op``s with fake kernels. The kernels run on CUDA, and on CPU tensors under
+``TRITON_INTERPRET=1`` (the tests).
 """
 from __future__ import annotations
 
@@ -136,12 +137,12 @@ def _pad(n: int) -> int:
     return max(16, 1 << max(0, n - 1).bit_length())
 
 
-def _launch(hk: int, h: int, tile: int, interpret_f32: bool) -> dict:
+def _launch(hk: int, h: int, tile: int, f32: bool) -> dict:
     """Tile sizes shared by both kernels: BLOCK_N columns per product (a (heads, BLOCK_N) tile of at most
     ``tile`` values), four blocks per program; fp32 operands for fp32 data and under the interpreter."""
     hk_p, h_p = _pad(hk), _pad(h)
     return dict(HK_P=hk_p, H_P=h_p, BLOCK_N=max(16, min(128, tile // max(hk_p, h_p))), SUB=4,
-                F32=interpret_f32 or interpreting(), num_warps=4, num_stages=3)
+                F32=f32 or interpreting(), num_warps=4, num_stages=3)
 
 
 def _rows(weight: Tensor, hk: int) -> Tensor:
