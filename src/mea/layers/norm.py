@@ -25,7 +25,6 @@ except ImportError:  # no triton: the PyTorch form serves
     pass
 
 
-
 def _normalize(x: Tensor, eps: float) -> Tensor:
     # In fp32 at least: bf16's 8-bit mantissa makes the mean of squares visibly noisy.
     xf = x.to(torch.promote_types(x.dtype, torch.float32))

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_util import KERNEL_DTYPES as _DTYPES
-from .triton_util import interpreting, sm_count
+from .triton_util import cdiv, interpreting, next_pow2, sm_count
 
 __all__ = ["mea_decode_triton", "decode_launch_config", "to_paged"]
 
@@ -231,16 +231,6 @@ def _mea_decode_combine_kernel(
              out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Plain integer math: triton.cdiv/next_power_of_2 go through Triton's constexpr-function wrapper,
-    # several microseconds per call on the host, and a decode step is host-bound at small sizes.
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 @lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
@@ -261,14 +251,14 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
     Tiles: on Hopper, keys-major 64-key tiles with 4 pipeline stages (warpgroup MMA) were the best of
     26 tile shapes; elsewhere the rows-major form with 3 stages, which fits smaller shared memory.
     """
-    block_m = min(max(16, _next_pow2(n_rows)), 64)
-    m_blocks = _cdiv(n_rows, block_m)
+    block_m = min(max(16, next_pow2(n_rows)), 64)
+    m_blocks = cdiv(n_rows, block_m)
     # 16 KB key tiles: 64 keys at d=128 and 128 at d=64 in bf16. The size in bytes (not in keys) is what
     # must stay put: fp32, or a small head dim with keys uncapped, overflowed shared memory (234 KB
     # asked of 227 KB on an H200 for fp32 at d=16 with 512-key tiles).
-    block_d = max(16, _next_pow2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     block_n = block_n or min(128, max(32, 16384 // (block_d * elem_bytes)))
-    n_blocks = max(1, _cdiv(cache_len, block_n))
+    n_blocks = max(1, cdiv(cache_len, block_n))
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
     hopper = cuda and _capability(index)[0] >= 9
@@ -277,8 +267,8 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
         per_row = max(1, (2 * sms) // (batch * m_blocks))
         num_splits = min(1 << (per_row.bit_length() - 1), max(1, n_blocks // 2))
     num_splits = max(1, min(num_splits, n_blocks, MAX_SPLITS))
-    split_len = _cdiv(n_blocks, num_splits) * block_n
-    num_splits = max(1, _cdiv(cache_len, split_len))
+    split_len = cdiv(n_blocks, num_splits) * block_n
+    num_splits = max(1, cdiv(cache_len, split_len))
     if keys_major < 0:
         keys_major = int(hopper)
     return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, num_splits=num_splits, split_len=split_len,
@@ -322,9 +312,9 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_m
     )
     if not direct:
         block_d = min(32, cfg["block_d"])
-        _mea_decode_combine_kernel[(n_rows, _cdiv(d, block_d), B)](
+        _mea_decode_combine_kernel[(n_rows, cdiv(d, block_d), B)](
             o_part, lse_part, out, *sp, *sl, *out.stride(), Lq, cfg["num_splits"],
-            D=d, BLOCK_S=_next_pow2(cfg["num_splits"]), BLOCK_D=block_d, num_warps=4,
+            D=d, BLOCK_S=next_pow2(cfg["num_splits"]), BLOCK_D=block_d, num_warps=4,
         )
     return out
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .triton_util import check_inputs, interpreting
+from .triton_util import cdiv, check_inputs, interpreting, next_pow2
 
 __all__ = ["fold_mix_triton", "fold_mixes_triton", "fold_mix_fwd", "fold_mix_bwd"]
 
@@ -134,7 +134,7 @@ def _fold_bwd_kernel(G, W0, W1, M0, M1, GW, GMIX_PART, N, HK, H, sm0_k, sm0_h, s
 # ------------------------------------------------------------------------------------ launch
 def _pad(n: int) -> int:
     """A head count padded for tl.dot: a power of two, at least 16."""
-    return max(16, 1 << max(0, n - 1).bit_length())
+    return max(16, next_pow2(n))
 
 
 def _launch(hk: int, h: int, tile: int, f32: bool) -> dict:
@@ -163,7 +163,7 @@ def fold_mix_fwd(weights: Sequence[Tensor], mixes: Sequence[Tensor],
                       dtype=out_dtype or weights[0].dtype, device=weights[0].device)
     if N:
         cfg = _launch(hk, h, 2048, out.dtype == torch.float32)
-        wrap_triton(_fold_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"]), len(ws))](
+        wrap_triton(_fold_fwd_kernel)[(cdiv(N, cfg["BLOCK_N"] * cfg["SUB"]), len(ws))](
             ws[0], ws[-1], mixes[0], mixes[-1], out, N, hk, h, *mixes[0].stride(), *mixes[-1].stride(), **cfg)
     return out
 
@@ -179,7 +179,7 @@ def fold_mix_bwd(grad: Tensor, weights: Sequence[Tensor], mixes: Sequence[Tensor
     g = grad.contiguous()
     gw = torch.empty((len(ws),) + tuple(weights[0].shape), dtype=weights[0].dtype, device=weights[0].device)
     cfg = _launch(hk, h, 1024, g.dtype == torch.float32)
-    blocks = triton.cdiv(N, cfg["BLOCK_N"] * cfg["SUB"])
+    blocks = cdiv(N, cfg["BLOCK_N"] * cfg["SUB"])
     part = torch.empty((blocks, 2, cfg["HK_P"], cfg["H_P"]), dtype=torch.float32, device=g.device)
     if N:
         wrap_triton(_fold_bwd_kernel)[(blocks, len(ws))](

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_util import check_inputs, sm_count
+from .triton_util import cdiv, check_inputs, next_pow2, sm_count
 
 __all__ = ["head_rms_norm", "head_rms_norm_fwd", "head_rms_norm_bwd"]
 
@@ -99,14 +99,6 @@ def _head_rms_norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------ launch
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _as_4d(t: Tensor) -> Tensor:
     """(..., h, d) -> (A, L, h, d) without copying where the strides allow (always for 2-4 dims)."""
     if t.dim() == 4:
@@ -117,7 +109,7 @@ def _as_4d(t: Tensor) -> Tensor:
 
 
 def _block_d(d: int) -> int:
-    return max(16, _next_pow2(d))
+    return max(16, next_pow2(d))
 
 
 def head_rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, block_t: int = 0, num_warps: int = 4) -> Tensor:
@@ -132,7 +124,7 @@ def head_rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, block_t: int = 0, n
         return y
     bd = _block_d(D)
     bt = block_t or max(1, 4096 // bd)
-    _head_rms_norm_fwd_kernel[(_cdiv(n_tokens, bt), H)](
+    _head_rms_norm_fwd_kernel[(cdiv(n_tokens, bt), H)](
         x4, weight, y, *x4.stride(), *weight.stride(), n_tokens, L, H, float(eps),
         D=D, BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps,
     )
@@ -156,8 +148,8 @@ def head_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, eps: float, block_t
         sms = sm_count(x.device)
         programs = max(1, (8 * sms) // H)
     # Whole tiles per program, so only the last program has a ragged tail.
-    per_prog = _cdiv(_cdiv(n_tokens, min(programs, _cdiv(n_tokens, bt))), bt) * bt
-    n_prog = _cdiv(n_tokens, per_prog)
+    per_prog = cdiv(cdiv(n_tokens, min(programs, cdiv(n_tokens, bt))), bt) * bt
+    n_prog = cdiv(n_tokens, per_prog)
     dw_part = torch.empty((n_prog, H, D), dtype=torch.float32, device=x.device)
     _head_rms_norm_bwd_kernel[(n_prog, H)](
         g4, x4, weight, dx, dw_part, *g4.stride(), *x4.stride(), *weight.stride(),

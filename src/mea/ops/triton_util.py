@@ -1,6 +1,6 @@
-"""What the Triton kernels of ``mea.ops`` share: the multiprocessor count their launch grids are sized
-by, whether Triton runs interpreted on the CPU (``TRITON_INTERPRET=1``: the tests), and the input
-checks of their entry points."""
+"""What the Triton kernels of ``mea.ops`` share: the integer math and multiprocessor count their launch
+grids are sized by, whether Triton runs interpreted on the CPU (``TRITON_INTERPRET=1``: the tests), and
+the input checks of their entry points."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,16 @@ import torch
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def cdiv(a: int, b: int) -> int:
+    # Plain integer math: triton.cdiv/next_power_of_2 go through Triton's constexpr-function wrapper,
+    # several microseconds per call on the host, and a decode step is host-bound at small sizes.
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def interpreting() -> bool:
