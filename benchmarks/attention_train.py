@@ -94,9 +94,9 @@ def check_chunked_fold() -> None:
 
 def variant_specs(h: int) -> dict[str, dict]:
     """Name -> ModelConfig overrides; ``triton_norm=True`` runs the head norm's Triton kernel, and the
-    layer attributes of timing.LAYER_FLAGS are set on the layer: ``triton_fold`` (False: MEA's fold as matmuls,
-    not the Triton kernels of mea.ops.triton_fold) and ``fold_norm_gain`` (False: the head norm's weight on the tokens, not folded
-    into o_proj's)."""
+    layer attributes of timing.LAYER_FLAGS are set on the layer: ``triton_fold`` (False: MEA's fold as
+    matmuls, not the Triton kernels of mea.ops.triton_fold) and ``fold_norm_gain`` (False: the head
+    norm's weight on the tokens, not folded into o_proj's)."""
     return {"mha": dict(attention="mha", head_norm=False),
             "mha+norm": dict(attention="mha", head_norm=True),
             "mha+norm-tritonnorm": dict(attention="mha", head_norm=True, triton_norm=True, fold_norm_gain=False),

@@ -140,7 +140,7 @@ def _unique_names(todo: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def _scored_as_asked(results: Path, model: str, common: dict) -> bool:
     """Whether OUT/<model>/results.json holds this model scored on these tasks and settings (a re-run with
     other tasks or another limit scores it again instead of reusing the old numbers)."""
-    from .data import parse_tasks
+    from .data import TASKS_REVISION, parse_tasks
 
     if not results.is_file():
         return False
@@ -150,8 +150,6 @@ def _scored_as_asked(results: Path, model: str, common: dict) -> bool:
         return False
     got = run.get("settings", {})
     want = parse_tasks(common["tasks"]) if common["tasks"] and str(common["tasks"]).strip() else []
-    from .data import TASKS_REVISION
-
     same = (Path(run.get("model", "")) == Path(model).resolve() and list(got.get("tasks", [])) == want
             and got.get("limit") == common["limit"] and (not want or got.get("tasks_revision") == TASKS_REVISION))
     if same and common["perplexity"]:  # and on the same corpus
