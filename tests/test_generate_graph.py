@@ -1,7 +1,7 @@
 """generate(cuda_graph=...): one decoding step captured in a CUDA graph gives the eager tokens.
 
-On CPU: the option is checked, and the fixed-shape step the graph captures (``_decode_step``, over
-the whole cache buffer) is compared with the eager step. On GPU: greedy tokens with and without
+On CPU: the option is checked, and the fixed-shape step a graph captures (``decode_step``, over a
+bucket of the cache buffer) is compared with the eager step. On GPU: greedy tokens with and without
 graphs, per attention variant, with left padding.
 """
 import warnings
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mea import KVCache, ModelConfig, Transformer
-from mea.models import transformer as transformer_mod
+from mea.models import generation as generation_mod
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 97
@@ -76,7 +76,7 @@ def test_whole_cache_step_matches_eager_step(name):
         for _ in range(4):
             tok = torch.randint(0, VOCAB, (3,))
             want = model(tok[:, None], cache=caches[0])[:, -1]
-            got = model._decode_step(tok[:, None], caches[1])
+            got = model.decode_step(tok[:, None], caches[1], 12)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert torch.equal(caches[0].seqlens, caches[1].seqlens)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
@@ -91,13 +91,13 @@ def test_whole_cache_step_has_no_host_sync():
     cache = KVCache.for_model(model.config, 2, 10)
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (2, 3)), cache=cache)
-        step = torch.compile(model._decode_step, fullgraph=True, backend="eager")
-        step(torch.randint(0, VOCAB, (2, 1)), cache)
+        step = torch.compile(model.decode_step, fullgraph=True, backend="eager")
+        step(torch.randint(0, VOCAB, (2, 1)), cache, 8)
     assert cache.seqlens.tolist() == [4, 4]
 
 
 # ---------------------------------------------------------------------------- GPU
-class _Spy(transformer_mod._GraphedDecodeStep):
+class _Spy(generation_mod.GraphedDecoder):
     made = []
 
     def __init__(self, *a):
@@ -108,7 +108,7 @@ class _Spy(transformer_mod._GraphedDecodeStep):
 @pytest.fixture
 def spy(monkeypatch):
     _Spy.made = []
-    monkeypatch.setattr(transformer_mod, "_GraphedDecodeStep", _Spy)
+    monkeypatch.setattr(generation_mod, "GraphedDecoder", _Spy)
     return _Spy
 
 
@@ -122,7 +122,7 @@ def test_gpu_graph_tokens_equal_eager(name, spy):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="generate: capturing")  # a failed capture (eager fallback) fails
         got = model.generate(ids, max_new_tokens=12, attention_mask=am)  # default: on for CUDA
-    assert len(spy.made) == 1 and spy.made[0].graph is not None and spy.made[0].replays == 12 - 2
+    assert len(spy.made) == 1 and len(spy.made[0].graphs) == 1 and spy.made[0].replays == 12 - 2
     assert torch.equal(got, want), (got, want)
 
 
@@ -146,51 +146,50 @@ def test_gpu_graph_step_logits_bf16(name):
     model = tiny(name, dtype=torch.bfloat16)
     ids = torch.randint(0, VOCAB, (4, 9), device="cuda")
     caches = [KVCache.for_model(model.config, 4, 40, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-    graphed = transformer_mod._GraphedDecodeStep(model, caches[1])
+    graphed = generation_mod.GraphedDecoder(model, caches[1], bucket=12)
     with torch.no_grad():
         for c in caches:
             model(ids, cache=c)
-        for _ in range(6):
+        for i in range(6):
             tok = torch.randint(0, VOCAB, (4,), device="cuda")
             want = model(tok[:, None], cache=caches[0])[:, -1].float()
-            got = graphed(tok).float()
+            got = graphed(tok, 9 + i + 1).float()
             assert ((got - want).norm() / want.norm()).item() < 2e-2
-    assert graphed.replays == 5
+    assert graphed.replays == 4 and sorted(graphed.graphs) == [12, 24]  # keys 10..15: buckets 12 and 24
     assert torch.equal(caches[0].seqlens, caches[1].seqlens)
 
 
 @pytest.mark.gpu
-def test_gpu_graph_uses_the_triton_kernels(monkeypatch, spy):
-    """The MEA decode kernel and the head-norm kernel are what the captured step launches."""
+def test_gpu_graph_uses_the_triton_kernel(monkeypatch, spy):
+    """The MEA decode kernel is what the captured step launches (backend auto, bf16 on CUDA)."""
     pytest.importorskip("triton")
-    from mea.layers import norm as norm_mod
-    from mea.ops import decode as decode_mod
-    from mea.ops.triton_decode import mea_decode_fast
+    from mea.ops import triton_decode
 
-    assert mea_decode_fast in decode_mod._FAST_DECODE
-    assert norm_mod._triton_head_norm is not None
-    monkeypatch.setattr(norm_mod, "TRITON_HEAD_NORM", True)  # opt-in (slower than compiled PyTorch)
-    calls = {"decode": 0, "norm": 0}
-    fast_norm = norm_mod._triton_head_norm
-
-    def decode_spy(*a):
-        calls["decode"] += 1
-        return mea_decode_fast(*a)
-
-    def norm_spy(*a):
-        calls["norm"] += 1
-        return fast_norm(*a)
-
-    monkeypatch.setattr(decode_mod, "_FAST_DECODE", [decode_spy])
-    monkeypatch.setattr(norm_mod, "_triton_head_norm", norm_spy)
+    calls = []
+    real = triton_decode.mea_decode_triton
+    monkeypatch.setattr(triton_decode, "mea_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny("mea", dtype=torch.bfloat16)
     ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
     a = model.generate(ids, max_new_tokens=8, cuda_graph=True)
-    # Prefill (5 tokens: the decode kernel takes up to 16), the warm-up step and the capture, 2 layers
-    # each; replays run no Python.
-    assert calls == {"decode": 3 * 2, "norm": 3 * 2}
+    # The prefill attends over composite heads (FlashAttention); the warm-up step and the capture run
+    # the kernel, 2 layers each; replays run no Python.
+    assert len(calls) == 2 * 2
     assert spy.made[-1].replays == 6
     assert torch.equal(model.generate(ids, max_new_tokens=8, cuda_graph=True), a)  # replays are deterministic
+
+
+@pytest.mark.gpu
+def test_gpu_graph_buckets_cross(spy, monkeypatch):
+    """A run longer than one bucket captures one graph per bucket it crosses, with the eager tokens."""
+    model = tiny("mea")
+    ids, am = left_padded_prompts()
+    want = model.generate(ids, max_new_tokens=40, attention_mask=am, cuda_graph=False)
+    monkeypatch.setattr(generation_mod, "GRAPH_BUCKET", 16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="generate: capturing")
+        got = model.generate(ids, max_new_tokens=40, attention_mask=am)
+    assert sorted(spy.made[-1].graphs) == [16, 32, 47]  # the last bucket ends with the cache (7 + 40 slots)
+    assert torch.equal(got, want), (got, want)
 
 
 _FALLBACK_SCRIPT = """
@@ -198,35 +197,35 @@ import warnings
 import torch
 import test_generate_graph as t
 from mea import Transformer
-from mea.models import transformer as tm
+from mea.models import generation as gm
 
 model = t.tiny("mea")
 ids, am = t.left_padded_prompts()
 want = model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=False)
-step = Transformer._decode_step
+step = Transformer.decode_step
 
-def syncing_step(self, tok, cache):
+def syncing_step(self, tok, cache, keys):
     if torch.cuda.is_current_stream_capturing():
         tok.sum().item()  # a host sync: capture fails
-    return step(self, tok, cache)
+    return step(self, tok, cache, keys)
 
-Transformer._decode_step = syncing_step
+Transformer.decode_step = syncing_step
 made = []
-class Spy(tm._GraphedDecodeStep):
+class Spy(gm.GraphedDecoder):
     def __init__(self, *a):
         super().__init__(*a)
         made.append(self)
-tm._GraphedDecodeStep = Spy
+gm.GraphedDecoder = Spy
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     got = model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=True)
 assert any("decoding eagerly" in str(w.message) for w in caught), [str(w.message) for w in caught]
-assert made[-1].failed and made[-1].graph is None
+assert made[-1].failed and not made[-1].graphs
 assert torch.equal(got, want), (got, want)
 # The process stays usable: eager work, and a graph captured afterwards.
-Transformer._decode_step = step
+Transformer.decode_step = step
 assert torch.equal(model.generate(ids, max_new_tokens=6, attention_mask=am, cuda_graph=True), want)
-assert made[-1].graph is not None and made[-1].replays == 4
+assert len(made[-1].graphs) == 1 and made[-1].replays == 4
 print("ok")
 """
 

@@ -323,7 +323,7 @@ def test_transformers_training_conventions():
 def test_an_adapter_on_a_folded_projection_is_applied_with_and_without_a_cache(proj):
     """PEFT wraps q_proj/v_proj (or o_proj) in its own module; MEA's training path used to read
     v_proj.weight directly (the fold) and skip the adapter: use_cache=False gave other logits and the
-    adapter no gradient. The same holds for o_proj, whose weight takes the head norm's (fold_norm_gain).
+    adapter no gradient. The same holds for o_proj, whose weight takes the head norm's on that path.
     A wrapped or hooked projection now runs as its module."""
     class Adapter(torch.nn.Module):  # the shape of a LoRA layer: the base Linear plus a low-rank delta
         def __init__(self, base):
@@ -344,7 +344,7 @@ def test_an_adapter_on_a_folded_projection_is_applied_with_and_without_a_cache(p
         for layer in hf.core.model.layers:
             setattr(layer.self_attn, proj, Adapter(getattr(layer.self_attn, proj)))
         cached, uncached = hf(ids, use_cache=True).logits, hf(ids, use_cache=False).logits
-    assert hf.core.model.layers[0].self_attn.head_norm is not None and hf.core.model.layers[0].self_attn.fold_norm_gain
+    assert hf.core.model.layers[0].self_attn.head_norm is not None
     torch.testing.assert_close(uncached, cached, rtol=1e-4, atol=1e-5)
     assert (uncached - before).abs().max() > 1e-3
     hf(ids, use_cache=False).logits.sum().backward()

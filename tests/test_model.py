@@ -125,9 +125,10 @@ def test_head_norm_breaks_the_fold():
 
 @pytest.mark.parametrize("attention", ["mha", "mea", "diff"])
 def test_norm_gain_folded_into_o_proj_is_the_same_layer(attention):
-    """``fold_norm_gain`` moves the head norm's weight into o_proj (W_O diag(g)) on the full-sequence path:
-    same outputs and gradients for every parameter (float64); a cached forward and a hooked o_proj keep
-    the norm as it is."""
+    """On the full-sequence path the head norm's weight folds into o_proj (W_O diag(g)): same outputs and
+    gradients for every parameter (float64) as the norm applied to the tokens, which a hooked o_proj
+    forces (a hook may change what o_proj computes, so its weight alone cannot stand for it); a cached
+    forward keeps the norm as it is."""
     torch.manual_seed(11)
     model = Transformer(tiny(attention, n_kv_heads=2 if attention == "mea" else None, head_norm=True)).double()
     randomize(model)
@@ -135,13 +136,15 @@ def test_norm_gain_folded_into_o_proj_is_the_same_layer(attention):
         layer.self_attn.head_norm.weight.data.uniform_(0.2, 1.5)
     x = torch.randint(0, 97, (2, 11))
     runs = []
-    for fold in (False, True):
-        for layer in model.model.layers:
-            layer.self_attn.fold_norm_gain = fold
+    for folded in (False, True):
+        hooks = [] if folded else [l.self_attn.o_proj.register_forward_hook(lambda m, i, o: None)
+                                   for l in model.model.layers]
         model.zero_grad()
         out = model(x)
         out.square().mean().backward()
         runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        for hk in hooks:
+            hk.remove()
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
     for n, g in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][n], g, rtol=1e-9, atol=1e-12, msg=n)

@@ -10,16 +10,22 @@ from kernel_ref import DEV, rel_err  # noqa: E402
 
 from mea import ModelConfig, Transformer  # noqa: E402
 from mea.ops import decode as decode_mod  # noqa: E402
+from mea.ops import triton_decode  # noqa: E402
 from mea.ops.attention import mea_attention_absorbed, mea_attention_reference  # noqa: E402
-from mea.ops.triton_decode import mea_decode_fast, mea_decode_triton, to_paged  # noqa: E402
+from mea.ops.triton_decode import mea_decode_triton, to_paged  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
 
-def prefix_mask(seqlens: torch.Tensor, lq: int, t: int) -> torch.Tensor:
-    """The mask a KVCache step builds: query t of row b sees keys [0, seqlens[b] - lq + t]."""
+def prefix_mask(seqlens: torch.Tensor, lq: int, t: int, starts=None) -> torch.Tensor:
+    """The mask a KVCache step builds: query t of row b sees keys [starts[b], seqlens[b] - lq + t]
+    (starts 0 without ``starts``)."""
     pos = seqlens.long()[:, None] - lq + torch.arange(lq, device=seqlens.device)
-    return (torch.arange(t, device=seqlens.device)[None, None, :] <= pos[:, :, None])[:, None]
+    keys = torch.arange(t, device=seqlens.device)[None, None, :]
+    mask = keys <= pos[:, :, None]
+    if starts is not None:
+        mask = mask & (keys >= starts.long()[:, None, None])
+    return mask[:, None]
 
 
 def make_inputs(B, h, hk, lq, t, d, dtype, seqlens=None, max_len=None):
@@ -36,10 +42,10 @@ def make_inputs(B, h, hk, lq, t, d, dtype, seqlens=None, max_len=None):
     return q, k, v, k_mix, v_mix, seqlens.to(device=DEV, dtype=torch.int32)
 
 
-def reference(q, k, v, k_mix, v_mix, seqlens):
+def reference(q, k, v, k_mix, v_mix, seqlens, starts=None):
     """MEA by its definition (composite heads materialized), in float64."""
     f = lambda x: x.detach().double()  # noqa: E731
-    mask = prefix_mask(seqlens, q.shape[2], k.shape[2])
+    mask = prefix_mask(seqlens, q.shape[2], k.shape[2], starts)
     return mea_attention_reference(f(q), f(k), f(v), f(k_mix), f(v_mix), mask=mask)
 
 
@@ -145,46 +151,99 @@ def test_paged_cache_bad_inputs_raise():
         mea_decode_triton(q, kp[..., :8], vp[..., :8], km, vm, sl, block_table=bt)
 
 
+@pytest.mark.parametrize("lq,num_splits", [(1, 0), (1, 3), (3, 1), (4, 3)])
+def test_row_starts_match_reference(lq, num_splits):
+    """Left padding: row b's keys start at ``cache_starts[b]`` (a Hugging Face batch keeps its padding at
+    the front of the cache); a start inside a slice, at a slice edge and past the first slice."""
+    B, t = 4, 45
+    q, k, v, km, vm, sl = make_inputs(B, 6, 4, lq, t, 16, torch.float32)
+    starts = torch.tensor([0, 5, 16, 29], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([45, 40, 45, 37], dtype=torch.int32, device=DEV)
+    out = mea_decode_triton(q, k, v, km, vm, sl, cache_starts=starts, num_splits=num_splits, block_n=16)
+    assert rel_err(out, reference(q, k, v, km, vm, sl, starts)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="cache_starts must be"):
+        mea_decode_triton(q, k, v, km, vm, sl, cache_starts=starts[:2])
+
+
 def test_custom_op_opcheck():
     q, k, v, km, vm, sl = make_inputs(2, 4, 2, 1, 20, 16, torch.float32)
-    torch.library.opcheck(torch.ops.mea.decode.default, (q, k, v, km, vm, sl, None, 0.25, 2, 16, 0, 0, -1),
-                          test_utils=("test_schema", "test_faketensor"))
+    starts = torch.tensor([0, 3], dtype=torch.int32, device=DEV)
+    for st in (None, starts):
+        torch.library.opcheck(torch.ops.mea.decode.default, (q, k, v, km, vm, sl, st, None, 0.25, 2, 16, 0, 0, -1),
+                              test_utils=("test_schema", "test_faketensor"))
     kp, vp, bt = to_pages(k, v, 8)
-    torch.library.opcheck(torch.ops.mea.decode.default, (q, kp, vp, km, vm, sl, bt, 0.25, 2, 16, 0, 0, -1),
+    torch.library.opcheck(torch.ops.mea.decode.default, (q, kp, vp, km, vm, sl, None, bt, 0.25, 2, 16, 0, 0, -1),
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_adapter_through_mea_attention_cached(monkeypatch):
-    q, k, v, km, vm, sl = make_inputs(3, 6, 4, 2, 30, 16, torch.float32)
-    mask = prefix_mask(sl, 2, 30)
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the launches of the decode kernel that ``mea_attention_cached`` makes."""
     calls = []
+    real = triton_decode.mea_decode_triton
 
-    def spy(*args):
-        out = mea_decode_fast(*args)
-        calls.append(out is not None)
-        return out
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
 
-    monkeypatch.setattr(decode_mod, "_FAST_DECODE", [spy])
-    with torch.no_grad():
-        out = decode_mod.mea_attention_cached(q, k, v, km, vm, mask=mask)
-    assert calls == [True]
-    assert rel_err(out, reference(q, k, v, km, vm, sl)) < 1e-5
-    # Gradients needed: the adapter declines and the differentiable PyTorch path runs.
+    monkeypatch.setattr(triton_decode, "mea_decode_triton", spy)
+    return calls
+
+
+def test_backend_switch_picks_the_path(kernel_calls):
+    """``backend`` alone decides: triton runs the kernel (here interpreted), torch never does, auto takes it
+    on CUDA tensors only; every path gives the definition's numbers."""
+    q, k, v, km, vm, sl = make_inputs(3, 6, 4, 2, 30, 16, torch.float32,
+                                      seqlens=torch.tensor([30, 25, 28], dtype=torch.int32))
+    starts = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEV)
+    mask = prefix_mask(sl, 2, 30, starts)
+    want = reference(q, k, v, km, vm, sl, starts)
+    for backend, launches in (("triton", 1), ("torch", 0), ("auto", int(q.is_cuda))):
+        kernel_calls.clear()
+        with torch.no_grad():
+            out = decode_mod.mea_attention_cached(q, k, v, km, vm, mask=mask, spans=(starts, sl), backend=backend)
+        assert len(kernel_calls) == launches, backend
+        assert rel_err(out, want) < 1e-5, backend
+
+
+def test_backend_triton_refuses_what_the_kernel_cannot_do(kernel_calls):
+    """Gradients and masks with holes: ``triton`` says so (no silent fallback), ``auto`` takes PyTorch."""
+    q, k, v, km, vm, sl = make_inputs(2, 4, 2, 1, 20, 16, torch.float32)
+    mask = prefix_mask(sl, 1, 20)
     km.requires_grad_(True)
-    out = decode_mod.mea_attention_cached(q, k, v, km, vm, mask=mask)
-    assert calls == [True, False] and out.requires_grad
+    with pytest.raises(ValueError, match="no backward"):
+        decode_mod.mea_attention_cached(q, k, v, km, vm, mask=mask, spans=(None, sl), backend="triton")
+    out = decode_mod.mea_attention_cached(q, k, v, km, vm, mask=mask, spans=(None, sl), backend="auto")
+    assert out.requires_grad and not kernel_calls
+    holes = mask.clone()
+    holes[..., 3] = False
+    with torch.no_grad(), pytest.raises(ValueError, match="holes"):
+        decode_mod.mea_attention_cached(q, k, v, km, vm, mask=holes, spans=None, backend="triton")
+    with torch.no_grad():
+        out = decode_mod.mea_attention_cached(q, k, v, km, vm, mask=holes, spans=None, backend="auto")
+    assert not kernel_calls
+    assert rel_err(out, mea_attention_reference(*(x.detach().double() for x in (q, k, v, km, vm)),
+                                                mask=holes)) < 1e-5
 
 
-def test_adapter_declines_cpu_without_interpreter(monkeypatch):
-    q, k, v, km, vm, sl = make_inputs(1, 4, 2, 1, 20, 16, torch.float32)
+def test_backend_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    from mea.ops.backend import use_triton
+
+    x = torch.zeros(2)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if not q.is_cuda:
-        assert mea_decode_fast(q, k, v, km, vm, None) is None
-    assert mea_decode_fast(q, k, v, km, vm, torch.ones(1, 2, 1, 20, dtype=torch.bool, device=DEV)) is None
+    with pytest.raises(ValueError, match="need CUDA"):
+        use_triton("triton", "cached attention", x)
+    assert not use_triton("auto", "cached attention", x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton("triton", "cached attention", x)
+    assert not use_triton("auto", "cached attention", x)  # auto never picks the interpreter
+    with pytest.raises(ValueError, match="backend: unknown"):
+        use_triton("cuda", "cached attention", x)
 
 
-def test_model_decoding_uses_kernel(monkeypatch):
-    """Greedy decoding of a small MEA model (h' = 3 of 4 heads): same tokens and logits with the kernel."""
+def test_model_decoding_uses_kernel(kernel_calls):
+    """Greedy decoding of a small MEA model (h' = 3 of 4 heads), left-padded: the same tokens with the
+    kernel (backend triton) as with PyTorch (backend torch)."""
     torch.manual_seed(3)
     cfg = ModelConfig(attention="mea", vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=3,
                       max_seq_len=64)
@@ -194,20 +253,10 @@ def test_model_decoding_uses_kernel(monkeypatch):
             p.add_(torch.randn_like(p) * 0.2)
     prompt = torch.randint(0, 101, (2, 5), device=DEV)
     am = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool, device=DEV)
-
-    def run(fast):
-        monkeypatch.setattr(decode_mod, "_FAST_DECODE", fast)
-        return model.generate(prompt, max_new_tokens=4, attention_mask=am)
-
-    calls = []
-
-    def spy(*args):
-        calls.append(1)
-        return mea_decode_fast(*args)
-
-    want = run([])
-    got = run([spy])
-    assert calls, "the kernel was never called"
+    want = model.set_backend("torch").generate(prompt, max_new_tokens=4, attention_mask=am)
+    assert not kernel_calls
+    got = model.set_backend("triton").generate(prompt, max_new_tokens=4, attention_mask=am)
+    assert len(kernel_calls) == 3 * 2, "three decoding steps, two layers"
     assert torch.equal(got, want)
 
 
@@ -256,8 +305,19 @@ def test_gpu_torch_compile():
 
 
 @pytest.mark.gpu
-def test_gpu_registered_on_import():
-    assert mea_decode_fast in decode_mod._FAST_DECODE
+def test_gpu_auto_takes_the_kernel_for_decoding(kernel_calls):
+    q, k, v, km, vm, sl = make_inputs(4, 8, 2, 1, 300, 64, torch.bfloat16)
+    with torch.no_grad():
+        decode_mod.mea_attention_cached(q, k, v, km, vm, mask=prefix_mask(sl, 1, 300), spans=(None, sl))
+    assert kernel_calls == [1]
+
+
+@pytest.mark.gpu
+def test_gpu_row_starts_bf16():
+    q, k, v, km, vm, sl = make_inputs(6, 32, 16, 1, 3000, 128, torch.bfloat16, max_len=4096)
+    starts = torch.randint(0, 2000, (6,), device=DEV, dtype=torch.int32)
+    out = mea_decode_triton(q, k, v, km, vm, sl, cache_starts=starts)
+    assert rel_err(out, reference(q, k, v, km, vm, sl, starts)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.float32, 128), (torch.bfloat16, 16),

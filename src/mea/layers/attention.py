@@ -4,60 +4,46 @@ Every variant maps hidden states (B, L, D) to (B, L, D) given an ``AttnInputs`` 
 mask, optional KV cache). Parameter names follow Hugging Face LLaMA (q_proj, k_proj, v_proj,
 o_proj), plus ``k_mix``/``v_mix`` (MEA), ``pre_mix``/``post_mix`` (talking heads),
 ``lambda_*`` (differential) and ``head_norm``.
+
+Each class also owns what is particular to its variant: which stored-head counts it allows
+(``kv_heads_rule``), whether its head norm is on by default, and its attention FLOPs beyond the
+projections (``score_flops``). Parameter counts and KV-cache bytes are read off the modules
+themselves (``models.config``), so no formula is kept by hand.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.attention import fold_mix_into_proj, mix_heads, sdpa, talking_heads_attention
+from ..ops.attention import diff_attention, mix_heads, sdpa, talking_heads_attention
+from ..ops.backend import fold_mixes
 from ..ops.decode import mea_attention_cached
 from .cache import KVCache
 from .norm import HeadNorm
 from .rope import apply_rope
 
-# MEA's training fold of K and V as Triton kernels (mea.ops.triton_fold): one launch each way for both,
-# with the weights' cast folded in, instead of casts and three skinny GEMMs per weight; on an H200 a
-# quarter to a third of the GEMMs' time (docs/performance.md). Used on CUDA for fp16/bf16 products;
-# MEA_TRITON_FOLD=0 (or ``layer.triton_fold = False``) keeps the matmul fold.
-TRITON_FOLD = os.environ.get("MEA_TRITON_FOLD", "1") == "1"
-# The head norm's weight folded into o_proj's (W_O diag(g)) on the full-sequence path, so that the
-# norm's token-sized work is a scale per head and row, and the weight's gradient comes from a
-# weight-sized product instead of a reduction over every token: on an H200 it took a third to a half of
-# the norm's cost off a training step (docs/performance.md). MEA_FOLD_NORM_GAIN=0 (or
-# ``layer.fold_norm_gain = False``) applies the weight to the tokens instead.
-FOLD_NORM_GAIN = os.environ.get("MEA_FOLD_NORM_GAIN", "1") == "1"
-_triton_fold = None
-try:  # only where CUDA is present, so a CPU-only `import mea` never imports triton
-    if torch.cuda.is_available():
-        from ..ops.triton_fold import fold_mixes_triton as _triton_fold
-except ImportError:  # no triton: the matmul form serves
-    pass
-
-
-def _half_compute(weight: Tensor) -> bool:
-    """Whether a product with this weight runs in fp16/bf16 (autocast, or half weights): the Triton fold's
-    tensor-core products serve those; fp32 training keeps the matmul fold (cuBLAS fp32)."""
-    dev = weight.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    return dtype in (torch.float16, torch.bfloat16)
-
 
 @dataclass
 class AttnInputs:
-    """What every attention layer of one forward pass shares."""
+    """What every attention layer of one forward pass shares.
+
+    ``mask`` is authoritative; ``spans`` is an optional exact description of it that fast kernels use
+    instead of reading a boolean mask: query t of row b sees keys ``[starts[b], ends[b] - Lq + t]``
+    (for every query that is not padding). It is given only where the mask has that form (a row's keys
+    one contiguous run: left or right padding, never holes), and ``None`` means no such description.
+    """
 
     cos: Tensor
     sin: Tensor
-    mask: Optional[Tensor] = None  # bool (B, 1, Lq, T), True = attend; None = plain causal
+    mask: Optional[Tensor] = None  # bool (B, 1, Lq, T), True = attend; None = causal, queries aligned to the last keys
     cache: Optional[KVCache] = None
     positions: Optional[Tensor] = None  # (B, Lq) cache slots of the new tokens
     kv_len: int = 0  # keys to attend to when a cache is used
+    spans: Optional[tuple[Tensor, Tensor]] = None  # (starts, ends), int (B,)
 
 
 def _plain_linear(*mods: nn.Module) -> bool:
@@ -75,19 +61,31 @@ def mixing_init(n_kv_heads: int, n_heads: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; with fewer key/value heads, grouped-query attention (``mha``, ``gqa``)."""
+    """Multi-head attention (``mha``): every head stores its keys and values."""
+
+    # Stored key/value heads allowed: "all" (h' = h), "divisor" (h' divides h), "any" (1 <= h' <= h).
+    kv_heads_rule = "all"
+    head_norm_default = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads_at(layer_idx), config.head_dim
+        self.backend = config.backend
         D, h, hk, d = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(D, h * d, bias=False)
         self.k_proj = nn.Linear(D, hk * d, bias=False)
         self.v_proj = nn.Linear(D, hk * d, bias=False)
         self.o_proj = nn.Linear(h * d, D, bias=False)
         self.head_norm = HeadNorm(h, d, config.head_norm_eps, config.head_norm_init) if config.head_norm else None
-        self.fold_norm_gain = FOLD_NORM_GAIN
+
+    def reset_parameters(self) -> None:
+        """The variant's own parameters and derived buffers (projections and norms reset themselves)."""
+
+    @staticmethod
+    def score_flops(config, seq_len: int) -> float:
+        """Forward FLOPs per token of one layer's scores and weighted sums (causal: half the square)."""
+        return 2 * (2 * config.n_heads * config.head_dim * seq_len / 2)
 
     def _heads(self, t: Tensor, n: int) -> Tensor:
         B, L, _ = t.shape
@@ -112,8 +110,10 @@ class Attention(nn.Module):
         """(B, h, L, d) attention output -> (B, L, D): the head norm, then o_proj."""
         o = o.transpose(1, 2)  # (B, L, h, d)
         scale = self._out_scale()
-        if (self.head_norm is not None and self.fold_norm_gain and a.cache is None
-                and _plain_linear(self.o_proj)):
+        if self.head_norm is not None and a.cache is None and _plain_linear(self.o_proj):
+            # Full sequences (training): the norm's weight folds into o_proj's, W_O diag(g), so the token-sized
+            # work is a scale per head and row and the weight's gradient a weight-sized product instead of a
+            # reduction over every token (a third to a half of the norm's cost on an H200, docs/performance.md).
             gain = self.head_norm.weight.flatten()
             if scale is not None:
                 gain = gain * scale
@@ -131,37 +131,41 @@ class Attention(nn.Module):
         return self._output(self._attend(q, k, v, a), a)
 
 
+class GroupedQueryAttention(Attention):
+    """Grouped-query attention (``gqa``): h' key/value heads, each shared by h / h' query heads (1 = MQA)."""
+
+    kv_heads_rule = "divisor"
+
+
 class MEAttention(Attention):
     """Multi-head Explicit Attention: keys and values are head-level linear compositions (HLC) of
     h' component heads, ``K_lc = einsum("n j d, j i -> n i d", K_comp, k_mix)``, then a head norm.
 
     Without a cache the mixing is folded into the projection weights (one SDPA call over h heads,
-    MHA cost); with a cache only the h' component heads are stored.
+    MHA cost); with a cache only the h' component heads are stored, and a prefill over an empty cache
+    mixes the chunk's own component heads into composite ones for one causal SDPA call.
     """
+
+    kv_heads_rule = "any"
+    head_norm_default = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.k_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
-        self.v_mix = nn.Parameter(mixing_init(self.n_kv_heads, self.n_heads))
-        self.triton_fold = TRITON_FOLD
+        self.k_mix = nn.Parameter(torch.empty(self.n_kv_heads, self.n_heads))
+        self.v_mix = nn.Parameter(torch.empty(self.n_kv_heads, self.n_heads))
+        self.reset_parameters()
 
-    def _fold(self, weight: Tensor, mix: Tensor) -> Tensor:
-        """The training path's effective K or V weight (a method, so that a benchmark can swap its backward)."""
-        return fold_mix_into_proj(weight, mix, self.head_dim)
-
-    def _fold_kv(self) -> tuple[Tensor, Tensor]:
-        wk, wv = self.k_proj.weight, self.v_proj.weight
-        if (self.triton_fold and _triton_fold is not None and wk.is_cuda and wk.dtype == wv.dtype
-                and self.k_mix.dtype == self.v_mix.dtype and _half_compute(wk)):
-            k_w, v_w = _triton_fold([(wk, self.k_mix), (wv, self.v_mix)], self.head_dim)
-            return k_w, v_w
-        return self._fold(wk, self.k_mix), self._fold(wv, self.v_mix)
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for p in (self.k_mix, self.v_mix):
+                p.copy_(mixing_init(self.n_kv_heads, self.n_heads))
 
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         if a.cache is None:
             q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
             if _plain_linear(self.k_proj, self.v_proj):
-                k_w, v_w = self._fold_kv()
+                k_w, v_w = fold_mixes(self.backend, [(self.k_proj.weight, self.k_mix), (self.v_proj.weight, self.v_mix)],
+                                      self.head_dim)
                 k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
                 v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
             else:  # the projection must run as its module: mix its component heads token by token
@@ -169,7 +173,13 @@ class MEAttention(Attention):
                 v = mix_heads(self._heads(self.v_proj(x), self.n_kv_heads), self.v_mix)
             return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None), a)
         q, k_comp, v_comp = self._qkv(x, a)
-        o = mea_attention_cached(q, k_comp, v_comp, self.k_mix, self.v_mix, mask=a.mask)
+        if a.mask is None and q.shape[2] == k_comp.shape[2] and q.shape[2] > 1:
+            # A prefill over an empty cache: the chunk attends to itself only, so its composite heads are
+            # mixed from its own component heads (RoPE commutes with the mix) for one causal FlashAttention call.
+            o = sdpa(q, mix_heads(k_comp, self.k_mix), mix_heads(v_comp, self.v_mix), causal=True)
+        else:
+            o = mea_attention_cached(q, k_comp, v_comp, self.k_mix, self.v_mix, mask=a.mask, spans=a.spans,
+                                     backend=self.backend)
         return self._output(o, a)
 
 
@@ -179,8 +189,19 @@ class TalkingHeadsAttention(Attention):
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.pre_mix = nn.Parameter(torch.eye(self.n_heads))
-        self.post_mix = nn.Parameter(torch.eye(self.n_heads))
+        self.pre_mix = nn.Parameter(torch.empty(self.n_heads, self.n_heads))
+        self.post_mix = nn.Parameter(torch.empty(self.n_heads, self.n_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.eye_(self.pre_mix)
+        nn.init.eye_(self.post_mix)
+
+    @staticmethod
+    def score_flops(config, seq_len: int) -> float:
+        # the scores and weighted sums, plus mixing the (h x T) score matrix twice
+        h = config.n_heads
+        return Attention.score_flops(config, seq_len) + 2 * (2 * h * h * seq_len / 2)
 
     def _attend(self, q, k, v, a):
         return talking_heads_attention(q, k, v, self.pre_mix, self.post_mix, mask=a.mask, causal=a.mask is None)
@@ -199,6 +220,8 @@ class DiffAttention(Attention):
     (1 - lambda_init). Parameter count equals MHA's plus 4 vectors of d/2.
     """
 
+    head_norm_default = True
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.lambda_init = lambda_init_fn(layer_idx)
@@ -206,10 +229,24 @@ class DiffAttention(Attention):
         # layer instead of specializing (and recompiling) on each layer's constant.
         self.register_buffer("lambda_init_t", torch.tensor(self.lambda_init), persistent=False)
         half = self.head_dim // 2
-        self.lambda_q1 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
-        self.lambda_k1 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
-        self.lambda_q2 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
-        self.lambda_k2 = nn.Parameter(torch.zeros(half).normal_(0, 0.1))
+        self.lambda_q1 = nn.Parameter(torch.empty(half))
+        self.lambda_k1 = nn.Parameter(torch.empty(half))
+        self.lambda_q2 = nn.Parameter(torch.empty(half))
+        self.lambda_k2 = nn.Parameter(torch.empty(half))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(p, 0.0, 0.1)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Derived, never saved: rebuilt after loading onto the meta device."""
+        self.lambda_init_t = torch.tensor(self.lambda_init, device=self.lambda_q1.device)
+
+    @staticmethod
+    def score_flops(config, seq_len: int) -> float:
+        return 1.5 * Attention.score_flops(config, seq_len)  # two (d/2)-wide score maps, two weighted sums of V
 
     def lambda_full(self) -> Tensor:
         l1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
@@ -231,19 +268,15 @@ class DiffAttention(Attention):
         return q, k, v
 
     def _attend(self, q, k, v, a):
-        half = self.head_dim // 2
-        causal = a.mask is None
-        o1 = sdpa(q[..., :half], k[..., :half], v, mask=a.mask, causal=causal)
-        o2 = sdpa(q[..., half:], k[..., half:], v, mask=a.mask, causal=causal)
-        return o1 - self.lambda_full().to(o1.dtype) * o2
+        return diff_attention(q, k, v, self.lambda_full(), mask=a.mask, causal=a.mask is None)
 
     def _out_scale(self):
         return 1.0 - self.lambda_init_t
 
 
-ATTENTION_CLASSES = {
+ATTENTION_CLASSES: dict[str, type[Attention]] = {
     "mha": Attention,
-    "gqa": Attention,
+    "gqa": GroupedQueryAttention,
     "mea": MEAttention,
     "talking_heads": TalkingHeadsAttention,
     "diff": DiffAttention,

@@ -15,6 +15,10 @@ class RotaryEmbedding(nn.Module):
         d = self.head_dim
         return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
 
+    def reset_buffers(self) -> None:
+        """Derived from the config, never saved: rebuilt after loading onto the meta device."""
+        self.inv_freq = self._inv_freq(self.inv_freq.device if self.inv_freq.device.type != "meta" else None)
+
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` casts floating buffers too; the frequencies stay fp32, as Hugging Face's
         # loader keeps them: rounded to bf16 they rotate positions in the thousands by visibly wrong angles.

@@ -1,16 +1,21 @@
-"""Model configuration: one dataclass, named presets, parameter and FLOP counts."""
+"""Model configuration: one dataclass, named presets, parameter and FLOP counts.
+
+What is particular to an attention variant (the stored-head counts it allows, its head norm's
+default, its score FLOPs) is asked of its class in ``mea.layers.attention``; parameter counts are
+read off the modules themselves (built on the meta device), so nothing here is kept in step by hand.
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-ATTENTION_VARIANTS = ("mha", "gqa", "diff", "talking_heads", "mea")
+from ..layers.attention import ATTENTION_CLASSES
+from ..ops.backend import check_backend
 
-# Variants whose head norm is on unless the config says otherwise: MEA (the paper's method) and
-# differential attention (the Differential Transformer's per-head RMSNorm is part of its definition).
-_HEAD_NORM_DEFAULT = {"mha": False, "gqa": False, "diff": True, "talking_heads": False, "mea": True}
+ATTENTION_VARIANTS = tuple(ATTENTION_CLASSES)
 
 
 @dataclass
@@ -26,6 +31,8 @@ class ModelConfig:
     Transformer's (1 - lambda_init) factor plays this role for ``diff``).
     ``layer_kv_heads`` gives each layer its own stored-head count (KV-cache compression of a subset
     of layers); ``None`` means every layer has ``n_kv_heads``.
+    ``backend`` chooses the implementation of MEA's ops, not the model: ``auto``, ``torch`` or
+    ``triton`` (see :mod:`mea.ops.backend`); ``Transformer.set_backend`` changes it on a built model.
     """
 
     vocab_size: int = 50304
@@ -46,12 +53,15 @@ class ModelConfig:
     init_std: float = 0.02
     name: str = "custom"
     layer_kv_heads: Optional[list[int]] = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_VARIANTS:
             raise ValueError(
                 f"attention: unknown variant {self.attention!r}; expected one of {', '.join(ATTENTION_VARIANTS)}"
             )
+        check_backend(self.backend)
+        cls = ATTENTION_CLASSES[self.attention]
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             val = getattr(self, key)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -83,9 +93,9 @@ class ModelConfig:
                 raise ValueError(f"{key}: must be >= 1, got {hk}")
             if hk > h:
                 raise ValueError(f"{key}: {hk} exceeds n_heads={h} (h' must satisfy 1 <= h' <= h)")
-            if self.attention == "gqa" and h % hk:
-                raise ValueError(f"{key}: gqa needs n_kv_heads to divide n_heads, got {hk} and {h}")
-            if self.attention in ("mha", "diff", "talking_heads") and hk != h:
+            if cls.kv_heads_rule == "divisor" and h % hk:
+                raise ValueError(f"{key}: {self.attention} needs n_kv_heads to divide n_heads, got {hk} and {h}")
+            if cls.kv_heads_rule == "all" and hk != h:
                 raise ValueError(
                     f"{key}: attention={self.attention!r} stores all heads; got {hk} != n_heads={h} "
                     "(use 'gqa' or 'mea' for fewer stored heads)"
@@ -96,7 +106,7 @@ class ModelConfig:
             raise ValueError(f"head_dim: diff splits each head into two halves that RoPE rotates, needs a head_dim "
                              f"divisible by 4, got {self.head_dim}")
         if self.head_norm is None:
-            self.head_norm = _HEAD_NORM_DEFAULT[self.attention]
+            self.head_norm = cls.head_norm_default
         if self.d_ff is None:
             # SwiGLU with 2/3 of the usual 4x width keeps the MLP's parameters at 8 d^2; round to 64.
             self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
@@ -115,7 +125,8 @@ class ModelConfig:
         _check_types(overrides)
         kw = dict(PRESETS[name])
         kw.update(name=name)
-        if overrides.get("attention") in ("mha", "diff", "talking_heads") and "n_kv_heads" not in overrides:
+        asked = overrides.get("attention")
+        if asked in ATTENTION_CLASSES and ATTENTION_CLASSES[asked].kv_heads_rule == "all" and "n_kv_heads" not in overrides:
             kw.pop("n_kv_heads", None)  # a GQA preset (smollm2-135m) asked for a variant that stores every head
             kw.pop("layer_kv_heads", None)
         kw.update(overrides)
@@ -146,17 +157,8 @@ class ModelConfig:
     def attention_params(self, n_kv_heads: Optional[int] = None) -> int:
         """Parameters of one attention layer with ``n_kv_heads`` stored heads (default ``n_kv_heads``)."""
         hk = self.n_kv_heads if n_kv_heads is None else n_kv_heads
-        h, d, D = self.n_heads, self.head_dim, self.d_model
-        n = D * h * d + 2 * D * hk * d + h * d * D
-        if self.attention == "mea":
-            n += 2 * hk * h
-        elif self.attention == "talking_heads":
-            n += 2 * h * h
-        elif self.attention == "diff":
-            n += 4 * (d // 2)
-        if self.head_norm:
-            n += h * d
-        return n
+        return _attention_params(ATTENTION_CLASSES[self.attention], self.n_heads, hk, self.head_dim, self.d_model,
+                                 bool(self.head_norm))
 
     def num_params(self, non_embedding: bool = False) -> int:
         per_layer = 3 * self.d_model * self.d_ff + 2 * self.d_model
@@ -169,24 +171,29 @@ class ModelConfig:
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs (forward + backward) per token, for MFU.
 
-        6 N for every weight matmul (lm head included), plus the attention scores and weighted sums
-        (causal, counted as half the full square as in FlashAttention's accounting), plus the
-        variant's extra work: diff computes two score maps; talking heads mixes the h x T score
-        matrix twice. MEA is counted at its minimal work, K and V projected to h' heads; its training
-        path folds the mixing into the weights and projects to all h heads, which at h' < h is more
-        (about 5% of the 125m model's FLOPs at h' = h/2) and is not counted.
+        6 N for every weight matmul (lm head included), plus 3x each layer's forward score FLOPs (the
+        attention scores and weighted sums, causal, counted as half the full square as in
+        FlashAttention's accounting; each variant adds its own extra work, see ``score_flops``). MEA is
+        counted at its minimal work, K and V projected to h' heads; its training path folds the mixing
+        into the weights and projects to all h heads, which at h' < h is more (about 5% of the 125m
+        model's FLOPs at h' = h/2) and is not counted.
         """
         T = seq_len or self.max_seq_len
         matmul_params = self.num_params(non_embedding=True) + self.vocab_size * self.d_model
-        flops = 6 * matmul_params
-        h, d, L = self.n_heads, self.head_dim, self.n_layers
-        # forward: QK^T and AV each 2*h*d*T/2 per token (causal half); backward 2x forward.
-        attn = 3 * (2 * h * d * T / 2) * 2
-        if self.attention == "diff":
-            attn *= 1.5  # two (d/2)-wide score maps, two weighted sums of V
-        if self.attention == "talking_heads":
-            attn += 3 * 2 * (2 * h * h * T / 2)
-        return flops + L * attn
+        return 6 * matmul_params + self.n_layers * 3 * ATTENTION_CLASSES[self.attention].score_flops(self, T)
+
+
+@functools.lru_cache(maxsize=256)
+def _attention_params(cls, n_heads: int, n_kv_heads: int, head_dim: int, d_model: int, head_norm: bool) -> int:
+    """Parameters of one layer of ``cls``, counted on a layer built on the meta device (no memory)."""
+    import torch
+
+    cfg = ModelConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                      attention=next(k for k, v in ATTENTION_CLASSES.items() if v is cls), head_norm=head_norm,
+                      n_layers=1, vocab_size=1)
+    with torch.device("meta"):
+        layer = cls(cfg, 0)
+    return sum(p.numel() for p in layer.parameters())
 
 
 def parse_text_values(values: dict[str, Any]) -> dict[str, Any]:

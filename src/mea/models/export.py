@@ -35,11 +35,8 @@ PathLike = Union[str, os.PathLike]
 SNAPSHOT_EXPORTS = {
     "ModelConfig": "models.config",
     "Transformer": "models.transformer",
-    "Attention": "layers.attention",
+    "padding_mask": "models.transformer",
     "AttnInputs": "layers.attention",
-    "RotaryEmbedding": "layers.rope",
-    "RMSNorm": "layers.norm",
-    "HeadNorm": "layers.norm",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")

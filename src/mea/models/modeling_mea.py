@@ -23,15 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:
-    from mea.layers.attention import Attention, AttnInputs
-    from mea.layers.norm import HeadNorm, RMSNorm
-    from mea.layers.rope import RotaryEmbedding
-    from mea.models.transformer import Transformer
+    from mea.layers.attention import AttnInputs
+    from mea.models.transformer import Transformer, padding_mask
 except ImportError:  # a saved folder loaded with trust_remote_code where mea is not installed
-    from .mea_snapshot import Attention, AttnInputs, HeadNorm, RMSNorm, RotaryEmbedding, Transformer
+    from .mea_snapshot import AttnInputs, Transformer, padding_mask
 
 from .configuration_mea import MEAConfig
 
@@ -42,18 +41,48 @@ AUTO_MAP = {"AutoConfig": "configuration_mea.MEAConfig", "AutoModelForCausalLM":
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+class _GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into preallocated room (doubling when full) instead of
+    concatenating: a decoding step then writes one token instead of copying the whole cache. What it
+    returns, and ``keys``/``values``, are views of the first ``length`` slots, as DynamicLayer's."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        buf = getattr(self, "_buf", None)
+        # Crops and beam reorders replace `keys` by a slice or a copy: keep appending after what is there.
+        if buf is None or n + key_states.shape[-2] > buf[0].shape[-2] or n and self.keys.data_ptr() != buf[0].data_ptr():
+            room = max(2 * (n + key_states.shape[-2]), 64)
+            shape = (*key_states.shape[:2], room, key_states.shape[-1])
+            new = (key_states.new_empty(shape), value_states.new_empty(shape[:3] + value_states.shape[-1:]))
+            if n:
+                new[0][..., :n, :] = self.keys
+                new[1][..., :n, :] = self.values
+            self._buf = buf = new
+        end = n + key_states.shape[-2]
+        buf[0][..., n:end, :] = key_states
+        buf[1][..., n:end, :] = value_states
+        self.keys, self.values = buf[0][..., :end, :], buf[1][..., :end, :]
+        return self.keys, self.values
+
+
 class _CacheView:
     """The one method mea's attention layers call on a cache (``update``), backed by a transformers Cache.
 
     A ``DynamicCache`` returns exactly the keys and values stored so far, which is what mea's layers
-    attend over; caches that return a preallocated buffer (static, sliding) would need their padding
-    masked, and are refused.
+    attend over (its plain layers are swapped for ``_GrowingLayer``s, which append in place); caches that
+    return a preallocated buffer (static, sliding) would need their padding masked, and are refused.
     """
 
     def __init__(self, cache):
         self.cache = cache
 
     def update(self, layer: int, k_new: Tensor, v_new: Tensor, positions, kv_len: int) -> tuple[Tensor, Tensor]:
+        layers = getattr(self.cache, "layers", None)
+        if layers is not None and layer < len(layers) and type(layers[layer]) is DynamicLayer \
+                and not layers[layer].is_initialized:
+            layers[layer] = _GrowingLayer()
         k, v = self.cache.update(k_new, v_new, layer)
         if k.shape[2] != kv_len:
             raise ValueError(
@@ -83,10 +112,6 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = core.lm_head
         self.rotary = core.rotary
         object.__setattr__(self, "_core", core)
-        std = core.config.init_std
-        for name, m in core.named_modules():
-            if isinstance(m, nn.Linear):  # the core's GPT-2 scaling of residual output projections
-                m._mea_init_std = std / (2 * core.config.n_layers) ** 0.5 if name.endswith(("o_proj", "down_proj")) else std
 
     @classmethod
     def from_core(cls, model: Transformer) -> "MEAForCausalLM":
@@ -100,6 +125,13 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
     def core(self) -> Transformer:
         """The :class:`mea.Transformer` that shares this model's weights."""
         return self._core
+
+    def set_backend(self, backend: str) -> "MEAForCausalLM":
+        """Choose the implementation of MEA's ops (``auto``, ``torch``, ``triton``; :mod:`mea.ops.backend`),
+        in the core model and in this config, so a saved folder keeps it."""
+        self._core.set_backend(backend)
+        self.config.backend = backend
+        return self
 
     # ------------------------------------------------------------------ HF plumbing
     def get_input_embeddings(self) -> nn.Module:
@@ -115,66 +147,30 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = value
         self._core.lm_head = value
 
-    def _fresh(self, module: nn.Module) -> nn.Module:
-        """A newly built module of the same kind as ``module`` (rotary or attention), on the CPU."""
-        cfg = self._core.config
-        with torch.device("cpu"):
-            if isinstance(module, RotaryEmbedding):
-                return RotaryEmbedding(2 * module.inv_freq.numel(), cfg.rope_theta)
-            return type(module)(cfg, module.layer_idx)
-
-    @torch.no_grad()
-    def _refresh(self, module: nn.Module, params: bool) -> None:
-        """Rebuild the non-persistent buffers of a rotary or attention module (derived from the config,
-        never saved: after meta-device loading they hold garbage), and with ``params`` its own
-        parameters that transformers has not marked as loaded."""
-        own_params = [(n, p) for n, p in module.named_parameters(recurse=False)
-                      if params and not getattr(p, "_is_hf_initialized", False)]
-        own_buffers = [n for n in module._buffers if n in module._non_persistent_buffers_set]
-        if not own_params and not own_buffers:
-            return
-        fresh = self._fresh(module)
-        for n in own_buffers:
-            old = module._buffers[n]
-            new = fresh._buffers[n]
-            module._buffers[n] = new.to(device=old.device, dtype=old.dtype if old.is_floating_point() else new.dtype)
-        new_params = dict(fresh.named_parameters(recurse=False))
-        for n, p in own_params:
-            p.copy_(new_params[n])
-
     def _refresh_buffers(self) -> None:
+        """Rebuild the derived buffers (RoPE frequencies, diff's lambda_init), never saved: after
+        meta-device loading they hold garbage."""
         for m in self._core.modules():
-            if isinstance(m, (RotaryEmbedding, Attention)):
-                self._refresh(m, params=False)
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
-        if isinstance(model, MEAForCausalLM):  # (output_loading_info=True returns a tuple)
-            model._refresh_buffers()
-        else:
-            model[0]._refresh_buffers()
+        # (output_loading_info=True returns a tuple)
+        (model if isinstance(model, MEAForCausalLM) else model[0])._refresh_buffers()
         return model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialize ``module`` the way the core model does (used for fresh models and missing weights).
-
-        Weights that transformers marks as loaded (``_is_hf_initialized``) are left alone.
-        """
-
-        def todo(p) -> bool:
-            return p is not None and not getattr(p, "_is_hf_initialized", False)
-
-        cfg = self._core.config
-        if isinstance(module, (RotaryEmbedding, Attention)):
-            self._refresh(module, params=True)
-        elif isinstance(module, nn.Linear) and todo(module.weight):
-            module.weight.normal_(0.0, getattr(module, "_mea_init_std", cfg.init_std))
-        elif isinstance(module, nn.Embedding) and todo(module.weight):
-            module.weight.normal_(0.0, cfg.init_std)
-        elif isinstance(module, (RMSNorm, HeadNorm)) and todo(module.weight):
-            module.weight.fill_(1.0)
+        """Initialize ``module``'s own parameters as the core model does (:meth:`Transformer.init_module`):
+        for fresh models and for weights missing from a checkpoint. Weights that transformers marks as
+        loaded (``_is_hf_initialized``) keep their values."""
+        loaded = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)
+                  if getattr(p, "_is_hf_initialized", False)}
+        self._core.init_module(module)
+        for n, value in loaded.items():
+            getattr(module, n).copy_(value)
 
     # ------------------------------------------------------------------ forward
     def _cached_hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor],
@@ -192,20 +188,14 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"attention_mask: expected shape {(B, T)} (past + new tokens), "
                                  f"got {tuple(attention_mask.shape)}")
             am = attention_mask.bool()
-        if position_ids is None:
-            if am is not None:
-                position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)[:, -L:]
-            else:
-                position_ids = torch.arange(past, T, device=dev)[None].expand(B, L)
-        mask = None
+        mask = spans = None
+        positions = torch.arange(past, T, device=dev)[None].expand(B, L)
         if am is not None and not bool(am.all()):
-            q = torch.arange(past, T, device=dev)[:, None]
-            k = torch.arange(T, device=dev)[None, :]
-            mask = ((k <= q)[None] & am[:, None, :]) | (k == q)[None]  # a padding query sees itself only
-            mask = mask[:, None]
+            mask, spans, positions = padding_mask(am, L, spans=True)
+        position_ids = positions if position_ids is None else position_ids
         x = core.model.embed_tokens(input_ids)
         cos, sin = core.rotary(position_ids, x.dtype)
-        a = AttnInputs(cos=cos, sin=sin, mask=mask, cache=_CacheView(cache), positions=None, kv_len=T)
+        a = AttnInputs(cos=cos, sin=sin, mask=mask, cache=_CacheView(cache), positions=None, kv_len=T, spans=spans)
         return core.run_layers(x, a, states)
 
     def forward(

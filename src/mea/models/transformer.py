@@ -5,21 +5,20 @@ Module names match Hugging Face's LlamaForCausalLM, so weights map onto HF check
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..layers.attention import AttnInputs, build_attention
+from ..layers.attention import Attention, AttnInputs, build_attention
 from ..layers.cache import KVCache
 from ..layers.mlp import SwiGLU
-from ..layers.norm import RMSNorm
+from ..layers.norm import HeadNorm, RMSNorm
 from ..layers.rope import RotaryEmbedding
+from ..ops.backend import check_backend
 from .config import ModelConfig
-from .sampling import sample_next_token
 
 
 class DecoderLayer(nn.Module):
@@ -57,6 +56,10 @@ class Transformer(nn.Module):
         # Differential attention rotates each half-head (d/2) as a head of its own.
         rope_dim = config.head_dim // 2 if config.attention == "diff" else config.head_dim
         self.rotary = RotaryEmbedding(rope_dim, config.rope_theta)
+        residual_scale = 1.0 / math.sqrt(2 * config.n_layers)
+        for layer in self.model.layers:  # GPT-2's scaling of the projections that write the residual stream
+            layer.self_attn.o_proj._mea_std_scale = residual_scale
+            layer.mlp.down_proj._mea_std_scale = residual_scale
         self.reset_parameters()
 
     @property
@@ -68,26 +71,48 @@ class Transformer(nn.Module):
     def gradient_checkpointing(self, on: bool) -> None:
         self.model.gradient_checkpointing = bool(on)
 
+    def set_backend(self, backend: str) -> "Transformer":
+        """Choose the implementation of MEA's ops for this model: ``auto``, ``torch`` or ``triton``
+        (:mod:`mea.ops.backend`); the model's config records it."""
+        self.config.backend = check_backend(backend)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+        return self
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for weights; residual output projections scaled by 1/sqrt(2 L) (GPT-2).
-        Norms, mixing matrices and lambdas keep their own initialization."""
+        """Every parameter as a fresh model has it (see :meth:`init_module`)."""
+        for m in self.modules():
+            self.init_module(m)
+
+    def init_module(self, module: nn.Module) -> None:
+        """(Re)initialize the parameters ``module`` itself owns (not its children's): Normal(0, init_std) for
+        linear and embedding weights, with the residual output projections (o_proj, down_proj) scaled by
+        1/sqrt(2 L) as in GPT-2; norms, mixing matrices and lambdas by their own ``reset_parameters``.
+        The Hugging Face wrapper initializes through this too, so both build the same fresh model."""
         std = self.config.init_std
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj", "down_proj")) else std
-                nn.init.normal_(m.weight, 0.0, s)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std * getattr(module, "_mea_std_scale", 1.0))
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, (RMSNorm, HeadNorm, Attention)):
+            module.reset_parameters()
+        if isinstance(module, (RotaryEmbedding, Attention)) and hasattr(module, "reset_buffers"):
+            module.reset_buffers()
 
     # ------------------------------------------------------------------ forward
     def _attn_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor],
-                     cache: Optional[KVCache], dtype: torch.dtype, whole_cache: bool = False) -> AttnInputs:
-        """``whole_cache``: attend over the cache's whole buffer, masked past each row's length, instead
-        of its used prefix: every shape is then fixed and nothing waits for the host (what a CUDA graph
-        needs), at the cost of attending over the unused tail. The caller makes sure it fits."""
+                     cache: Optional[KVCache], dtype: torch.dtype, whole_cache: int = 0) -> AttnInputs:
+        """``whole_cache`` (a key count): attend over the cache's first ``whole_cache`` slots, masked past
+        each row's length, instead of its used prefix: every shape is then fixed and nothing waits for the
+        host (what a CUDA graph needs). The caller makes sure every row's keys fit."""
         B, L = input_ids.shape
         dev = input_ids.device
-        mask = positions = None
+        mask = positions = spans = None
         kv_len = 0
         if cache is not None:
             if cache.batch_size != B:
@@ -103,31 +128,30 @@ class Transformer(nn.Module):
                 raise ValueError("attention_mask: with a cache, new tokens must be right-padded (pads last)")
             positions = cache.seqlens[:, None] + torch.arange(L, device=dev)
             if whole_cache:
-                kv_len = cache.max_len
+                kv_len = whole_cache
             else:
                 kv_len = int(positions.max()) + 1
                 if kv_len > cache.max_len:
                     raise ValueError(f"cache: {kv_len} positions needed, the cache holds {cache.max_len}")
             if position_ids is None:
                 position_ids = positions
-            mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+            if whole_cache or kv_len != L:
+                mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+                spans = (None, positions[:, -1] + 1)  # every row's keys start at slot 0
+            # else: a prefill over an empty cache; right padding comes after every real token, so the
+            # plain causal square (mask None: FlashAttention) is exact for every real token.
         elif attention_mask is not None:
-            am = attention_mask.bool()
+            mask, _, pos = padding_mask(attention_mask, L)
             if position_ids is None:
-                position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-            mask = causal[None] & am[:, None, :]
-            # A padding query sees no key; let it see itself so softmax stays finite (its output is unused).
-            mask = mask | torch.eye(L, dtype=torch.bool, device=dev)[None]
-            mask = mask[:, None]
+                position_ids = pos
         if position_ids is None:
             position_ids = torch.arange(L, device=dev)[None].expand(B, L)
         cos, sin = self.rotary(position_ids, dtype)
-        return AttnInputs(cos=cos, sin=sin, mask=mask, cache=cache, positions=positions, kv_len=kv_len)
+        return AttnInputs(cos=cos, sin=sin, mask=mask, cache=cache, positions=positions, kv_len=kv_len, spans=spans)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                       position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None,
-                      whole_cache: bool = False, states: Optional[list] = None) -> Tensor:
+                      whole_cache: int = 0, states: Optional[list] = None) -> Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (batch, seq), got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
@@ -168,77 +192,36 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # ------------------------------------------------------------------ generation
-    def _decode_step(self, tok: Tensor, cache: KVCache) -> Tensor:
+    def decode_step(self, tok: Tensor, cache: KVCache, keys: int) -> Tensor:
         """Logits (B, vocab) of one new token per row, ``tok`` (B, 1), appended to ``cache``.
 
-        The same computation as ``self(tok, cache=cache)[:, -1]`` but over the cache's whole buffer
-        (``whole_cache``): fixed shapes, no host synchronization, so a CUDA graph can capture it.
+        The same computation as ``self(tok, cache=cache)[:, -1]`` but over the cache's first ``keys``
+        slots (``whole_cache``): fixed shapes, no host synchronization, so a CUDA graph can capture it.
         """
-        return self.lm_head(self.hidden_states(tok, cache=cache, whole_cache=True))[:, -1]
+        return self.lm_head(self.hidden_states(tok, cache=cache, whole_cache=keys))[:, -1]
 
-    @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, attention_mask: Optional[Tensor] = None,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, cuda_graph: Optional[bool] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, cuda_graph: Optional[bool] = None,
+                 on_token: Optional[Callable[[Tensor], None]] = None) -> Tensor:
         """Greedy (temperature 0) or sampled continuation; returns (B, L + new) like HF's generate.
 
         Prompts may be left- or right-padded (``attention_mask``): each row's real tokens are packed
         to the front of its cache row, so padding never enters attention. Rows that emit
         ``eos_token_id`` are filled with ``pad_token_id`` (default: the eos id) afterwards.
 
-        ``cuda_graph``: capture one decoding step in a CUDA graph and replay it, which takes the
-        host's per-launch overhead out of every step (each step then attends over the whole
-        preallocated cache, masked; greedy tokens agree with the eager path up to floating-point
-        rounding). None (default): on for CUDA inputs with at least ``GRAPH_MIN_STEPS`` decoding
-        steps, off elsewhere; True forces it (CUDA only); False decodes eagerly. If capture fails, a
-        warning says why and decoding continues eagerly. Sampling stays outside the graph.
+        ``cuda_graph``: capture decoding steps in CUDA graphs and replay them, which takes the host's
+        per-launch overhead out of every step (greedy tokens agree with the eager path up to
+        floating-point rounding). None (default): on for CUDA inputs with at least ``GRAPH_MIN_STEPS``
+        decoding steps, off elsewhere; True forces it (CUDA only); False decodes eagerly. If capture
+        fails, a warning says why and decoding continues eagerly. Sampling stays outside the graph.
+        ``on_token``: called with each step's tokens (B,) as they come (streaming).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
-        B, L = input_ids.shape
-        dev = input_ids.device
-        if cuda_graph and dev.type != "cuda":
-            raise ValueError(f"cuda_graph=True: CUDA graphs need the model and input_ids on a CUDA device, "
-                             f"got {dev}; pass cuda_graph=None or False")
-        if cuda_graph is None:
-            cuda_graph = dev.type == "cuda" and max_new_tokens - 1 >= GRAPH_MIN_STEPS
-        am = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        lengths = am.long().sum(-1)
-        if (lengths == 0).any():
-            raise ValueError("input_ids: every prompt needs at least one token (a row is all padding)")
-        # Pack each row's tokens to the front (stable, so order is kept), whatever side was padded.
-        order = torch.argsort((~am).to(torch.int8), dim=1, stable=True)
-        packed = input_ids.gather(1, order)
-        packed_mask = torch.arange(L, device=dev)[None] < lengths[:, None]
-        dtype = next(self.parameters()).dtype
-        cache = KVCache.for_model(self.config, B, L + max_new_tokens, dtype=dtype, device=dev)
-        logits = self(packed, attention_mask=packed_mask, cache=cache)
-        next_logits = logits[torch.arange(B, device=dev), lengths - 1]
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        graphed = _GraphedDecodeStep(self, cache) if cuda_graph else None
-        out = []
-        for step in range(max_new_tokens):
-            tok = sample_next_token(next_logits, temperature, top_k, top_p, generator)
-            done_before = finished.clone()
-            out.append(torch.where(done_before, torch.full_like(tok, pad), tok))
-            if eos_token_id is not None:
-                finished |= tok == eos_token_id
-                if bool(finished.all()):
-                    break
-            if step + 1 < max_new_tokens:
-                # A finished row goes on reading eos, not the pad id: its output is unused, and a pad id
-                # that is no token (-1) must not reach the embedding.
-                feed = torch.where(done_before, torch.full_like(tok, eos_token_id), tok) if eos_token_id is not None else tok
-                if graphed is not None and not graphed.failed:
-                    next_logits = graphed(feed)
-                else:
-                    next_logits = self(feed[:, None], cache=cache)[:, -1]
-        new = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
-        if new.shape[1] < max_new_tokens:
-            new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=pad)
-        return torch.cat([input_ids, new], dim=1)
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id,
+                        pad_token_id, generator, cuda_graph, on_token)
 
     def compile_layers(self, **kwargs) -> "Transformer":
         """torch.compile each decoder layer in place: every layer runs the same compiled code, so
@@ -257,71 +240,27 @@ class Transformer(nn.Module):
         return n
 
 
-# With cuda_graph=None, generate() captures a graph only for at least this many decoding steps: the
-# first step runs eagerly as the warm-up and capturing costs about as much as a few eager steps.
-GRAPH_MIN_STEPS = 4
+def padding_mask(attention_mask: Tensor, n_new: int, spans: bool = False
+                 ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]], Tensor]:
+    """Attention over padded rows, from a (B, T) 0/1 mask over past + new tokens (Hugging Face's
+    convention): (mask (B, 1, n_new, T), spans, position_ids (B, n_new)).
 
-
-class _GraphedDecodeStep:
-    """``Transformer._decode_step`` over one cache, captured in a CUDA graph on the first call and
-    replayed on the next ones: the new token goes through a static input buffer, the logits come
-    back in a static output buffer (overwritten by the next call: read it before calling again).
-
-    Everything the step touches keeps its address: the parameters, the cache's preallocated K/V
-    buffers and its per-row lengths (a device tensor, advanced in place by the graph itself).
+    A new token sees the earlier and same-position keys its row marks real; a padding token sees only
+    itself, so softmax stays finite (its output is unused). Positions count a row's real tokens.
+    ``spans=True`` also describes the mask as one span per row, ``(starts, ends)`` (see ``AttnInputs``),
+    where each row's real tokens are one run ending at the last slot (left padding); else None. That
+    check costs a host sync.
     """
-
-    def __init__(self, model: Transformer, cache: KVCache):
-        self.model, self.cache = model, cache
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.failed = False
-        self.replays = 0
-
-    def __call__(self, tok: Tensor) -> Tensor:
-        """tok (B,) -> logits (B, vocab) of that token appended to the cache."""
-        if self.graph is None:
-            return self._warm_up_and_capture(tok)
-        self.tok.copy_(tok[:, None])
-        self.graph.replay()
-        self.replays += 1
-        return self.logits
-
-    def _warm_up_and_capture(self, tok: Tensor) -> Tensor:
-        self.tok = tok[:, None].clone()
-        # The warm-up is this step itself (the cache advances once), run on a side stream as
-        # torch.cuda.graph asks: it compiles Triton kernels and sets up library handles, which
-        # must not happen during capture.
-        side = torch.cuda.Stream(device=tok.device)
-        side.wait_stream(torch.cuda.current_stream(tok.device))
-        with torch.cuda.stream(side):
-            logits = self.model._decode_step(self.tok, self.cache)
-        torch.cuda.current_stream(tok.device).wait_stream(side)
-        logits.record_stream(torch.cuda.current_stream(tok.device))
-        # Capturing records the kernels without running them: the cache is untouched until a replay.
-        # (By hand rather than `with torch.cuda.graph(...)`: if capture fails, that context manager
-        # leaves its capture stream current, and the eager fallback would then run on it.)
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(tok.device)
-        failure: Optional[Exception] = None
-        with torch.cuda.stream(torch.cuda.Stream(device=tok.device)):
-            graph.capture_begin()
-            try:
-                self.logits = self.model._decode_step(self.tok, self.cache)
-            except Exception as e:  # end the capture whatever happened, then decide
-                failure = e
-            try:
-                graph.capture_end()
-            except RuntimeError as e:
-                failure = failure or e
-        if failure is not None:
-            if not isinstance(failure, RuntimeError):
-                raise failure
-            # An op that syncs with the host or cannot be captured (CUDA reports it as a RuntimeError).
-            self.failed = True
-            msg = str(failure).strip().splitlines()
-            warnings.warn(f"generate: capturing the decoding step in a CUDA graph failed, decoding eagerly "
-                          f"instead ({type(failure).__name__}: {msg[0] if msg else ''})", RuntimeWarning,
-                          stacklevel=3)
-            return logits
-        self.graph = graph
-        return logits
+    am = attention_mask.bool()
+    B, T = am.shape
+    dev = am.device
+    q = torch.arange(T - n_new, T, device=dev)[:, None]
+    k = torch.arange(T, device=dev)[None, :]
+    mask = (((k <= q)[None] & am[:, None, :]) | (k == q)[None])[:, None]
+    position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
+    described = None
+    if spans:
+        starts = T - am.long().sum(-1)
+        if bool((am == (k >= starts[:, None])).all()):
+            described = (starts, torch.full_like(starts, T))
+    return mask, described, position_ids

@@ -36,21 +36,38 @@ def fold_mix_into_proj(weight: Tensor, mix: Tensor, head_dim: int) -> Tensor:
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False,
          scale: Optional[float] = None) -> Tensor:
-    """Scaled dot-product attention; keys/values with fewer heads are shared by groups of queries."""
+    """Scaled dot-product attention; keys/values with fewer heads are shared by groups of queries.
+
+    Grouped keys are never copied: a plain causal square (training, prefill) goes to SDPA with
+    ``enable_gqa`` (FlashAttention reads the groups in place); anything with a mask or an offset
+    (decoding) folds each group's query heads into the query rows of one key/value head, an ordinary
+    attention over h' heads that every SDPA back-end takes, reading each cached key once per group.
+    """
     h, hk = q.shape[1], k.shape[1]
-    if hk != h:
-        if h % hk:
-            raise ValueError(f"sdpa: {hk} key/value heads do not divide {h} query heads")
-        k = k.repeat_interleave(h // hk, dim=1)
-        v = v.repeat_interleave(h // hk, dim=1)
-    if mask is not None:
+    if hk != h and h % hk:
+        raise ValueError(f"sdpa: {hk} key/value heads do not divide {h} query heads")
+    Lq, T = q.shape[2], k.shape[2]
+    if mask is None and causal and Lq > 1 and Lq != T:
+        mask = causal_mask(Lq, T, q.device)
+    if mask is None:
+        square = causal and Lq > 1
+        if hk == h:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=square, scale=scale)
+        if square:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    elif hk == h:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if causal and q.shape[2] > 1:
-        if q.shape[2] != k.shape[2]:
-            mask = causal_mask(q.shape[2], k.shape[2], q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # The grouped view: (B, h, Lq, d) -> (B, h', g * Lq, d), rows ordered (head in group, token).
+    B, g, d = q.shape[0], h // hk, q.shape[-1]
+    qg = q.reshape(B, hk, g * Lq, d)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if mask.shape[1] == 1:  # every head alike: each group's rows repeat the token rows
+            mask = mask.expand(-1, -1, Lq, T).repeat(1, 1, g, 1)
+        else:
+            mask = mask.expand(-1, h, Lq, T).reshape(mask.shape[0], hk, g * Lq, T)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return o.reshape(B, h, Lq, d)
 
 
 def causal_mask(lq: int, t: int, device=None) -> Tensor:
@@ -123,3 +140,13 @@ def talking_heads_attention(q: Tensor, k: Tensor, v: Tensor, pre_mix: Tensor, po
     p = torch.softmax(s.float(), dim=-1).to(q.dtype)
     p = mix_heads(p, post_mix)
     return torch.matmul(p, v)
+
+
+def diff_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Optional[Tensor] = None,
+                   causal: bool = False) -> Tensor:
+    """Differential attention (Ye et al. 2024): (A1 - lambda A2) V, where A1 and A2 are the softmax maps of
+    the first and second halves of each head's query and key channels (d/2 each; values keep d)."""
+    half = q.shape[-1] // 2
+    o1 = sdpa(q[..., :half], k[..., :half], v, mask=mask, causal=causal)
+    o2 = sdpa(q[..., half:], k[..., half:], v, mask=mask, causal=causal)
+    return o1 - lam.to(o1.dtype) * o2

@@ -53,7 +53,7 @@ def _kv_offsets(offs_n, n_ok, bt_row, stride_kp, stride_kn, stride_vp, stride_vn
 
 
 @triton.jit
-def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, first, row_len, start, end, HK, qk_scale,
                        stride_kp, stride_kh, stride_kn, stride_kd, stride_vp, stride_vh, stride_vn, stride_vd,
                        stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -74,7 +74,7 @@ def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
             s += tl.dot(q, k, input_precision=DOT_PRECISION) * (wk * qk_scale)[:, None]
-        s = tl.where(offs_n[None, :] < row_len[:, None], s, float("-inf"))
+        s = tl.where((offs_n[None, :] >= first) & (offs_n[None, :] < row_len[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that sees no key of this block yet keeps m = -inf; shift by 0 so no NaN appears.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -92,7 +92,7 @@ def _attend_rows_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
 
 
 @triton.jit
-def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, first, row_len, start, end, HK, qk_scale,
                        stride_kp, stride_kh, stride_kn, stride_kd, stride_vp, stride_vh, stride_vn, stride_vd,
                        stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -115,7 +115,7 @@ def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             wk = tl.load(WK + j * stride_wkj + head * stride_wki, mask=row_ok, other=0.0).to(tl.float32)
             s += tl.dot(k, q_t, input_precision=DOT_PRECISION) * (wk * qk_scale)[None, :]
-        s = tl.where(offs_n[:, None] < row_len[None, :], s, float("-inf"))
+        s = tl.where((offs_n[:, None] >= first) & (offs_n[:, None] < row_len[None, :]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
@@ -133,7 +133,7 @@ def _attend_keys_major(q, k_base, v_base, WK, WV, head, row_ok, row_len, start, 
 
 @triton.jit
 def _mea_decode_split_kernel(
-    Q, K, V, WK, WV, SEQLENS, BT, OUT, O_PART, LSE_PART,
+    Q, K, V, WK, WV, SEQLENS, STARTS, BT, OUT, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -144,7 +144,7 @@ def _mea_decode_split_kernel(
     n_rows, LQ, HK, T, split_len, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT: tl.constexpr, KEYS_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -159,10 +159,16 @@ def _mea_decode_split_kernel(
     d_ok = offs_d < D
 
     seqlen = tl.minimum(tl.load(SEQLENS + b).to(tl.int32), T)
-    # Keys visible to row r: [0, row_len[r]).
+    # Keys visible to row r: [first, row_len[r]), first = the row's start (left padding) or 0.
     row_len = seqlen - LQ + 1 + tok
     start = pid_s * split_len
     end = tl.minimum(start + split_len, seqlen)
+    first = 0
+    if HAS_STARTS:
+        first = tl.load(STARTS + b).to(tl.int32)
+        # Skip the key tiles wholly before the row's first key; tiles stay aligned to BLOCK_N (a split's
+        # last tile must not reach into the next split), the partial one is masked.
+        start = tl.maximum(start, (first // BLOCK_N) * BLOCK_N)
 
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_ql
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -174,13 +180,13 @@ def _mea_decode_split_kernel(
     bt_row = BT + b * stride_btb
     if KEYS_MAJOR:
         acc, l_i, m_i = _attend_keys_major(
-            q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+            q, k_base, v_base, WK, WV, head, row_ok, first, row_len, start, end, HK, qk_scale,
             stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
             stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
             PAGED, PAGE)
     else:
         acc, l_i, m_i = _attend_rows_major(
-            q, k_base, v_base, WK, WV, head, row_ok, row_len, start, end, HK, qk_scale,
+            q, k_base, v_base, WK, WV, head, row_ok, first, row_len, start, end, HK, qk_scale,
             stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
             stride_wkj, stride_wki, stride_wvj, stride_wvi, bt_row, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
             PAGED, PAGE)
@@ -277,8 +283,8 @@ def decode_launch_config(batch: int, n_rows: int, cache_len: int, head_dim: int,
 
 
 def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor, cache_seqlens: Tensor,
-               block_table: Optional[Tensor], scale: float, num_splits: int, block_n: int, num_warps: int,
-               num_stages: int, keys_major: int) -> Tensor:
+                 cache_starts: Optional[Tensor], block_table: Optional[Tensor], scale: float, num_splits: int,
+                 block_n: int, num_warps: int, num_stages: int, keys_major: int) -> Tensor:
     B, h, Lq, d = q.shape
     hk = k_cache.shape[1]
     paged = block_table is not None
@@ -301,13 +307,15 @@ def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_m
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (cfg["m_blocks"], cfg["num_splits"], B)
     _mea_decode_split_kernel[grid](
-        q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, block_table if paged else cache_seqlens,
+        q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, cache_seqlens if cache_starts is None else cache_starts,
+        block_table if paged else cache_seqlens,
         out, o_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_mix.stride(), *v_mix.stride(), *out.stride(),
         *sp, *sl, block_table.stride(0) if paged else 0,
         n_rows, Lq, hk, T, cfg["split_len"], scale * _LOG2E,
         D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], DIRECT=direct,
         KEYS_MAJOR=cfg["keys_major"], DOT_PRECISION=precision, PAGED=paged, PAGE=k_cache.shape[2] if paged else 1,
+        HAS_STARTS=cache_starts is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -325,13 +333,14 @@ _decode_op = torch.library.custom_op("mea::decode", mutates_args=())(_decode_imp
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, block_table, scale, num_splits, block_n, num_warps,
-      num_stages, keys_major):
+def _(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens, cache_starts, block_table, scale, num_splits, block_n,
+      num_warps, num_stages, keys_major):
     return q.new_empty(q.shape)
 
 
 def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor, v_mix: Tensor,
-                      cache_seqlens: Optional[Tensor] = None, *, block_table: Optional[Tensor] = None,
+                      cache_seqlens: Optional[Tensor] = None, *, cache_starts: Optional[Tensor] = None,
+                      block_table: Optional[Tensor] = None,
                       scale: Optional[float] = None, num_splits: int = 0, block_n: int = 0, num_warps: int = 0,
                       num_stages: int = 0, keys_major: int = -1) -> Tensor:
     """MEA attention of a few new tokens over a cache of component heads (the ``mea::decode`` op).
@@ -344,7 +353,9 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
         k_mix: key mixing matrix W^K (h', h): composite key i is sum_j W^K[j, i] k_j.
         v_mix: value mixing matrix W^V (h', h).
         cache_seqlens: int (B,) keys valid for the LAST query of each row (clamped to T); query t sees
-            keys ``[0, cache_seqlens[b] - Lq + t]``. None: every row holds T keys.
+            keys ``[cache_starts[b], cache_seqlens[b] - Lq + t]``. None: every row holds T keys.
+        cache_starts: int (B,) first valid key of each row (a left-padded batch keeps its padding at the
+            front of the cache); None: 0 for every row.
         block_table: paged layout (as in vLLM / flash-attn's ``block_table``): int (B, max_pages); then
             ``k_cache``/``v_cache`` are pools of pages (num_pages, h', page_size, d) and key n of row b
             is slot ``n % page_size`` of page ``block_table[b, n // page_size]``; T = max_pages x
@@ -390,9 +401,13 @@ def mea_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_mix: Tensor
     elif cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"mea_decode_triton: cache_seqlens must be int32/int64 of shape ({B},), got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if cache_starts is not None and (cache_starts.shape != (B,) or cache_starts.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"mea_decode_triton: cache_starts must be int32/int64 of shape ({B},), got "
+                         f"{cache_starts.dtype} {tuple(cache_starts.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     op = _decode_op if torch.compiler.is_compiling() else _decode_impl
     return op(q, k_cache, v_cache, k_mix, v_mix, cache_seqlens.to(q.device).contiguous(),
+              None if cache_starts is None else cache_starts.to(q.device).contiguous(),
               block_table.contiguous() if paged else None, scale, num_splits, block_n, num_warps, num_stages,
               keys_major)
 
@@ -415,40 +430,3 @@ def to_paged(k_cache: Tensor, v_cache: Tensor, page_size: int, spare_pages: int 
         return out
 
     return pool(k_cache), pool(v_cache), perm.view(B, n).to(torch.int32)
-
-
-def mea_decode_fast(q: Tensor, k_comp: Tensor, v_comp: Tensor, k_mix: Tensor, v_mix: Tensor,
-                    mask: Optional[Tensor]) -> Optional[Tensor]:
-    """``_FAST_DECODE`` adapter for ``mea_attention_cached``; returns None to decline.
-
-    The per-row lengths are read off the mask's last query row, ``mask[:, 0, -1].sum(-1)``: exact for
-    the masks a ``KVCache`` step builds (each row's keys a prefix, query t seeing one key more than
-    query t-1), which is the only mask decoding produces. A mask of another form (a sliding window,
-    holes inside the prefix) would be misread, so call ``mea_decode_triton`` with explicit
-    ``cache_seqlens`` in that case. Declines: CPU tensors (unless ``TRITON_INTERPRET=1``), inputs that
-    need gradients, other dtypes, masks not shaped (B or 1, 1, Lq, T).
-    """
-    if not (q.is_cuda or interpreting()):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_comp, v_comp, k_mix, v_mix)):
-        return None
-    if q.dtype not in _DTYPES or k_comp.dtype != q.dtype or v_comp.dtype != q.dtype:
-        return None
-    if q.stride(-1) != 1 or k_comp.stride(-1) != 1 or v_comp.stride(-1) != 1:
-        return None
-    B, T = q.shape[0], k_comp.shape[2]
-    if mask is None:
-        seqlens = None
-    else:
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or mask.shape[-1] != T:
-            return None
-        seqlens = mask[:, 0, -1].sum(-1, dtype=torch.int32).expand(B).contiguous()
-    return mea_decode_triton(q, k_comp, v_comp, k_mix, v_mix, seqlens)
-
-
-def register() -> None:
-    """Put the adapter in ``mea.ops.decode._FAST_DECODE`` (idempotent)."""
-    from .decode import _FAST_DECODE
-
-    if mea_decode_fast not in _FAST_DECODE:
-        _FAST_DECODE.append(mea_decode_fast)
