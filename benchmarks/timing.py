@@ -28,6 +28,81 @@ def allow_compiled_variants(n: int = 64) -> None:
             setattr(torch._dynamo.config, knob, n)
 
 
+def parse_variants(spec: str) -> list[str]:
+    """Split a comma-separated variant list, keeping commas inside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [v for v in out + [cur.strip()] if v]
+
+
+def variant_config(preset: str, variant: str, **overrides):
+    """A ModelConfig from a variant name: ``mha``, ``gqa(N)``, ``mea(N)`` or ``mea`` (h' = h), where N is
+    a stored-head count or ``h/2``, ``h/4``; ``@torch`` / ``@triton`` at the end picks the backend."""
+    from mea import ModelConfig
+
+    name, _, backend = variant.partition("@")
+    attention, _, arg = name.partition("(")
+    kw = dict(overrides)
+    if backend:
+        kw["backend"] = backend
+    if arg:
+        arg = arg.rstrip(")")
+        h = ModelConfig.from_preset(preset).n_heads
+        kw["n_kv_heads"] = h // int(arg[2:]) if arg.startswith("h/") else int(arg)
+    return ModelConfig.from_preset(preset, attention=attention, **kw)
+
+
+def build_variant(preset: str, variant: str, dtype=torch.bfloat16, device: str = "cuda", seed: int = 0, **overrides):
+    """A randomly initialized model of ``variant`` (see ``variant_config``), in ``dtype`` on ``device``, eval."""
+    from mea import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(variant_config(preset, variant, **overrides)).to(device=device, dtype=dtype).eval()
+
+
+def meta(what: str, **extra) -> dict:
+    """Device, versions and date for a results file."""
+    import datetime
+    import platform
+
+    info = dict(what=what, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, python=platform.python_version(),
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import subprocess
+
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=__file__.rsplit("/", 2)[0]).stdout.strip() or None
+    except OSError:
+        pass
+    return {**info, **extra}
+
+
+def save_json(result: dict, path) -> None:
+    """Write ``result`` atomically (a run cut short keeps what it had measured)."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
 # Layer attributes (not ModelConfig fields) that benchmark variants set: MEA's fold as Triton kernels
 # (mea.ops.triton_fold), and the head norm's weight folded into o_proj's (False: on the tokens).
 LAYER_FLAGS = ("triton_fold", "fold_norm_gain")

@@ -158,66 +158,91 @@ def test_gpu_real_sizes(hk, h, d, D):
     assert rel_err(w.grad, gw_ref) < 1e-5 and rel_err(m.grad, gm_ref) < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("n_kv_heads,head_norm,fold_gain", [(8, True, False), (8, False, False), (3, True, False),
-                                                          (3, True, True)])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, head_norm, fold_gain, compiled):
-    """``layer.triton_fold = True`` changes how W_eff is computed, not what the layer does: outputs and
-    every parameter's gradient agree with the matmul fold under bf16 autocast (and compiled); so does
-    ``fold_norm_gain`` (the head norm's weight in o_proj's) on top of it."""
-    from mea import ModelConfig
-    from mea.layers.attention import AttnInputs, build_attention
-    from mea.layers.rope import RotaryEmbedding
+@pytest.fixture
+def fold_calls(monkeypatch):
+    """Counts the Triton fold launches that the layers make (through mea.ops.backend.fold_mixes)."""
+    from mea.ops import triton_fold
 
-    cfg = ModelConfig(vocab_size=256, d_model=512, n_layers=1, n_heads=8, n_kv_heads=n_kv_heads, attention="mea",
-                      head_norm=head_norm, max_seq_len=128)
+    calls = []
+    real = triton_fold.fold_mixes_triton
+    monkeypatch.setattr(triton_fold, "fold_mixes_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _mea_layer(device, n_kv_heads=3, head_norm=True, d_model=64, n_heads=4):
+    from mea import ModelConfig
+    from mea.layers.attention import build_attention
+
+    cfg = ModelConfig(vocab_size=256, d_model=d_model, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      attention="mea", head_norm=head_norm, max_seq_len=128)
     torch.manual_seed(0)
-    layer = build_attention(cfg, 0).cuda()
+    layer = build_attention(cfg, 0).to(device)
     with torch.no_grad():
         layer.k_mix.add_(0.1 * torch.randn_like(layer.k_mix))
         layer.v_mix.add_(0.1 * torch.randn_like(layer.v_mix))
-    x = torch.randn(2, 100, cfg.d_model, device="cuda")
-    dy = torch.randn(2, 100, cfg.d_model, device="cuda")
-    cos, sin = RotaryEmbedding(cfg.head_dim).cuda()(torch.arange(100, device="cuda")[None].expand(2, -1),
-                                                     torch.bfloat16)
+    return cfg, layer
+
+
+def _layer_runs(layer, cfg, device, backends, compiled=False, autocast=False, L=100):
+    from mea.layers.attention import AttnInputs
+    from mea.layers.rope import RotaryEmbedding
+
+    x = torch.randn(2, L, cfg.d_model, device=device)
+    dy = torch.randn(2, L, cfg.d_model, device=device)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    cos, sin = RotaryEmbedding(cfg.head_dim).to(device)(torch.arange(L, device=device)[None].expand(2, -1), dtype)
     results = []
-    for triton_fold in (False, True):
-        layer.triton_fold = triton_fold
-        layer.fold_norm_gain = fold_gain and triton_fold
+    for backend in backends:
+        layer.backend = backend
         layer.zero_grad(set_to_none=True)
         fn = torch.compile(layer) if compiled else layer
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             y = fn(x, AttnInputs(cos=cos, sin=sin))
         y.backward(dy)
         results.append((y.float(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    (y0, g0), (y1, g1) = results
+    return results
+
+
+def test_mea_layer_backend_triton_matches_torch(fold_calls):
+    """The training path's fold through the backend switch: ``triton`` (interpreted here, fp32) runs the
+    kernels and gives the outputs and gradients of ``torch``, which runs none."""
+    cfg, layer = _mea_layer(DEV)
+    (y0, g0), (y1, g1) = _layer_runs(layer, cfg, DEV, ["torch", "triton"], L=12)
+    assert len(fold_calls) == 1
+    assert rel_err(y1, y0) < 1e-5
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_kv_heads,head_norm", [(8, True), (8, False), (3, True)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_mea_layer_with_the_triton_fold_matches_the_matmul_fold(n_kv_heads, head_norm, compiled, fold_calls):
+    """The backend changes how W_eff is computed, not what the layer does: outputs and every parameter's
+    gradient agree between ``triton`` (the kernels) and ``torch`` (the matmul fold) under bf16 autocast
+    (and compiled)."""
+    cfg, layer = _mea_layer("cuda", n_kv_heads, head_norm, d_model=512, n_heads=8)
+    (y0, g0), (y1, g1) = _layer_runs(layer, cfg, "cuda", ["torch", "triton"], compiled=compiled, autocast=True)
+    assert fold_calls
     assert rel_err(y1, y0) < 2e-2
     for name in g0:
         assert rel_err(g1[name], g0[name]) < 3e-2, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fp32_training_keeps_the_matmul_fold(monkeypatch):
+def test_gpu_auto_keeps_fp32_training_on_the_matmul_fold(fold_calls):
     """Without autocast the layer's products are fp32, which the Triton fold would take as exact fp32
-    products (far slower than cuBLAS): ``triton_fold`` then leaves the fold to the matmul form."""
-    import mea.layers.attention as attention
-    from mea import ModelConfig
-
-    calls = []
-    monkeypatch.setattr(attention, "_triton_fold", lambda *a, **k: calls.append(1) or fold_mixes_triton(*a, **k))
-    cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, attention="mea", max_seq_len=64)
-    layer = attention.build_attention(cfg, 0).cuda()
-    layer.triton_fold = True
-    layer._fold_kv()
-    assert not calls
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        k_w, _ = layer._fold_kv()
-    assert calls and k_w.dtype == torch.bfloat16
+    products (far slower than cuBLAS): ``auto`` then leaves the fold to the matmul form; under bf16
+    autocast it takes the kernels."""
+    cfg, layer = _mea_layer("cuda", 2)
+    _layer_runs(layer, cfg, "cuda", ["auto"])
+    assert not fold_calls
+    _layer_runs(layer, cfg, "cuda", ["auto"], autocast=True)
+    assert fold_calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fsdp2_sharded_model_with_the_triton_fold(tmp_path, monkeypatch):
+def test_gpu_fsdp2_sharded_model_with_the_triton_fold(tmp_path, fold_calls):
     """Under FSDP2 (one rank here; each layer fully_shard-ed) the layers' weights reach the fold as the
     unsharded parameters: the Triton fold runs there, and the loss and every gradient match the unsharded
     model's."""
@@ -228,7 +253,6 @@ def test_gpu_fsdp2_sharded_model_with_the_triton_fold(tmp_path, monkeypatch):
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch 2.5
         from torch.distributed._composable.fsdp import fully_shard
-    import mea.layers.attention as attention
     from mea import ModelConfig, Transformer
 
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -242,15 +266,13 @@ def test_gpu_fsdp2_sharded_model_with_the_triton_fold(tmp_path, monkeypatch):
             fully_shard(layer)
         fully_shard(sharded)
         ids = torch.randint(0, 256, (2, 64), device="cuda")
-        calls = []
-        monkeypatch.setattr(attention, "_triton_fold", lambda *a, **k: calls.append(1) or fold_mixes_triton(*a, **k))
         losses = []
         for model in (ref, sharded):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model.loss(ids, ids)
             loss.backward()
             losses.append(loss.item())
-        assert len(calls) == 2 * cfg.n_layers
+        assert len(fold_calls) == 2 * cfg.n_layers
         assert abs(losses[0] - losses[1]) < 1e-5
         for (name, p), q in zip(ref.named_parameters(), sharded.parameters()):
             grad = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
