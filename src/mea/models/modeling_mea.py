@@ -266,7 +266,7 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
 def write_remote_code(out_dir) -> None:
     """Write configuration_mea.py, modeling_mea.py and mea_snapshot.py into ``out_dir``."""
     try:
-        from mea.models.export import write_remote_code as write
+        from mea.models.remote_code import write_remote_code as write
     except ImportError:  # running from a saved folder: copy the files this model was loaded from
         def write(out):
             here = Path(__file__).parent

