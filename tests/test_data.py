@@ -556,3 +556,106 @@ def test_already_prepared_is_said_once_per_command(tmp_path, capsys):
     assert capsys.readouterr().err.count("already prepared") == 1
     train, val = _open_data(DataConfig(corpus=str(out)))
     assert train.num_tokens > 0 and val.num_tokens > 0
+
+
+# ---------------------------------------------------------------- SWORD modules (pysword)
+
+def _sword_module(root: Path, record: int, driver: str) -> None:
+    """A tiny SWORD commentary in zVerse format: Genesis 1:0 (an introduction), 1:1, 1:2 linking to
+    1:1, 1:3 and 2:1, in one zlib block; ``record`` is the index's record size (10, or 12 for zVerse4)."""
+    import struct
+    import zlib
+
+    from pysword.books import BibleStructure
+
+    data = root / "usr/share/sword/modules/comments/zcom/test"
+    data.mkdir(parents=True)
+    (root / "usr/share/sword/mods.d").mkdir(parents=True)
+    (root / "usr/share/sword/mods.d/test.conf").write_text(
+        f"[Test]\nDataPath=./modules/comments/zcom/test/\nModDrv={driver}\nBlockType=BOOK\nCompressType=ZIP\n"
+        "SourceType=OSIS\nEncoding=UTF-8\n")
+    entries = {3: "<chapter n=\"1\"/>An introduction.", 4: "First<note>a footnote</note> verse.",
+               6: "Third verse.", 36: "<title>Second</title>chapter."}  # slots: see pysword's BibleStructure
+    blob, where = b"", {}
+    for slot, text in entries.items():
+        where[slot] = (len(blob), len(text.encode()))
+        blob += text.encode()
+    where[5] = where[4]  # 1:2 links to 1:1
+    n_slots = 2 + sum(b.size for b in BibleStructure("kjv").get_books()["ot"])
+    index = bytearray(record * n_slots)
+    for slot, (start, size) in where.items():
+        struct.pack_into("<IIH" if record == 10 else "<III", index, slot * record, 0, start, size)
+    z = zlib.compress(blob)
+    (data / "ot.bzv").write_bytes(bytes(index))
+    (data / "ot.bzs").write_bytes(struct.pack("<III", 0, len(z), len(blob)))
+    (data / "ot.bzz").write_bytes(z)
+
+
+@pytest.mark.parametrize("record,driver", [(10, "zCom"), (12, "zCom4"), (10, "zCom4")])
+def test_sword_modules_are_read_without_the_sword_tools(tmp_path, record, driver):
+    """SWORD Bibles and commentaries are read in Python (pysword), introductions included and links once;
+    the index's record size comes from the index itself (Debian's MHCC says zCom4 over 10-byte records)."""
+    pytest.importorskip("pysword")
+    from mea.data.sources import _sword, _sword_entries
+
+    _sword_module(tmp_path, record, driver)
+    keys = [k for k, _ in _sword_entries(tmp_path, "Test")]
+    assert keys == ["Genesis 1:0", "Genesis 1:1", "Genesis 1:3", "Genesis 2:1"]
+    docs = dict(_sword("Test", "\n")(tmp_path))
+    # (the footnote leaves a space that the pipeline's whitespace cleaning folds)
+    assert docs == {"Genesis 001": "An introduction.\nFirst  verse.\nThird verse.", "Genesis 002": "Second\nchapter."}
+
+
+def test_sword_sources_need_no_apt_only_tool():
+    from mea.data.sources import CORPORA, SOURCES
+
+    for name in ("web_bible", "treasury_of_david", "mhcc"):
+        assert SOURCES[name].tools == () and SOURCES[name].modules == ("pysword",) and name in CORPORA["prose"]
+
+
+@pytest.mark.slow
+def test_the_debian_sword_packages_read_with_pysword():
+    """The three SWORD packages of `prose`, fetched with apt-get download and read in Python: one document
+    per chapter (per psalm), MHCC's text whole (the SWORD tools read it garbled, each entry running on)."""
+    pytest.importorskip("pysword")
+    from mea.data.fetch import unpack
+    from mea.data.sources import SOURCES
+
+    if SOURCES["web_bible"].missing():
+        pytest.skip(SOURCES["web_bible"].missing())
+    docs = {name: dict(SOURCES[name].extract(unpack(SOURCES[name].package)))
+            for name in ("web_bible", "treasury_of_david", "mhcc")}
+    assert {n: len(d) for n, d in docs.items()} == {"web_bible": 1469, "treasury_of_david": 151, "mhcc": 1194}
+    assert "In the beginning, God created the heavens and the earth." in docs["web_bible"]["Genesis 001"]
+    assert docs["treasury_of_david"]["Psalms 023"].startswith("Psalm 23 OVERVIEW")
+    mhcc = docs["mhcc"]["Genesis 001"]
+    assert mhcc.startswith("Genesis") and "Let there be light" in mhcc and not re.search(r"^Verses? \d", mhcc, re.M)
+    assert 3_800_000 < sum(len(t) for t in docs["mhcc"].values()) < 4_000_000
+
+
+def test_a_corpus_built_by_older_recipes_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """A registry corpus prepared before a recipe changed (the SWORD modules read another way) is built
+    again, so that a corpus name means the same tokens on every machine."""
+    from mea.data import prepare, sources
+    from mea.data.prepare import ensure_corpus
+
+    monkeypatch.setattr(prepare, "cache_dir", lambda: tmp_path)
+    monkeypatch.setitem(sources.CORPORA, "test_own", {"own": 1.0})
+
+    def extract(root):
+        for i in range(8):
+            yield str(i), f"Document number {i} of a source of our own, long enough to keep. " * 8
+
+    monkeypatch.setitem(sources.SOURCES, "own", sources.Source("own", Package("pypi", "own", "1", "0" * 64), extract,
+                                                               "A", "CC0", "test"))
+    monkeypatch.setattr(prepare, "unpack", lambda package: tmp_path)
+    out = ensure_corpus("test_own")
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["request"]["recipes"] == sources.RECIPES
+    ensure_corpus("test_own")
+    assert "already prepared" in capsys.readouterr().err
+    del m["request"]["recipes"]  # as written before recipes had a version
+    (out / MANIFEST).write_text(json.dumps(m))
+    ensure_corpus("test_own")
+    assert "built by older source recipes; rebuilding it" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text())["request"]["recipes"] == sources.RECIPES

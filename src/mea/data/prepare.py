@@ -114,6 +114,10 @@ def _request(corpus, weights, files, hf_dataset, val_fraction, seed) -> dict:
     req = {"corpus": corpus, "sources": weights, "files": sorted(str(Path(f).resolve()) for f in files or []),
            "hf_dataset": hf_dataset, "val_fraction": val_fraction, "seed": seed,
            "max_doc_chars": MAX_DOC_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+    if weights:
+        from .sources import RECIPES
+
+        req["recipes"] = RECIPES
     if files:  # the same paths with other contents are another corpus
         req["files_sha256"] = _files_sha256(_list_files(files))
     return req
@@ -200,17 +204,23 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
         except (ValueError, FileNotFoundError) as e:
             say(f"{out_dir} holds an unusable corpus ({e}); rebuilding it")
         else:
-            if not _same_request(manifest, request):
+            have = manifest.get("request") or {}
+            stale = have.get("recipes") != request.get("recipes") and {**have, "recipes": request.get("recipes")} == request
+            if stale:  # the same request, made when a recipe extracted other text
+                say(f"{out_dir} was built by older source recipes; rebuilding it so that it is the same corpus "
+                    "as on every other machine")
+            elif not _same_request(manifest, request):
                 raise ValueError(f"{out_dir} was prepared with other settings or other file contents "
                                  f"({manifest.get('request')}); pass force=True (--force true) to rebuild it, or "
                                  f"another out directory")
-            say(f"already prepared: {_summary(out_dir, manifest)}", warning=False)
-            now = [s["name"] for s in manifest.get("skipped", [])
-                   if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
-            if now and asked:
-                say(f"{out_dir} was built without {', '.join(now)}, which this machine could build now; "
-                    "rebuild it with --force true to include them")
-            return str(out_dir)
+            if not stale:
+                say(f"already prepared: {_summary(out_dir, manifest)}", warning=False)
+                now = [s["name"] for s in manifest.get("skipped", [])
+                       if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
+                if now and asked:
+                    say(f"{out_dir} was built without {', '.join(now)}, which this machine could build now; "
+                        "rebuild it with --force true to include them")
+                return str(out_dir)
 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() and not force:
         raise ValueError(f"{out_dir} exists and is not a prepared corpus (no {MANIFEST}); refusing to overwrite "

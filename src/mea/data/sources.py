@@ -74,6 +74,9 @@ TOOL_HINTS = {
 MODULE_PACKAGES = {"rdata": "rdata", "lxml": "lxml", "pysword": "pysword==0.2.8"}
 
 SOURCES: dict[str, Source] = {}
+# The recipes' version, part of every registry corpus's request: raised when a recipe extracts other text
+# than before, so that a corpus built earlier is rebuilt (2: the SWORD modules read with pysword).
+RECIPES = 2
 
 
 def register_source(source: Source, replace: bool = False) -> Source:
