@@ -38,9 +38,11 @@ _SAID: set[str] = set()
 def say(message: str, warning: bool = True) -> None:
     """Tell the user ``message`` in one line on stderr, once per process: ``mea: warning: ...`` (in words,
     without the source line that ``warnings.warn`` prints), or as it is with ``warning=False``."""
+    from tqdm.auto import tqdm
+
     if message not in _SAID:
         _SAID.add(message)
-        print(f"mea: warning: {message}" if warning else message, file=sys.stderr)
+        tqdm.write(f"mea: warning: {message}" if warning else message, file=sys.stderr)  # on its own line
 
 
 def _unit_hash(*parts) -> float:
