@@ -14,7 +14,6 @@ for SmolLM2-sized models. ``--heal_steps 0`` gives the before-healing part alone
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -22,23 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str = "cpu") -> float:
     """exp(mean next-token NLL) over (n, L) windows, each predicting its tokens 1..L-1."""
-    from tqdm.auto import tqdm
+    from mea.models.loss import window_loss
 
-    model.eval()
-    nll, count = 0.0, 0
-    for ids in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False):
-        ids = ids.to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            logits = model(ids[:, :-1])
-        nll += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+    def autocast():
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu")
+
+    return window_loss(model, windows.split(batch_size), device, autocast, progress=True, desc="perplexity").ppl
 
 
 def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -> dict:
@@ -116,7 +108,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         eval_procs: zero-shot evaluations sharing each GPU at once.
     """
     from mea.convert.convert import calibrate, convert_loaded, source_tokenizer
-    from mea.convert.corpus import corpus_for_model, corpus_windows
+    from mea.data.windows import corpus_for_model, corpus_windows
     from mea.io import load_model
 
     model = str(Path(model).expanduser())

@@ -228,15 +228,25 @@ def test_activation_fit_beats_svd_on_calibration_keys():
         assert s["k_rel_err_weights"] <= m["k_rel_err_weights"] + 1e-12
 
 
-def test_calibration_windows_and_an_empty_layer_list():
-    from mea.convert.calibration import windows
-    from mea.convert.convert import check_request
+def test_calibration_windows_and_an_empty_layer_list(tmp_path):
+    from mea.convert.convert import calibration_tokens, check_request
+    from mea.data.windows import fixed_windows
 
     ids = torch.arange(2000)
-    assert windows(ids, 512, 256).shape == (1, 512)      # fewer tokens asked than a window: one window
-    assert windows(ids, 512, 1200).shape == (2, 512)
-    with pytest.raises(ValueError, match="calibration text: 100 tokens"):
-        windows(torch.arange(100), 512, 4096)
+    assert fixed_windows(ids, 512, max_windows=1).shape == (1, 512)
+    assert torch.equal(fixed_windows(ids, 512, max_windows=2), ids[:1024].view(2, 512))
+    assert torch.equal(fixed_windows(ids, 11, 10)[1], ids[10:21])  # the trainer's windows: one token of overlap
+    assert fixed_windows(torch.arange(100), 512).shape == (0, 512)
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_TEXT)
+    n = len(__import__("mea.data.tokenizer", fromlist=["load_tokenizer"]).load_tokenizer().encode(CALIB_TEXT))
+    assert n >= 64
+    assert calibration_tokens(None, 50304, 16, 32, str(text)).shape == (1, 32)  # fewer tokens asked than a window
+    assert calibration_tokens(None, 50304, 64, 32, str(text)).shape == (2, 32)
+    with pytest.raises(ValueError, match=f"calibration text: {n} tokens"):
+        calibration_tokens(None, 50304, 4096, n + 1, str(text))
+    with pytest.raises(ValueError, match="calib_seq_len"):
+        calibration_tokens(None, 50304, 4096, 1, str(text))
     with pytest.raises(ValueError, match="no layer selected"):
         check_request(tiny("mha", n_heads=4, n_kv_heads=4).config, 2, [])
 
@@ -530,7 +540,7 @@ def byte_tokenizer_folder(path):
 
 def test_retokenize_corpus_keeps_the_text(tmp_path):
     """The corpus re-encoded with another tokenizer.json holds the same documents, in the same order."""
-    from mea.convert.corpus import corpus_windows, retokenize_corpus
+    from mea.data.windows import corpus_windows, retokenize_corpus
     from mea.data.shards import TokenDataset, read_manifest
     from mea.data.tokenizer import load_tokenizer
 
@@ -575,7 +585,7 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
     import shutil
 
     pytest.importorskip("transformers")
-    from mea.convert.corpus import retokenize_corpus
+    from mea.data.windows import retokenize_corpus
     from mea.eval.evaluate import load_for_eval
     from mea.io.hf import export_hf, tokenizer_folder
     from mea.train.pretrain import pretrain
@@ -749,7 +759,7 @@ def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
     import yaml
 
     transformers = pytest.importorskip("transformers")
-    from mea.convert.corpus import corpus_in_model_tokens
+    from mea.data.windows import corpus_in_model_tokens
     from mea.data.shards import read_manifest
     from mea.train.config import DataConfig, TrainConfig
     from mea.train.pretrain import pretrain
@@ -801,11 +811,11 @@ def test_retokenizing_reads_gpt2_documents_whatever_corpus_it_is_given(tmp_path)
     import numpy as np
     from tokenizers import Tokenizer
 
-    from mea.convert.corpus import (_stream_documents, corpus_for_model, corpus_windows, end_of_document_id,
-                                    gpt2_source, retokenize_corpus)
+    from mea.data.windows import (corpus_for_model, corpus_windows, end_of_document_id, gpt2_source,
+                                  retokenize_corpus, stream_documents)
 
     eos = 50256
-    docs = [d.tolist() for d in _stream_documents([np.array([1, 2, eos, 3, 4]), np.array([5, eos, 6])], eos)]
+    docs = [d.tolist() for d in stream_documents([np.array([1, 2, eos, 3, 4]), np.array([5, eos, 6])], eos)]
     assert docs == [[1, 2], [3, 4, 5], [6]]
 
     gpt2_dir = tiny_corpus(tmp_path / "corpus")

@@ -164,18 +164,31 @@ def test_run_directory_and_bad_inputs(tmp_path, corpus):
         evaluate(str(tmp_path / "run"), tasks="", corpus=str(tmp_path))
 
 
-def test_perplexity_with_another_tokenizer_sees_the_same_text(corpus, monkeypatch):
+def test_perplexity_with_another_tokenizer_sees_the_same_text(corpus, tmp_path, monkeypatch):
+    """A tokenizer that is not GPT-2's is scored on the corpus re-tokenized for it, the text the trainer
+    validates on: GPT-2's own tokenizer with one more token re-tokenizes the corpus to the same ids
+    (decode + re-encode is lossless, the separator is <|endoftext|>), so every number is the same."""
+    from transformers import AutoTokenizer
+
     from mea.data.shards import TokenDataset
+    from mea.data.windows import corpus_in_model_tokens
     from mea.eval import perplexity
     from mea.io.hf import gpt2_hf_tokenizer
     from mea.models.modeling_mea import MEAForCausalLM
 
+    monkeypatch.setenv("MEA_CACHE", str(tmp_path / "cache"))  # the re-tokenized copy goes here
     tok = gpt2_hf_tokenizer()
-    ds = TokenDataset(corpus, "val")
-    shard = torch.from_numpy(__import__("numpy").concatenate([s[:] for s in ds.shards]).astype("int64"))
-    assert torch.equal(torch.from_numpy(perplexity._retokenize(ds, tok)), shard)  # decode + re-encode is lossless
+    tok.add_special_tokens({"additional_special_tokens": ["<|another|>"]})  # another vocabulary
+    tok.save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    retokenized = Path(corpus_in_model_tokens(str(corpus), tmp_path / "tok", verbose=False))
+    assert retokenized != corpus and retokenized.is_relative_to(tmp_path / "cache")
+    shard, again = (torch.from_numpy(__import__("numpy").concatenate([s[:] for s in TokenDataset(d, "val").shards])
+                                     .astype("int64")) for d in (corpus, retokenized))
+    assert torch.equal(again, shard)  # decode + re-encode is lossless
     model = MEAForCausalLM.from_core(tiny_model())
     direct = perplexity.corpus_perplexity(model, tok, corpus=str(corpus), seq_len=32, progress=False)
+    assert direct["tokens"] == "gpt2 shards"
     monkeypatch.setattr(perplexity, "is_gpt2_tokenizer", lambda t: False)
     retok = perplexity.corpus_perplexity(model, tok, corpus=str(corpus), seq_len=32, progress=False)
     assert retok["tokens"].startswith("re-tokenized")

@@ -167,7 +167,7 @@ fi
 if has smollm2 && [ -f "$SMOL" ]; then
   stage $(( $(left) - 30 )) $PY -m mea.cli import-gguf
   # Re-tokenize the corpus once, before two processes want it.
-  stage $(( $(left) - 30 )) $PY -c "from mea.convert.corpus import corpus_for_model; from pathlib import Path; \
+  stage $(( $(left) - 30 )) $PY -c "from mea.data.windows import corpus_for_model; from pathlib import Path; \
 print(corpus_for_model(Path('$CACHE/models/SmolLM2-135M-Instruct.Q4_1')))"
   ( export CUDA_VISIBLE_DEVICES=0; table smollm2_compression smollm2_all ) > "$OUT/smollm2_all.log" 2>&1 &
   p1=$!

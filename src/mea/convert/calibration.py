@@ -60,15 +60,3 @@ def input_covariances(model: Transformer, batches: Iterable[Tensor], layers: Opt
             hk.remove()
         model.train(was_training)
     return covs, n_tokens
-
-
-def windows(ids: Tensor, seq_len: int, n_tokens: int) -> Tensor:
-    """Cut a 1-D token stream into (n, seq_len) windows holding at most ``n_tokens`` tokens."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len: must be >= 2, got {seq_len}")
-    if ids.numel() < seq_len:
-        raise ValueError(
-            f"calibration text: {ids.numel()} tokens, fewer than one window of {seq_len}; give more text or a shorter seq_len"
-        )
-    n = max(1, min(n_tokens, ids.numel()) // seq_len)  # at least one window, as from a corpus
-    return ids[: n * seq_len].view(n, seq_len)

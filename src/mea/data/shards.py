@@ -1,16 +1,18 @@
 """Token shards on disk: write them (uint16 memmaps plus ``manifest.json``) and read training batches.
 
 A prepared directory holds ``<split>_<k>.bin`` files of raw little-endian uint16 token ids and a
-``manifest.json`` that lists every shard with its token count. :class:`TokenDataset` serves
-training batches as a pure function of ``(seed, step, rank, world_size)``, so that a resumed or
-re-sharded run reads exactly the same tokens, and fixed validation windows.
+``manifest.json`` that lists every shard with its token count and sha256. :class:`TokenDataset`
+checks its split's shards when it opens them (:func:`verify_shards`) and serves training batches as a
+pure function of ``(seed, step, rank, world_size)``, so that a resumed or re-sharded run reads
+exactly the same tokens. Fixed validation windows are ``mea.data.windows.validation_batches``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -20,7 +22,8 @@ DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in 16 bits; half the bytes of 
 
 
 class ShardWriter:
-    """Append token arrays to ``<split>_<k>.bin`` files of at most `shard_tokens` tokens each."""
+    """Append token arrays to ``<split>_<k>.bin`` files of at most `shard_tokens` tokens each; each
+    shard's record (``close()``) holds its file name, token count and sha256."""
 
     def __init__(self, directory: os.PathLike, split: str, shard_tokens: int = 1 << 27):
         if shard_tokens <= 0:
@@ -30,11 +33,12 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self.shards: list[dict] = []
         self._f = None
-        self._n = 0
+        self._sha = None
 
     def _open(self):
         name = f"{self.split}_{len(self.shards):04d}.bin"
         self._f = open(self.dir / name, "wb")
+        self._sha = hashlib.sha256()
         self.shards.append({"file": name, "tokens": 0})
 
     def write(self, tokens: Sequence[int] | np.ndarray) -> None:
@@ -48,7 +52,9 @@ class ShardWriter:
                 self._open()
             room = self.shard_tokens - self.shards[-1]["tokens"]
             part, arr = arr[:room], arr[room:]
-            self._f.write(part.tobytes())
+            data = part.tobytes()
+            self._f.write(data)
+            self._sha.update(data)
             self.shards[-1]["tokens"] += int(part.size)
 
     @property
@@ -59,6 +65,7 @@ class ShardWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+            self.shards[-1]["sha256"] = self._sha.hexdigest()
         return self.shards
 
 
@@ -93,6 +100,90 @@ def read_manifest(path: os.PathLike) -> dict:
     return manifest
 
 
+# Shards found intact in this process, by (path, size, mtime_ns, sha256): each is read once per process.
+_VERIFIED: set[tuple] = set()
+# Beside the shards, the same record across processes: {file: [size, mtime_ns, sha256]} of shards found
+# intact, so that a 100M-token corpus is not read through at every start. A shard written since (a new
+# mtime) is read again.
+VERIFIED = ".verified.json"
+
+
+def rebuild_hint(path: os.PathLike, manifest: dict) -> str:
+    """How to rebuild the prepared directory ``path``, for error messages."""
+    d = Path(path)
+    if manifest.get("source"):
+        return (f"it is a copy of {manifest['source']} re-tokenized for a model: delete {d}, and the next "
+                "command that needs it (mea pretrain --init_from, mea convert, mea evaluate) re-tokenizes it")
+    req = manifest.get("request") or {}
+    if req.get("files"):
+        what = "--files '[" + ", ".join(req["files"]) + "]'"
+    elif str(req.get("hf_dataset") or ""):
+        what = f"--hf_dataset {req['hf_dataset']}"
+    else:
+        what = f"--corpus {req.get('corpus') or manifest.get('corpus', 'prose')}"
+        from .sources import CORPORA
+
+        chosen = sorted(req.get("sources") or [])
+        if chosen and chosen != sorted(CORPORA.get(req.get("corpus"), {})):
+            what += " --sources '[" + ", ".join(chosen) + "]'"
+    return f"rebuild it with: mea prepare-data {what} --out {d} --force true"
+
+
+def _scan(f: Path) -> tuple[str, int]:
+    """(sha256, largest token id) of a shard file, read once in chunks."""
+    sha, top = hashlib.sha256(), -1
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            sha.update(chunk)
+            top = max(top, int(np.frombuffer(chunk[: len(chunk) // 2 * 2], dtype=DTYPE).max(initial=0)))
+    return sha.hexdigest(), top
+
+
+def verify_shards(path: os.PathLike, manifest: dict, splits: Optional[Sequence[str]] = None) -> None:
+    """Check the shards of ``splits`` (default all) against the manifest: each file's sha256, and every
+    token id below the manifest's vocabulary size. A shard of a manifest written before checksums is
+    only checked by size (:func:`read_manifest`).
+
+    Raises:
+        ValueError: one line naming the damaged shard and how to rebuild the directory.
+    """
+    d = Path(path)
+    vocab = int(manifest.get("tokenizer", {}).get("vocab_size") or 0)
+    record_file = d / VERIFIED
+    try:
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    found = {}
+    for split in splits or list(manifest.get("splits", {})):
+        for shard in manifest["splits"][split].get("shards", []):
+            want = shard.get("sha256")
+            if want is None:
+                continue
+            f = d / shard["file"]
+            st = f.stat()
+            key = (str(f.resolve()), st.st_size, st.st_mtime_ns, want)
+            if key in _VERIFIED:
+                continue
+            if record.get(shard["file"]) != [st.st_size, st.st_mtime_ns, want]:
+                sha, top = _scan(f)
+                if sha != want:
+                    raise ValueError(f"shard {f} is damaged: its sha256 is not the one in {d / MANIFEST}; "
+                                     + rebuild_hint(d, manifest))
+                if vocab and top >= vocab:
+                    raise ValueError(f"shard {f} is damaged: it holds token id {top}, outside the vocabulary of "
+                                     f"{vocab} ids in {d / MANIFEST}; " + rebuild_hint(d, manifest))
+                found[shard["file"]] = [st.st_size, st.st_mtime_ns, want]
+            _VERIFIED.add(key)
+    if found:
+        try:  # best effort: a shared corpus may be read-only to this user
+            tmp = d / f"{VERIFIED}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({**record, **found}))
+            os.replace(tmp, record_file)
+        except OSError:
+            pass
+
+
 class TokenDataset:
     """All shards of one split of a prepared directory, as read-only memmaps.
 
@@ -108,6 +199,7 @@ class TokenDataset:
         if split not in splits:
             raise ValueError(f"{self.path} has no split {split!r}; it has {sorted(splits)}")
         self.split = split
+        verify_shards(self.path, self.manifest, [split])
         self.shards = [np.memmap(self.path / s["file"], dtype=DTYPE, mode="r", shape=(s["tokens"],))
                        for s in splits[split]["shards"] if s["tokens"] > 0]
         self.num_tokens = int(sum(len(s) for s in self.shards))
@@ -174,26 +266,3 @@ class TokenDataset:
             rows.append(self._window(int(self._permutation(seed, epoch, n)[pos]), seq_len, offsets))
         w = torch.from_numpy(np.stack(rows).astype(np.int64))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-    def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int] = None) -> Iterator:
-        """Yield (x, y) batches of consecutive windows from the start of the split, identical on every call.
-
-        The last batch may be smaller than `batch_size`; windows that would cross a shard end are left out.
-        """
-        import torch
-
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
-        counts = self._window_counts(seq_len)
-        if counts.sum() == 0:
-            raise ValueError(f"split {self.split!r} ({self.num_tokens} tokens) is shorter than one window of "
-                             f"seq_len + 1 = {seq_len + 1} tokens")
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        total = int(counts.sum())
-        n_batches = -(-total // batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, int(max_batches))
-        for b in range(n_batches):
-            idx = range(b * batch_size, min(total, (b + 1) * batch_size))
-            w = torch.from_numpy(np.stack([self._window(i, seq_len, offsets) for i in idx]).astype(np.int64))
-            yield w[:, :-1].contiguous(), w[:, 1:].contiguous()

@@ -37,7 +37,7 @@ class Source:
         tier: A (clean running prose), B (software manuals), C (PDF manuals), D (dictionaries, e-mail).
         license: licence of the text itself.
         description: one line for docs and the manifest.
-        tools: executables the extractor needs besides the registry client (``mod2imp``).
+        tools: executables the extractor needs besides the registry client (``pdftotext``).
         modules: Python modules the extractor needs (``rdata``, ``lxml``).
     """
 
@@ -68,13 +68,15 @@ TOOL_HINTS = {
     "npm": " (install Node.js and npm)",
     "apt-get": " (a Debian or Ubuntu system is needed)",
     "dpkg-deb": " (a Debian or Ubuntu system is needed)",
-    "mod2imp": " (apt-get install libsword-utils)",
     "pdftotext": " (apt-get install poppler-utils)",
     "pod2text": " (it comes with Perl: apt-get install perl)",
 }
-MODULE_PACKAGES = {"rdata": "rdata", "lxml": "lxml"}
+MODULE_PACKAGES = {"rdata": "rdata", "lxml": "lxml", "pysword": "pysword==0.2.8"}
 
 SOURCES: dict[str, Source] = {}
+# The recipes' version, part of every registry corpus's request: raised when a recipe extracts other text
+# than before, so that a corpus built earlier is rebuilt (2: the SWORD modules read with pysword).
+RECIPES = 2
 
 
 def register_source(source: Source, replace: bool = False) -> Source:
@@ -167,28 +169,70 @@ def _austen(root: Path) -> Iterator[Document]:
             yield f"{book}-{i:03d}", ch
 
 
-def _mod2imp(root: Path, module: str) -> list[tuple[str, str]]:
-    """(key, raw entry) pairs of a SWORD module exported with ``mod2imp`` from an unpacked package."""
+def _sword_entries(root: Path, module: str) -> Iterator[tuple[str, str]]:
+    """(key, raw entry) pairs of a SWORD Bible or commentary module in an unpacked package, in canon
+    order, read with pysword: keys are "Book chapter:verse", with verse 0 for a chapter's introduction
+    and "Book 0:0" for the book's. Empty entries and links (a verse that points at the entry before
+    it, as a commentary's "Verses 3-5" does) are left out.
+
+    pysword reads the zText format, and commentaries (zCom) are stored the same way. The index's
+    record size (10 bytes, or 12 for the "4" formats) is taken from the index file itself: MHCC's
+    module says zCom4 but holds 10-byte records (the SWORD tools, which believe the module, read
+    its text garbled)."""
+    import functools
+
+    from pysword.bible import SwordBible
+    from pysword.modules import SwordModules
+
     sword = _only(root, "usr/share/sword")
-    env = {**os.environ, "SWORD_PATH": str(sword)}
-    res = subprocess.run(["mod2imp", module], env=env, capture_output=True, text=True, errors="replace")
-    if res.returncode != 0 or not res.stdout.strip():
-        raise RuntimeError(f"mod2imp {module} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
-    parts = re.split(r"^\$\$\$(.*)$", res.stdout, flags=re.MULTILINE)
-    return list(zip(parts[1::2], parts[2::2]))
+    conf = SwordModules(str(sword)).parse_modules()[module]
+    data = sword / conf["datapath"]
+    block = conf.get("blocktype", "BOOK").upper()
+    # pysword's own modules list and get() read neither zCom modules nor introductions (verse 0): the
+    # module is opened as the zText reader, and every index slot is read through _text_for_index.
+    args = (conf.get("versification", "KJV").lower(), conf.get("encoding", "UTF-8").lower(),
+            conf.get("sourcetype", "OSIS"), block, conf.get("compresstype", "ZIP").upper())
+    index = {t: data / f"{t}.{block[0].lower()}zv" for t in ("ot", "nt")}
+    for driver, record in (("ztext", 10), ("ztext4", 12)):
+        bible = SwordBible(str(data), driver, *args)
+        structure = bible.get_structure().get_books()
+        if all(not index[t].is_file() or index[t].stat().st_size in (0, record * (2 + sum(b.size for b in books)))
+               for t, books in structure.items()):
+            break
+    else:
+        raise ValueError(f"SWORD module {module}: its index size fits neither 10- nor 12-byte records")
+    # Every verse of a block would decompress the whole block again (a book, for BlockType=BOOK).
+    bible._decompressed_text = functools.lru_cache(maxsize=2)(bible._decompressed_text)
+    for testament, books in structure.items():
+        if testament not in bible._testaments:  # a module of one testament
+            continue
+        slot, previous = 2, None  # slots 0 and 1: the module's and the testament's heading
+        for book in books:
+            keys = [(f"{book.name} 0:0", slot)]
+            for chapter, n_verses in enumerate(book.chapter_lengths, 1):
+                first = slot + book.chapter_offset(chapter - 1)  # the slot of verse 1
+                keys += [(f"{book.name} {chapter}:{verse}", first + verse - 1) for verse in range(n_verses + 1)]
+            for key, i in keys:
+                text = bible._text_for_index(testament, i)
+                if text and text != previous:
+                    yield key, text
+                previous = text
+            slot += book.size
 
 
-def _sword(module: str, joiner: str):
-    """Extractor for a SWORD Bible or commentary module: entries (one per verse key) are stripped of
-    markup and footnotes and joined into one document per chapter (per psalm for commentaries on
-    the Psalms)."""
+def _sword(module: str, joiner: str, drop: Optional[re.Pattern] = None):
+    """Extractor for a SWORD Bible or commentary module: entries (one per verse key, introductions
+    included) are stripped of markup and footnotes and joined into one document per chapter (per psalm
+    for commentaries on the Psalms); lines that ``drop`` matches whole (bare headings) are left out."""
 
     def extract(root: Path) -> Iterator[Document]:
         groups: dict[str, list[str]] = {}
-        for key, body in _mod2imp(root, module):
-            m = re.match(r"(.+?) (\d+):(\d+)$", key.strip())
+        for key, body in _sword_entries(root, module):
+            m = re.match(r"(.+?) (\d+):(\d+)$", key)
             text = clean.strip_osis(body).strip()
-            if m and text:  # keys without chapter:verse are module and testament headings
+            if drop is not None:
+                text = "\n".join(line for line in text.split("\n") if not drop.match(line.strip())).strip()
+            if m and text:
                 groups.setdefault(f"{m.group(1)} {int(m.group(2)):03d}", []).append(text)
         for gkey, texts in groups.items():
             yield gkey, joiner.join(texts)
@@ -196,28 +240,8 @@ def _sword(module: str, joiner: str):
     return extract
 
 
+# Matthew Henry's entries open with "Verses 1-9"-style headings, and chapters with an outline's headings.
 _MHCC_HEADING = re.compile(r"^(?:Verses? [\d\-, ]+|Chapter \d+|Chapter Outline)$")
-
-
-def _mhcc(root: Path) -> Iterator[Document]:
-    """Matthew Henry's Concise Commentary. The packaged module's block index is damaged (mod2imp
-    reports "Error reading ulBuffNum"): each verse entry runs on through the following chapters, so
-    the same paragraphs come back hundreds of times and an entry's last paragraph is cut mid-way.
-    Keeping each paragraph once, in first-seen order, and dropping cut-off tails and bare
-    "Verses 1-9" headings recovers the text (3.9M characters instead of 400M)."""
-    seen: set[str] = set()
-    paragraphs: list[str] = []
-    for _, body in _mod2imp(root, "MHCC"):
-        paras = [p.strip() for p in clean.strip_osis(body).split("\n") if p.strip()]
-        if paras and paras[-1][-1:] not in ".!?:;)\"'\u201d\u2019":
-            paras.pop()
-        for para in paras:
-            key = clean.doc_key(para)
-            if key not in seen and not _MHCC_HEADING.match(para):
-                seen.add(key)
-                paragraphs.append(para)
-    # One stream in canon order; the pipeline cuts it into documents at paragraph boundaries.
-    yield "all", "\n\n".join(paragraphs)
 
 
 # ---------------------------------------------------------------- tier B: software manuals
@@ -423,17 +447,17 @@ for _src in [
     Source("web_bible", Package("debian", "sword-text-web", "426.0-1",
                                 "930b23670b352f0829a306501de4bebb5e654a2df02cde2cbe86b802177868e1"),
            _sword("engWEB2015eb", "\n"), "A", "Public domain",
-           "World English Bible with Deuterocanon, one document per chapter", tools=("mod2imp",)),
+           "World English Bible with Deuterocanon, one document per chapter", modules=("pysword",)),
     Source("treasury_of_david", Package("debian", "sword-comm-tdavid", "2.1-1",
                                         "bcbfad701c5c4a061475b58309cebc42755a59e87478c8355227c5e046412b3f"),
            _sword("TDavid", "\n\n"), "A", "Public domain",
            "Spurgeon, The Treasury of David (commentary on the Psalms), one document per psalm",
-           tools=("mod2imp",)),
+           modules=("pysword",)),
     Source("mhcc", Package("debian", "sword-comm-mhcc", "2.0-1",
                            "06f748215de78ff48fdfdee93e3ffc5af6318b976485f7aedf22309236967e35"),
-           _mhcc, "A", "Public domain",
-           "Matthew Henry's Concise Commentary (repeated paragraphs of the damaged module removed)",
-           tools=("mod2imp",)),
+           _sword("MHCC", "\n\n", drop=_MHCC_HEADING), "A", "Public domain",
+           "Matthew Henry's Concise Commentary, one document per chapter (bare verse headings left out)",
+           modules=("pysword",)),
     Source("austen", Package("debian", "r-cran-janeaustenr", "1.0.0-1",
                              "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"),
            _austen, "A", "MIT (package); novels public domain",

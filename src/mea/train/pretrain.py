@@ -35,17 +35,19 @@ def peak_flops(device: str) -> Optional[float]:
     return next((PEAK_FLOPS[k] for k in sorted(PEAK_FLOPS, key=len, reverse=True) if k in name), None)
 
 
-def _open_data(data: DataConfig, split: str):
+def _open_data(data: DataConfig):
+    """The (train, val) splits of the corpus, resolved once (a corpus name prepares it on first use)."""
     from ..data.prepare import corpus_dir
     from ..data.shards import TokenDataset
 
-    return TokenDataset(corpus_dir(data.corpus), split)
+    path = corpus_dir(data.corpus)
+    return TokenDataset(path, "train"), TokenDataset(path, "val")
 
 
 def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> DataConfig:
     """A model continued from weights reads its corpus in its own tokenizer's ids: a GPT-2 corpus is
     re-tokenized for it (cached)."""
-    from ..convert.corpus import corpus_in_model_tokens
+    from ..data.windows import corpus_in_model_tokens
     from ..io.hf import tokenizer_folder
 
     return dataclasses.replace(data, corpus=corpus_in_model_tokens(data.corpus, tokenizer_folder(init_from), verbose))
@@ -69,32 +71,18 @@ def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Opti
     return cfg
 
 
-@torch.no_grad()
 def evaluate_loss(model, val, data: DataConfig, batch_size: int, max_batches: int, device: str,
                   autocast, info: D.DistInfo) -> float:
-    """Mean validation loss over the same fixed windows every time, split across ranks.
+    """Mean validation loss over the same fixed windows every time, split across ranks (each runs the
+    same number of forward passes: see :func:`mea.models.loss.window_loss`)."""
+    from ..data.windows import validation_batches
+    from ..models.loss import window_loss
 
-    Every rank runs the same number of forward passes (a rank short of a batch repeats the first one
-    and does not count it): a DDP or FSDP forward holds collectives, and ranks that ran different
-    numbers of them would wait on each other forever."""
-    model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
-    batches = list(val.eval_batches(batch_size, data.seq_len, max_batches))
-    for j in range(-(-len(batches) // info.world_size)):
-        i = j * info.world_size + info.rank
-        x, y = batches[i] if i < len(batches) else batches[0]
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x)
-        if i < len(batches):
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            total[1] += y.numel()
-    if info.enabled:
-        torch.distributed.all_reduce(total)
-    model.train()
-    if total[1] == 0:
+    batches = validation_batches(val, batch_size, data.seq_len, max_batches)
+    res = window_loss(model, batches, device, autocast, rank=info.rank, world_size=info.world_size)
+    if res.n_tokens == 0:
         raise ValueError("data: the validation split is too small for one evaluation batch; lower data.seq_len")
-    return float(total[0] / total[1])
+    return res.loss
 
 
 def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[str] = None,
@@ -173,7 +161,7 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     with D.main_first(info):  # preparing or re-tokenizing the corpus fills a shared cache
         if init_from and ckpt is None:  # a resumed run's saved corpus is already in the model's ids
             data = _data_in_model_tokens(data, init_from, verbose=info.is_main)
-        train_ds, val_ds = _open_data(data, "train"), _open_data(data, "val")
+        train_ds, val_ds = _open_data(data)
     if train_ds.vocab_size > cfg.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.vocab_size} is smaller than the corpus tokenizer's {train_ds.vocab_size}")
     # Found now, not at the first evaluation `eval_every` steps in (with nothing saved yet).

@@ -1,31 +1,40 @@
-"""The project's corpus in a pretrained model's own tokenizer.
+"""A prepared corpus as a model reads it: in the model's own token ids, cut into windows.
 
-``mea prepare-data`` stores GPT-2 ids. A model with another vocabulary (SmolLM2: 49,152 ids) needs
-the same text in its own ids for calibration, validation perplexity and healing, so this module
-decodes the GPT-2 shards document by document (documents end in GPT-2's ``<|endoftext|>``),
-encodes them with the model's ``tokenizer.json``, and writes a prepared directory of the same
-format (``mea.data.shards``) that ``TokenDataset`` and ``mea pretrain --data.corpus DIR`` read.
-It is cached under ``$MEA_CACHE/retokenized/<corpus>-<tokenizer sha256>``.
+``mea prepare-data`` stores GPT-2 ids, each document followed by ``<|endoftext|>``. A model with
+another vocabulary (SmolLM2: 49,152 ids) reads the same text in its own ids: each document is
+decoded from GPT-2 (lossless: byte-level BPE) and encoded with the model's ``tokenizer.json``.
+
+One rule separates documents everywhere, in training, calibration, healing and evaluation: the id
+that :func:`end_of_document_id` names for the model's tokenizer (GPT-2's ``<|endoftext|>`` for mea
+models). :func:`retokenize_corpus` writes a whole corpus so (cached under
+``$MEA_CACHE/retokenized/<corpus>-<tokenizer sha256>``, read by ``TokenDataset`` and
+``mea pretrain --data.corpus DIR``); :func:`corpus_windows` re-encodes only the windows it needs.
+
+Windows: :func:`fixed_windows` cuts a token stream; :func:`validation_batches` gives a split's fixed
+validation windows (``seq_len + 1`` tokens at stride ``seq_len``, never across a shard end: every
+token is predicted once), which the trainer's validation loss and ``mea evaluate``'s perplexity
+both score; :func:`corpus_windows` gives fixed or sampled windows in a model's ids (calibration,
+the compression table's validation).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
-from ..data.prepare import corpus_dir
+from .prepare import corpus_dir
 
 # Documents per encode_batch call: large enough for the Rust backend to use every core.
 _DOCS_PER_BATCH = 512
-_GPT2_EOS = 50256
+GPT2_EOS = 50256
 
 
-def _stream_documents(shards, eos: int):
+# ---------------------------------------------------------------------------------------- documents
+def stream_documents(shards: Iterable, eos: int = GPT2_EOS):
     """The documents of a split whose shard files may cut a document: a piece that ends a shard
     without eos continues in the next one (splitting it there would add a boundary)."""
     carry = np.zeros(0, dtype=np.int64)
@@ -33,13 +42,13 @@ def _stream_documents(shards, eos: int):
         arr = np.concatenate([carry, np.asarray(shard, dtype=np.int64)]) if len(carry) else np.asarray(shard)
         ends = np.flatnonzero(arr == eos)
         cut = ends[-1] + 1 if len(ends) else 0
-        yield from _documents(arr[:cut], eos)
+        yield from documents(arr[:cut], eos)
         carry = np.asarray(arr[cut:], dtype=np.int64)
     if len(carry):
         yield carry
 
 
-def _documents(tokens: np.ndarray, eos: int):
+def documents(tokens: np.ndarray, eos: int = GPT2_EOS):
     """Split a GPT-2 id stream at eos; a trailing piece without eos is a document too."""
     ends = np.flatnonzero(tokens == eos)
     start = 0
@@ -49,22 +58,6 @@ def _documents(tokens: np.ndarray, eos: int):
         start = e + 1
     if start < len(tokens):
         yield tokens[start:]
-
-
-def gpt2_source(corpus: str) -> Path:
-    """The prepared GPT-2 directory behind ``corpus``: itself, or for a corpus already re-tokenized for some
-    model the GPT-2 corpus it was made from (its ids would mean other tokens read as GPT-2's)."""
-    from ..data.shards import MANIFEST, read_manifest
-
-    path = corpus_dir(corpus)
-    manifest = read_manifest(path)
-    if manifest.get("tokenizer", {}).get("name", "gpt2") == "gpt2":
-        return path
-    source = Path(manifest.get("source") or "/nonexistent")
-    if (source / MANIFEST).is_file() and read_manifest(source).get("tokenizer", {}).get("name", "gpt2") == "gpt2":
-        return source
-    raise ValueError(f"corpus: {path} is in another tokenizer's ids and names no GPT-2 source corpus; give the GPT-2 "
-                     "corpus (a name such as prose, or a directory written by mea prepare-data)")
 
 
 def end_of_document_id(tokenizer_json: Path) -> Optional[int]:
@@ -83,9 +76,40 @@ def end_of_document_id(tokenizer_json: Path) -> Optional[int]:
     return next((tok.token_to_id(n) for n in names if n and tok.token_to_id(n) is not None), None)
 
 
+def encode_documents(tok, gpt2, docs: list[np.ndarray], eos: Optional[int], open_end: bool = False) -> list[np.ndarray]:
+    """GPT-2 documents (without their end-of-text) in ``tok``'s ids, each followed by ``eos`` (nothing
+    where the tokenizer has none); with ``open_end`` the last is a piece of a document that goes on,
+    and gets no separator. GPT-2's own separator, decoded as text, would reach another tokenizer as the
+    literal string "<|endoftext|>": documents are encoded one by one instead."""
+    sep = [] if eos is None else [eos]
+    encs = tok.encode_batch([gpt2.decode(d.tolist()) for d in docs], add_special_tokens=False)
+    return [np.asarray(e.ids + ([] if open_end and i == len(encs) - 1 else sep), dtype=np.int64)
+            for i, e in enumerate(encs)]
+
+
+# ---------------------------------------------------------------------------------------- corpora
+def gpt2_source(corpus: str) -> Path:
+    """The prepared GPT-2 directory behind ``corpus``: itself, or for a corpus already re-tokenized for some
+    model the GPT-2 corpus it was made from (its ids would mean other tokens read as GPT-2's)."""
+    from .shards import MANIFEST, read_manifest
+
+    path = corpus_dir(corpus)
+    manifest = read_manifest(path)
+    if manifest.get("tokenizer", {}).get("name", "gpt2") == "gpt2":
+        return path
+    source = Path(manifest.get("source") or "/nonexistent")
+    if (source / MANIFEST).is_file() and read_manifest(source).get("tokenizer", {}).get("name", "gpt2") == "gpt2":
+        return source
+    raise ValueError(f"corpus: {path} is in another tokenizer's ids and names no GPT-2 source corpus; give the GPT-2 "
+                     "corpus (a name such as prose, or a directory written by mea prepare-data)")
+
+
 def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Optional[str | Path] = None,
                       max_tokens: Optional[dict[str, int]] = None, progress: bool = True) -> Path:
     """Write ``corpus`` re-encoded with ``tokenizer_json`` as a prepared directory; return its path.
+
+    A finished directory is reused while its tokenizer, its source's manifest and its shards' contents
+    are unchanged; otherwise it is written again.
 
     Args:
         tokenizer_json: the target model's ``tokenizer.json``.
@@ -97,9 +121,10 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
     from tokenizers import Tokenizer
     from tqdm.auto import tqdm
 
-    from ..data.fetch import cache_dir, sha256_file
-    from ..data.shards import DTYPE, FORMAT, MANIFEST, ShardWriter, TokenDataset, read_manifest
-    from ..data.tokenizer import load_tokenizer
+    from .fetch import cache_dir, sha256_file
+    from .prepare import say
+    from .shards import DTYPE, FORMAT, MANIFEST, ShardWriter, TokenDataset, read_manifest, verify_shards
+    from .tokenizer import load_tokenizer
 
     tokenizer_json = Path(tokenizer_json)
     if not tokenizer_json.is_file():
@@ -112,23 +137,22 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
     if out is None:
         out = cache_dir() / "retokenized" / f"{src.resolve().name}-{tok_sha[:16]}{limit_tag}"
     out = Path(out)
-    done = out / MANIFEST
-    if done.exists():
+    if (out / MANIFEST).exists():
         try:
             m = read_manifest(out)
             if (m.get("tokenizer", {}).get("sha256") == tok_sha and m.get("source") == str(src.resolve())
                     and m.get("source_manifest_sha256") == src_sha):
+                verify_shards(out, m)
                 return out
-        except (ValueError, FileNotFoundError):
-            pass
+        except (ValueError, FileNotFoundError) as e:
+            say(f"re-tokenizing {src} into {out} again: {e}")
     tok = Tokenizer.from_file(str(tokenizer_json))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab > np.iinfo(DTYPE).max + 1:
         raise ValueError(f"tokenizer_json: {vocab} ids do not fit the shards' uint16 format")
     eos = end_of_document_id(tokenizer_json)
     if eos is None:
-        warnings.warn(f"{tokenizer_json}: no end-of-document token found; documents are written without a "
-                      "separator", stacklevel=2)
+        say(f"{tokenizer_json}: no end-of-document token found; documents are written without a separator")
     gpt2 = load_tokenizer()
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -142,17 +166,19 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
         n_src = 0
         bar = tqdm(total=budget or ds.num_tokens, desc=f"retokenize {split}", unit="tok", disable=not progress)
         docs = []
-        for doc in _stream_documents(ds.shards, _GPT2_EOS):
+        for doc in stream_documents(ds.shards, GPT2_EOS):
             if budget is not None and n_src >= budget:
                 break
             docs.append(doc)
             n_src += len(doc) + 1
             if len(docs) == _DOCS_PER_BATCH:
-                _write_docs(writer, tok, gpt2, docs, eos)
+                for ids in encode_documents(tok, gpt2, docs, eos):
+                    writer.write(ids)
                 bar.update(sum(len(d) + 1 for d in docs))
                 docs = []
         if docs:
-            _write_docs(writer, tok, gpt2, docs, eos)
+            for ids in encode_documents(tok, gpt2, docs, eos):
+                writer.write(ids)
             bar.update(sum(len(d) + 1 for d in docs))
         bar.close()
         splits[split] = {"shards": writer.close(), "tokens": writer.num_tokens, "source_tokens": n_src}
@@ -166,13 +192,6 @@ def retokenize_corpus(tokenizer_json: str | Path, corpus: str = "prose", out: Op
         shutil.rmtree(out)
     tmp.rename(out)
     return out
-
-
-def _write_docs(writer, tok, gpt2, docs: list[np.ndarray], eos: Optional[int]) -> None:
-    texts = [gpt2.decode(d.tolist()) for d in docs]
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids = enc.ids + ([eos] if eos is not None else [])
-        writer.write(np.asarray(ids, dtype=np.int64))
 
 
 def corpus_for_model(tokenizer_dir: Optional[Path], corpus: str = "prose",
@@ -204,8 +223,8 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     ``tokenizer_dir`` (``None``: GPT-2) must read it: unchanged when it is in the model's tokenizer,
     else its GPT-2 source re-tokenized for the model (cached, once). Without a GPT-2 source that is an
     error: the ids would silently mean other tokens to the model."""
-    from ..data.shards import read_manifest
-    from ..data.tokenizer import load_tokenizer
+    from .shards import read_manifest
+    from .tokenizer import load_tokenizer
 
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise ValueError(f"model: its tokenizer in {tokenizer_dir} has no tokenizer.json (a fast tokenizer), "
@@ -221,7 +240,7 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     if have == want:
         return corpus
     if not in_gpt2 and want != "gpt2" and "vocab_sha256" not in tok:  # made before the vocabulary hash
-        from ..data.fetch import sha256_file
+        from .fetch import sha256_file
 
         if tok.get("sha256") == sha256_file(Path(tokenizer_dir) / "tokenizer.json"):
             return corpus
@@ -238,6 +257,49 @@ def corpus_in_model_tokens(corpus: str, tokenizer_dir: Optional[Path], verbose: 
     return str(out)
 
 
+# ---------------------------------------------------------------------------------------- windows
+def fixed_windows(tokens, length: int, stride: Optional[int] = None, max_windows: Optional[int] = None):
+    """(n, length) int64 windows of a 1-D token stream, starting every ``stride`` tokens (default
+    ``length``: disjoint windows) from its first token; at most ``max_windows``. A stream shorter than
+    one window gives none."""
+    import torch
+
+    stride = length if stride is None else stride
+    if length < 1 or stride < 1:
+        raise ValueError(f"need window length >= 1 and stride >= 1, got {length}, {stride}")
+    n = max(0, (len(tokens) - length) // stride + 1)
+    if max_windows is not None:
+        n = min(n, int(max_windows))
+    rows = [np.asarray(tokens[i * stride: i * stride + length]) for i in range(n)]
+    if not rows:
+        return torch.zeros((0, length), dtype=torch.int64)
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def validation_batches(ds, batch_size: int, seq_len: int, max_batches: Optional[int] = None) -> list:
+    """The fixed validation windows of a split (a ``TokenDataset``), the same on every call, in batches
+    of ``batch_size`` (the last may be smaller), at most ``max_batches``: windows of ``seq_len + 1``
+    tokens at stride ``seq_len`` from the start of each shard in order (none across a shard end), each
+    predicting its last ``seq_len`` tokens. The trainer's validation loss and ``mea evaluate``'s
+    perplexity score these."""
+    import torch
+
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
+    limit = None if max_batches is None else int(max_batches) * batch_size
+    parts, n = [], 0
+    for shard in ds.shards:
+        if limit is not None and n >= limit:
+            break
+        parts.append(fixed_windows(shard, seq_len + 1, seq_len, None if limit is None else limit - n))
+        n += len(parts[-1])
+    windows = torch.cat(parts) if parts else torch.zeros((0, seq_len + 1), dtype=torch.int64)
+    if len(windows) == 0:
+        raise ValueError(f"split {ds.split!r} ({ds.num_tokens} tokens) is shorter than one window of "
+                         f"seq_len + 1 = {seq_len + 1} tokens")
+    return list(windows.split(batch_size))
+
+
 def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, window: int, corpus: str = "prose",
                    seed: Optional[int] = None):
     """(n, window) token windows of ``corpus`` in a model's own ids, holding about ``n_tokens`` tokens.
@@ -248,12 +310,13 @@ def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, win
         n_tokens: tokens wanted (rounded down to whole windows, at least one).
         window: tokens per window.
         corpus: a built-in corpus name or a prepared GPT-2 directory.
-        seed: ``None`` takes the split from its start (fixed validation windows); an int samples
-            windows spread over the whole split (calibration), reproducibly.
+        seed: ``None`` takes disjoint windows from the split's start (fixed validation windows; for
+            another tokenizer, the start of :func:`retokenize_corpus`'s split); an int samples windows
+            spread over the whole split (calibration), reproducibly.
     """
     import torch
 
-    from ..data.shards import TokenDataset
+    from .shards import TokenDataset
 
     ds = TokenDataset(gpt2_source(corpus), split)
     n_win = max(1, n_tokens // window)
@@ -270,24 +333,18 @@ def corpus_windows(tokenizer_dir: Optional[Path], split: str, n_tokens: int, win
     else:
         from tokenizers import Tokenizer
 
-        from ..data.tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
 
         gpt2 = load_tokenizer()
         tok_json = Path(tokenizer_dir) / "tokenizer.json"
         tok = Tokenizer.from_file(str(tok_json))
         eos = end_of_document_id(tok_json)
-        sep = [] if eos is None else [eos]
-        # Document by document, joined by the model's own end of document (GPT-2's, decoded as text,
-        # would reach another tokenizer as the literal string "<|endoftext|>").
         parts = []
         for c in chunks:
-            docs = list(_documents(c, _GPT2_EOS))
-            encs = tok.encode_batch([gpt2.decode(d.tolist()) for d in docs], add_special_tokens=False)
-            open_end = len(c) > 0 and c[-1] != _GPT2_EOS  # the chunk cuts its last document: no boundary
-            parts += [np.asarray(e.ids + ([] if open_end and i == len(encs) - 1 else sep), dtype=np.int64)
-                      for i, e in enumerate(encs)]
+            open_end = len(c) > 0 and c[-1] != GPT2_EOS  # the chunk cuts its last document: no boundary
+            parts += encode_documents(tok, gpt2, list(documents(c, GPT2_EOS)), eos, open_end)
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    have = len(ids) // window
-    if have < 1:
+    w = fixed_windows(ids, window, max_windows=n_win)
+    if len(w) < 1:
         raise ValueError(f"corpus: split {split!r} holds too little text for one window of {window} tokens")
-    return torch.from_numpy(ids[: min(have, n_win) * window].copy()).view(-1, window)
+    return w
