@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reproduction study of docs/results.md on a GPU machine lent through the device tool: resumable
+# The reproduction study of docs/results.md on a rented GPU machine (benchmarks/dev/README.md): resumable
 # stages under one wall-clock budget, with every small result (metrics, tables, plots; no weights)
 # packed into $OUT/study.tgz at the end.
 #
