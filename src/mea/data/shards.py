@@ -30,7 +30,6 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self.shards: list[dict] = []
         self._f = None
-        self._n = 0
 
     def _open(self):
         name = f"{self.split}_{len(self.shards):04d}.bin"
