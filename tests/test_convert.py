@@ -410,23 +410,11 @@ def tiny_corpus(path):
     return path
 
 
-def compression_table_module():
-    """benchmarks/compression_table.py, imported (it is a script, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "compression_table", Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
 def test_compression_table_script_tiny(tmp_path):
     """The result-table script end to end at a tiny size: original, each init before and after a
     few healing steps, every row with cache bytes and a finite perplexity."""
-    mod = compression_table_module()
+    from mea.study import compression_table as mod
     corpus = tiny_corpus(tmp_path / "corpus")
     run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
     out = tmp_path / "table"
@@ -469,7 +457,7 @@ def test_compression_table_continues_an_interrupted_call(tmp_path):
     clear error."""
     import shutil
 
-    mod = compression_table_module()
+    from mea.study import compression_table as mod
     corpus = tiny_corpus(tmp_path / "corpus")
     run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
     out = tmp_path / "table"
@@ -566,7 +554,7 @@ def test_retokenize_corpus_keeps_the_text(tmp_path):
 
 
 def test_compression_table_takes_a_sweeps_best_run(tmp_path):
-    mod = compression_table_module()
+    from mea.study import compression_table as mod
     rows = ["variant,lr,seed,status,final_val_loss,best_val_loss,steps,tokens,run_dir",
             "mha,0.001,0,finished,4.0,4.0,10,100,x", "mha,0.003,0,finished,3.5,3.5,10,100,y",
             "mha,0.01,0,diverged,,5.0,3,30,z", "mea,0.003,0,finished,3.0,3.0,10,100,w"]
@@ -622,15 +610,18 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
 
 
 def test_study_compression_configs_name_real_options():
-    """Every compression config of the study names only options that compression_table has (a typo would
+    """Every compression-table config names only options that compression_table has (a typo would
     otherwise surface on the GPU, minutes into a paid run)."""
     import inspect
     from pathlib import Path
 
     import yaml
 
-    params = set(inspect.signature(compression_table_module().compression_table).parameters)
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "study").glob("*.yaml"))
+    from mea.study.compression_table import compression_table
+
+    params = set(inspect.signature(compression_table).parameters)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted([*(root / "study").glob("*.yaml"), *(root / "compression").glob("*_table.yaml")])
     tables = [c for c in configs if "kv_heads" in (yaml.safe_load(c.read_text()) or {})]
     assert len(tables) >= 5
     for c in tables:
@@ -667,7 +658,7 @@ def test_compression_table_continues_from_results_without_weights(tmp_path):
     import shutil
     from pathlib import Path
 
-    mod = compression_table_module()
+    from mea.study import compression_table as mod
     corpus = tiny_corpus(tmp_path / "corpus")
     run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
     out = tmp_path / "table"
@@ -701,7 +692,7 @@ def test_compression_table_stopped_early_keeps_the_rows_it_had_not_reached(tmp_p
     vanish, and the next call then tried to load a healed run without weights."""
     import shutil
 
-    mod = compression_table_module()
+    from mea.study import compression_table as mod
     corpus = tiny_corpus(tmp_path / "corpus")
     run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
     out = tmp_path / "table"

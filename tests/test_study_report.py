@@ -1,18 +1,12 @@
-"""benchmarks/study_report.py on fabricated sweep directories: the tables say what the runs say."""
-import importlib.util
+"""mea.study.report on fabricated sweep directories: the tables say what the runs say."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("study_report", ROOT / "benchmarks" / "study_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from mea.study import report
 
 
 def _sweep(root: Path, name: str, runs: dict) -> None:
@@ -33,7 +27,6 @@ def _sweep(root: Path, name: str, runs: dict) -> None:
 
 
 def test_report_tables_and_plots(tmp_path):
-    mod = _load()
     runs = tmp_path / "runs"
     _sweep(runs, "lr_sweep", {("mha", 1e-3, 0): 5.0, ("mha", 3e-3, 0): 4.8, ("mha", 1e-2, 0): None,
                               ("mea", 1e-3, 0): 4.9, ("mea", 3e-3, 0): 4.7, ("mea", 1e-2, 0): 4.75})
@@ -56,7 +49,7 @@ def test_report_tables_and_plots(tmp_path):
     (comp / "results.json").write_text(json.dumps({"settings": settings, "rows": [{"model": "original"}]}))
     (comp / "table.md").write_text("| model |\n|---|\n| original |\n")
     out = tmp_path / "docs"
-    mod.main(runs=str(runs), out=str(out), tolerance=0.1)
+    report.main(runs=str(runs), out=str(out), tolerance=0.1)
     text = (out / "tables.md").read_text()
     assert "## Experiment 4a: our MHA model at h' = h/2" in text and "8 steps x 32 x 512 = 131,072 tokens" in text
     assert (out / "metrics" / "compress_own" / "kv4-svd-healed" / "metrics.jsonl").is_file()
@@ -82,22 +75,20 @@ def test_report_tables_and_plots(tmp_path):
 
 
 def test_tokens_to_reach_interpolates():
-    mod = _load()
     curve = [(100, 6.0), (200, 5.0), (300, 4.0)]
-    assert mod.tokens_to_reach(curve, 4.5) == pytest.approx(250)
-    assert mod.tokens_to_reach(curve, 3.0) is None
-    assert mod.tokens_to_reach(curve, 7.0) == 100
+    assert report.tokens_to_reach(curve, 4.5) == pytest.approx(250)
+    assert report.tokens_to_reach(curve, 3.0) is None
+    assert report.tokens_to_reach(curve, 7.0) == 100
 
 
 def test_downstream_plot(tmp_path):
     """The zero-shot plot reads the evaluate-many CSV (value and standard error per task)."""
-    mod = _load()
-    head = ",".join(f"{t}_metric,{t}_value,{t}_stderr,{t}_n" for t in mod.CHANCE)
-    row = ",".join(f"acc,0.3,0.01,100" for _ in mod.CHANCE)
+    head = ",".join(f"{t}_metric,{t}_value,{t}_stderr,{t}_n" for t in report.CHANCE)
+    row = ",".join(f"acc,0.3,0.01,100" for _ in report.CHANCE)
     # evaluate-many writes empty cells for a task a model lacks and for lm-eval's "N/A" stderr
-    gaps = ",".join("acc,,,0" if i == 0 else "acc,0.3,,1" for i, _ in enumerate(mod.CHANCE))
+    gaps = ",".join("acc,,,0" if i == 0 else "acc,0.3,,1" for i, _ in enumerate(report.CHANCE))
     (tmp_path / "d.csv").write_text(f"model,{head},average\nmha lr=1e-3 s0,{row},0.3\nmea,{gaps},\n")
-    mod.plot_downstream(tmp_path / "d.csv", tmp_path / "d.png")
+    report.plot_downstream(tmp_path / "d.csv", tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 1000
 
 
@@ -109,7 +100,6 @@ def test_zero_shot_gaps_name_differences_beyond_two_standard_errors():
              "hellaswag": {"n": 1000, "acc": hella, "acc_stderr": 0.015, "acc_norm": hella, "acc_norm_stderr": 0.015}}
         return {"model": model, "kv_heads": 2, "init": init, "zero_shot": {"metrics": m}}
 
-    report = _load()
     text = report.zero_shot_gaps([row("original", "-", 0.66), row("converted", "svd", 0.56),
                                   row("healed", "activation", 0.65)])
     assert "from the original: 2 svd: PIQA -10.0 (4.7 SE)" in text
@@ -119,3 +109,16 @@ def test_zero_shot_gaps_name_differences_beyond_two_standard_errors():
     assert "from the original: none" in text
     assert "from the original healed on the same tokens: 2 activation, healed: HellaSwag -10.0 (4.7 SE)" in text
     assert report.zero_shot_gaps([row("original", "-", 0.66)]).count("none") == 1
+
+
+def test_the_pipelines_are_cli_commands(tmp_path):
+    """`mea study-report` (and its two siblings) run through the one CLI; with no runs yet every part says so."""
+    from mea.cli import _commands
+
+    cmds = _commands()
+    assert cmds["study-lr-scaling"].__module__ == "mea.study.lr_scaling"
+    assert cmds["study-compression"].__name__ == "compression_table"
+    res = subprocess.run([sys.executable, "-m", "mea.cli", "study-report", "--runs", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Experiment 5: not run yet" in res.stdout and (tmp_path / "out" / "tables.md").is_file()

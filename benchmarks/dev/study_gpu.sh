@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reproduction study of docs/results.md on a GPU machine lent through the device tool: resumable
+# The reproduction study of docs/results.md on a rented GPU machine (benchmarks/dev/README.md): resumable
 # stages under one wall-clock budget, with every small result (metrics, tables, plots; no weights)
 # packed into $OUT/study.tgz at the end.
 #
@@ -18,6 +18,7 @@ STAGES=" $* "
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ "$STAGES" == *" $1 "* ]]; }
+upto() { local t=$(( $(left) - 30 )); echo $(( t < $1 ? t : $1 )); }  # N seconds, or what the budget leaves
 say() { echo "[study $(( $(date +%s) - T0 ))s] $*"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -121,7 +122,7 @@ if has downstream || has own; then
       fi
       for t in compress_own compress_own_mixlr; do
         [ -f runs/study/$t/.done ] && continue
-        grep -qs '"finished"' $base/status.json && stage $(( $(left) - 30 )) $PY benchmarks/compression_table.py \
+        grep -qs '"finished"' $base/status.json && stage $(( $(left) - 30 )) $PY -m mea.cli study-compression \
           --config configs/study/$t.yaml ${EXTRA_TABLE:-} && touch runs/study/$t/.done
       done
     ) > "$OUT/own.log" 2>&1 &
@@ -137,27 +138,35 @@ if has scaling; then
   done
   if sweep_complete runs/study/lr_scaling/s1 && sweep_complete runs/study/lr_scaling/s2 \
       && sweep_complete runs/study/lr_scaling/s3; then
-    stage $(( $(left) - 30 )) $PY benchmarks/lr_scaling_fit.py
+    stage $(( $(left) - 30 )) $PY -m mea.cli study-lr-scaling
     for v in mha mea; do
       [ -f runs/study/lr_scaling/fit/check_$v.yaml ] && stage $(( $(left) - 40 )) $PY -m mea.cli sweep \
         --config runs/study/lr_scaling/fit/check_$v.yaml $GPUS $PER --deadline_s $(( $(left) - 200 )) ${EXTRA_SWEEP:-}
     done
-    stage $(( $(left) - 20 )) $PY benchmarks/lr_scaling_fit.py
+    stage $(( $(left) - 20 )) $PY -m mea.cli study-lr-scaling
   else
     say "scaling: the three sweeps are not complete yet"
   fi
 fi
 # ---- experiment 4b/4c (and docs/compression.md): SmolLM2; the GPU tests and benchmarks of the kernels
 # (timed alone on their GPU: first, where there is one GPU; beside SmolLM2 on the second, where two).
-kernels() {
-  if has kernels && [ -f benchmarks/dev/gpu_issue6.sh ]; then
-    mkdir -p runs/study/kernels
-    stage $(( $(left) - 30 )) bash benchmarks/dev/gpu_issue6.sh runs/study/kernels
+kernels() {  # the GPU tests, then the timing scripts at their defaults, into runs/study/kernels
+  if has kernels; then
+    local k=runs/study/kernels
+    mkdir -p $k
+    # every GPU-marked test, and the kernels' other tests (run on CPU under the interpreter elsewhere) natively
+    stage $(upto 300) $PY -m pytest -q -m gpu tests -p no:cacheprovider > $k/pytest.log 2>&1
+    stage $(upto 300) $PY -m pytest -q -m "not gpu" tests/test_triton_*.py -p no:cacheprovider >> $k/pytest.log 2>&1
+    grep -E "passed|failed" $k/pytest.log
+    stage $(upto 240) $PY benchmarks/attention_train.py --repeats 5 --out $k/attention_train.json > $k/attention_train.log 2>&1
+    stage $(upto 200) $PY benchmarks/train_throughput.py --compile --repeats 5 --out $k/train_throughput.json \
+      > $k/train_throughput.log 2>&1
+    stage $(upto 75) $PY benchmarks/decode.py --generate --out $k/generate.json > $k/generate.log 2>&1
   fi
 }
 table() {  # table CONFIG DIR
   if [ ! -f "runs/study/$2/.done" ]; then
-    stage $(( $(left) - 30 )) $PY benchmarks/compression_table.py --config "configs/study/$1.yaml" ${EXTRA_TABLE:-} \
+    stage $(( $(left) - 30 )) $PY -m mea.cli study-compression --config "configs/study/$1.yaml" ${EXTRA_TABLE:-} \
       && touch "runs/study/$2/.done"
   fi
 }

@@ -41,7 +41,6 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Bumped whenever a task's documents change (2: OBQA and ARC moved from validation to lm-eval's test
 # splits), so that saved scores of the earlier definition are not reused as if they were comparable.
 TASKS_REVISION = 2
-PAPER_TASKS = ("piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 
 
 def available_tasks() -> list[str]:

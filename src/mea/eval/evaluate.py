@@ -139,9 +139,10 @@ def _pct(x: Optional[float]) -> str:
 
 
 def paper_table(runs: list[dict]) -> str:
-    """A markdown table shaped like PAPER.md's: one row per run and metric (acc, acc_norm), tasks as
-    columns, and their average. ``runs`` are :func:`evaluate` results. Tasks without acc_norm
-    (WinoGrande, BoolQ, LAMBADA, MMLU) show acc in the acc_norm row."""
+    """A markdown table shaped like the paper's zero-shot table (docs/method.md, "Claims to reproduce"):
+    one row per run and metric (acc, acc_norm), tasks as columns, and their average. ``runs`` are
+    :func:`evaluate` results. Tasks without acc_norm (WinoGrande, BoolQ, LAMBADA, MMLU) show acc in
+    the acc_norm row."""
     tasks = list(dict.fromkeys(t for run in runs for t in run["tasks"]))
     head = "| Model | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg. |"
     lines = [head, "|" + "---|" * (len(tasks) + 2)]

@@ -1,6 +1,5 @@
-"""benchmarks/lr_scaling_fit.py (experiment 5): fake sweeps from a known law lr* = a N^b, CPU only, fast."""
+"""mea.study.lr_scaling (experiment 5): fake sweeps from a known law lr* = a N^b, CPU only, fast."""
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -18,16 +17,11 @@ LAW = {"mha": (1.0e-3 * 25.7e6 ** 0.40, -0.40), "mea": (1.7e-3 * 25.7e6 ** 0.33,
 C, K = 4.5, 0.12
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("lr_scaling_fit", ROOT / "benchmarks" / "lr_scaling_fit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def fit():
-    return load_script()
+    from mea.study import lr_scaling
+
+    return lr_scaling
 
 
 def law_loss(variant, n, lr, law=LAW):

@@ -5,8 +5,10 @@ For every row: KV-cache bytes per token (bf16), validation perplexity on fixed w
 corpus's val split (in the model's own tokenizer), and zero-shot accuracy through `mea evaluate`.
 Writes OUT/results.json (every number and the settings) and OUT/table.md.
 
-    python benchmarks/compression_table.py MODEL_DIR --kv_heads '[2, 1]' --out OUT_DIR
-    python benchmarks/compression_table.py --config configs/compression/smollm2_table.yaml
+    mea study-compression MODEL_DIR --kv_heads '[2, 1]' --out OUT_DIR
+    mea study-compression --config configs/compression/smollm2_table.yaml
+
+(``python -m mea.study.compression_table`` takes the same arguments.)
 
 Healing (``--heal_steps N``) runs `mea pretrain --init_from` on each converted model; it needs a GPU
 for SmolLM2-sized models. ``--heal_steps 0`` gives the before-healing part alone.
@@ -36,7 +38,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str = 
 def _zero_shot(path: str, tasks: list[str], limit: Optional[int], device: str) -> dict:
     """Zero-shot accuracy from `mea evaluate`: per task acc_norm where the task has it, else acc
     (the convention of the evaluation's paper-shaped table), their average, and the full metrics."""
-    from mea.eval.evaluate import evaluate
+    from ..eval.evaluate import evaluate
 
     res = evaluate(path, tasks=",".join(tasks), limit=limit, device=device, perplexity=False)
     return _summary(res, limit)
@@ -51,7 +53,7 @@ def _summary(res: dict, limit: Optional[int]) -> dict:
 
 def best_run(sweep: str, variant: Optional[str]) -> str:
     """The seed-0 run of ``variant`` at its best learning rate in a `mea sweep` directory."""
-    from mea.train.sweep import best_lrs, read_results, run_name
+    from ..train.sweep import best_lrs, read_results, run_name
 
     if not variant:
         raise ValueError(f"variant: {sweep} is a sweep directory; say which variant's best run to convert")
@@ -63,7 +65,7 @@ def best_run(sweep: str, variant: Optional[str]) -> str:
 
 
 def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str] = ["svd", "activation", "mean-pool"],
-                      layers: str = "all", out: str = "benchmarks/results/compression", corpus: str = "prose",
+                      layers: str = "all", out: str = "runs/compression/table", corpus: str = "prose",
                       calib_tokens: int = 65536, val_tokens: int = 25600, seq_len: int = 512,
                       heal_steps: int = 0, heal_batch_size: int = 16, heal_lr: float = 3e-4, heal_seq_len: int = 512,
                       heal_mixing_lr_mult: float = 1.0, heal_original: bool = False, heal_seed: int = 0,
@@ -71,7 +73,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True,
                       eval_at_end: bool = False, eval_gpus: Optional[list[int]] = None,
                       eval_procs: int = 1) -> list[dict]:
-    """Build the compression table.
+    """The KV-cache compression table: a model converted to each h' by each init, before and after healing.
 
     Args:
         model: the pretrained model: an HF LLaMA-family folder or a mea run directory; or a `mea sweep`
@@ -107,9 +109,9 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
             sooner than one model after another.
         eval_procs: zero-shot evaluations sharing each GPU at once.
     """
-    from mea.convert.convert import calibrate, convert_loaded, source_tokenizer
-    from mea.data.windows import corpus_for_model, corpus_windows
-    from mea.io import load_model
+    from ..convert.convert import calibrate, convert_loaded, source_tokenizer
+    from ..data.windows import corpus_for_model, corpus_windows
+    from ..io import load_model
 
     model = str(Path(model).expanduser())
     model = best_run(model, variant) if (Path(model) / "results.csv").is_file() else model
@@ -122,7 +124,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         "heal_batch_size", "heal_lr", "heal_seq_len", "heal_mixing_lr_mult", "tasks", "limit", "device", "variant")}
     settings["val_windows"] = list(val.shape)
     if tasks:  # zero-shot scores of another task definition (ARC on validation) must not mix into this table
-        from mea.eval.data import TASKS_REVISION
+        from ..eval.data import TASKS_REVISION
 
         settings["tasks_revision"] = TASKS_REVISION
     if heal_original:  # only when set, so that tables made before this option continue
@@ -195,8 +197,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
             converted.append((h, init, conv))
     del src
     if heal_steps > 0:
-        from mea.train.config import DataConfig, TrainConfig
-        from mea.train.pretrain import pretrain
+        from ..train.config import DataConfig, TrainConfig
+        from ..train.pretrain import pretrain
 
         heal_corpus = str(corpus_for_model(tok_dir, corpus))
         for h, init, conv in converted:
@@ -214,7 +216,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                          resume=(run / "config.yaml").is_file(), device=device, progress=True)
             measure("healed", h, init, stage, str(run))
     if deferred:
-        from mea.eval.many import evaluate_many
+        from ..eval.many import evaluate_many
 
         res_dir = out_dir / "zero_shot"
         evaluate_many(models=[p for _, p in deferred], out=str(res_dir), tasks=",".join(tasks), limit=limit,
@@ -244,7 +246,7 @@ def collect_zero_shot(out: str | Path) -> list[dict]:
 
 def _score_file(out_dir: Path, model: Path) -> Path:
     """Where the end-of-table `mea evaluate-many` writes the zero-shot scores of ``model``."""
-    from mea.eval.many import result_dirname
+    from ..eval.many import result_dirname
 
     return out_dir / "zero_shot" / result_dirname(model.name) / "results.json"
 
@@ -255,7 +257,7 @@ def _heal_stage(steps: int, batch_size: int, seq_len: int) -> str:
 
 def _has_weights(path: Path) -> bool:
     """Whether a converted folder or a healing run still holds its weights."""
-    from mea.io.checkpoint import CheckpointError, latest_checkpoint
+    from ..io.checkpoint import CheckpointError, latest_checkpoint
 
     if (path / "model.safetensors").is_file():
         return True

@@ -1,6 +1,6 @@
 """Tables and plots of docs/results.md from the study's run directories (runs/study by default).
 
-    python benchmarks/study_report.py --runs runs/study --out docs/study
+    mea study-report --runs runs/study --out docs/study      # or: python -m mea.study.report ...
 
 Reads the learning-rate sweep, the convergence sweep, the zero-shot table and the compression tables
 that configs/study/*.yaml produce, and writes:
@@ -19,14 +19,10 @@ import json
 import math
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # compression_table, a sibling script
-
-from mea.train.metrics import read_metrics  # noqa: E402
-from mea.train.sweep import best_lrs, plot_loss_vs_lr, read_results  # noqa: E402
+from ..train.metrics import read_metrics
+from ..train.sweep import best_lrs, plot_loss_vs_lr, read_results
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -271,7 +267,7 @@ def copy_metrics(sweep_dir: Path, dest: Path) -> None:
 
 
 def compression_section(path: Path) -> str:
-    from compression_table import collect_zero_shot  # the table of a call stopped while scoring, completed
+    from .compression_table import collect_zero_shot  # the table of a call stopped while scoring, completed
 
     collect_zero_shot(path)
     res = json.loads((path / "results.json").read_text())
@@ -286,8 +282,8 @@ def compression_section(path: Path) -> str:
 def zero_shot_gaps(rows: list[dict]) -> str:
     """Per task, the zero-shot differences of each compressed model beyond 2 combined standard errors,
     from the original and (where the table has it) from the original healed on the same tokens."""
-    from mea.eval.evaluate import TASK_LABELS
-    from mea.eval.many import beyond_error_bars
+    from ..eval.evaluate import TASK_LABELS
+    from ..eval.many import beyond_error_bars
 
     scored = [r for r in rows if (r.get("zero_shot") or {}).get("metrics")]
     refs = [("the original", next((r for r in scored if r["model"] == "original"), None)),
