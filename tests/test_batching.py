@@ -75,27 +75,30 @@ def test_hf_generate_left_padded_batch_equals_each_prompt_alone(variant, backend
     model = model_for(variant, backend)
     hf = MEAForCausalLM.from_core(model)
     rows, ids, am = prompts("left")
-    want = [hf.generate(r[None], max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(r):] for r in rows]
-    got = new_tokens(hf.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0), ids)
-    assert torch.equal(got, torch.stack(want)), (got, want)
+    for loop in ("hf", "mea"):
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, loop=loop)
+        want = [hf.generate(r[None], **kw)[0, len(r):] for r in rows]
+        got = new_tokens(hf.generate(ids, attention_mask=am, **kw), ids)
+        assert torch.equal(got, torch.stack(want)), (loop, got, want)
     # and the core model's tokens, the same function through another loop
     assert torch.equal(got, torch.stack(alone_core(model, rows, 6)))
 
 
 def test_hf_right_padding_has_holes_that_only_torch_paths_take():
-    """Right-padded prompts leave holes between a prompt and its new tokens in Hugging Face's cache: the
-    kernel cannot read them, so ``auto`` takes the PyTorch path (the tokens are still each prompt's own),
-    and ``triton`` asked for says why it cannot run."""
+    """Right-padded prompts leave holes between a prompt and its new tokens in transformers' loop and cache:
+    the kernel cannot read them, so ``auto`` takes the PyTorch path (the tokens are still each prompt's own),
+    and ``triton`` asked for says why it cannot run. mea's own loop packs each row, so it has no holes."""
     rows, ids, am = prompts("right")
     hf = MEAForCausalLM.from_core(model_for("mea", "auto"))
-    want = torch.stack([hf.generate(r[None], max_new_tokens=4, do_sample=False, pad_token_id=0)[0, len(r):]
-                        for r in rows])
-    got = new_tokens(hf.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0), ids)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    want = torch.stack([hf.generate(r[None], loop="hf", **kw)[0, len(r):] for r in rows])
+    got = new_tokens(hf.generate(ids, attention_mask=am, loop="hf", **kw), ids)
     assert torch.equal(got, want)
     hf.set_backend("triton")
     assert hf.core.backend == "triton" and hf.config.backend == "triton"
     with pytest.raises(ValueError, match="holes"):
-        hf.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        hf.generate(ids, attention_mask=am, loop="hf", **kw)
+    assert torch.equal(new_tokens(hf.generate(ids, attention_mask=am, loop="mea", **kw), ids), want)
 
 
 def test_backend_is_a_config_field_that_hf_loading_takes(tmp_path):
@@ -144,7 +147,41 @@ def test_gpu_hf_and_core_left_padded_batches(variant, backend):
     rows, ids, am = prompts("left")
     want = torch.stack(alone_core(model, rows, 12))
     core = new_tokens(model.generate(ids, attention_mask=am, max_new_tokens=12), ids)
-    wrapped = new_tokens(hf.generate(ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0),
-                         ids)
     assert torch.equal(core, want), (core, want)
-    assert torch.equal(wrapped, want), (wrapped, want)
+    for loop in ("hf", "mea"):
+        wrapped = new_tokens(hf.generate(ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                         loop=loop), ids)
+        assert torch.equal(wrapped, want), (loop, wrapped, want)
+
+
+@pytest.mark.parametrize("variant", ["mea", "gqa", "diff"])
+def test_hf_generate_takes_meas_loop_for_what_it_implements(variant, monkeypatch):
+    """``MEAForCausalLM.generate``: ``loop="auto"`` runs mea's loop (packed prefill, CUDA graphs on a GPU)
+    for plain greedy/sampled requests and transformers' loop for the rest (beams); ``"mea"`` refuses what it
+    does not implement; greedy tokens and output shapes (stopping once every row has finished) agree."""
+    from mea.models import generation
+
+    hf = MEAForCausalLM.from_core(model_for(variant, "auto"))
+    rows, ids, am = prompts("left")
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = hf.generate(ids, loop="hf", **kw)
+    assert not calls
+    assert torch.equal(hf.generate(ids, **kw), want) and len(calls) == 1
+    assert torch.equal(hf.generate(ids, loop="mea", **kw), want) and len(calls) == 2
+    eos = int(want[0, ids.shape[1] + 1])  # row 0 ends at its 2nd token; the others go on
+    kw["eos_token_id"] = eos
+    assert torch.equal(hf.generate(ids, loop="mea", **kw), hf.generate(ids, loop="hf", **kw))
+    one = dict(kw, attention_mask=am[:1])
+    got = hf.generate(ids[:1], loop="mea", **one)
+    assert got.shape[1] < ids.shape[1] + 6 and torch.equal(got, hf.generate(ids[:1], loop="hf", **one))
+    n = len(calls)
+    hf.generate(ids, attention_mask=am, max_new_tokens=3, num_beams=2, pad_token_id=0)
+    assert len(calls) == n  # beams: transformers' loop
+    with pytest.raises(ValueError, match="does not implement num_beams"):
+        hf.generate(ids, attention_mask=am, max_new_tokens=3, num_beams=2, loop="mea")
+    torch.manual_seed(0)
+    sampled = hf.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=True, top_k=5, loop="mea")
+    assert sampled.shape == (3, ids.shape[1] + 5) and torch.equal(sampled[:, :ids.shape[1]], ids)

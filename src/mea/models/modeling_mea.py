@@ -254,6 +254,78 @@ class MEAForCausalLM(PreTrainedModel, GenerationMixin):
             return out.to_tuple()
         return out
 
+    # ------------------------------------------------------------------ generation
+    # What mea's own loop (mea.models.generation: packed prefill, bucketed CUDA graphs) implements of
+    # generate()'s arguments; the generation config may also carry these, and the special-token ids.
+    _OWN_LOOP_ARGS = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "do_sample",
+                      "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "use_cache"}
+    _OWN_LOOP_CONFIG = _OWN_LOOP_ARGS | {"bos_token_id", "transformers_version", "_from_model_config"}
+
+    def generate(self, inputs: Optional[Tensor] = None, *args, loop: str = "auto", **kwargs):
+        """Hugging Face's ``generate``, or mea's own decoding loop for the requests it implements.
+
+        ``loop``: ``"auto"`` (default) runs mea's loop (``Transformer.generate``: one packed prefill, then
+        CUDA-graph decoding steps on a GPU) when every argument and every setting of ``generation_config``
+        is one it implements (greedy or sampled with temperature/top_k/top_p, eos and pad ids, a length),
+        and transformers' loop otherwise (beams, processors, streamers, scores, ...); ``"hf"`` always runs
+        transformers' loop; ``"mea"`` always runs mea's, and an argument it does not implement is an error.
+        Both give the same greedy tokens, and the output has transformers' shape: prompt + new tokens,
+        ending when every row has finished.
+        """
+        if loop not in ("auto", "hf", "mea"):
+            raise ValueError(f"loop: expected auto, hf or mea, got {loop!r}")
+        if loop == "hf":
+            return super().generate(inputs, *args, **kwargs)
+        unsupported = self._own_loop_unsupported(args, kwargs)
+        if unsupported and loop == "auto":
+            return super().generate(inputs, *args, **kwargs)
+        if unsupported:
+            raise ValueError(f"loop: 'mea' does not implement {', '.join(unsupported)}; use loop='hf' or 'auto'")
+        return self._own_loop(inputs if inputs is not None else kwargs.get("input_ids"), kwargs)
+
+    def _own_loop_unsupported(self, args: tuple, kwargs: dict) -> list[str]:
+        bad = ["positional arguments"] if args else []
+        bad += sorted(k for k in kwargs if k not in self._OWN_LOOP_ARGS)
+        if kwargs.get("use_cache") is False:
+            bad.append("use_cache=False")
+        cfg = self.generation_config.to_diff_dict() if self.generation_config is not None else {}
+        bad += sorted(f"generation_config.{k}" for k, v in cfg.items()
+                      if k not in self._OWN_LOOP_CONFIG and v not in (None, False))
+        if not ({"max_new_tokens", "max_length"} & (set(kwargs) | set(cfg))):
+            bad.append("a default length (transformers' default differs between versions: give max_new_tokens)")
+        eos = kwargs.get("eos_token_id", getattr(self.generation_config, "eos_token_id", None))
+        if isinstance(eos, (list, tuple)) and len(eos) > 1:
+            bad.append("several eos_token_id")
+        return bad
+
+    @torch.no_grad()
+    def _own_loop(self, input_ids: Tensor, kwargs: dict) -> Tensor:
+        gc = self.generation_config
+
+        def setting(name, default):
+            value = kwargs.get(name, getattr(gc, name, None) if gc is not None else None)
+            return default if value is None else value
+
+        if input_ids is None:
+            raise ValueError("input_ids: required")
+        L = input_ids.shape[1]
+        new = kwargs.get("max_new_tokens")
+        if new is None and "max_length" not in kwargs:
+            new = getattr(gc, "max_new_tokens", None)
+        if new is None:
+            new = max(0, setting("max_length", L) - L)
+        eos = setting("eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        sample = bool(setting("do_sample", False))
+        steps = []
+        out = self._core.generate(
+            input_ids, max_new_tokens=int(new), attention_mask=kwargs.get("attention_mask"),
+            temperature=float(setting("temperature", 1.0)) if sample else 0.0,
+            top_k=int(setting("top_k", 50)) or None if sample else None,
+            top_p=float(setting("top_p", 1.0)) if sample else None,
+            eos_token_id=eos, pad_token_id=setting("pad_token_id", None), on_token=lambda t: steps.append(1))
+        return out[:, :L + len(steps)]  # transformers' loop stops once every row has finished
+
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained`` plus the remote code (see the module docstring)."""
