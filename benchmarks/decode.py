@@ -17,14 +17,10 @@ several buffer sets so the timings do not measure the L2 cache.
 
     PYTHONPATH=src python benchmarks/decode.py             # table + benchmarks/results/decode.json
     PYTHONPATH=src python benchmarks/decode.py --sweep tiles   # also tune launch parameters
-    PYTHONPATH=src python benchmarks/decode.py --generate  # Transformer.generate with/without CUDA graphs
     PYTHONPATH=src python benchmarks/decode.py --paged 16,64,256  # the main shape over a paged cache
 
-``--generate`` times whole decoding loops instead: ``Transformer.generate`` of a preset (random
-weights, bf16, greedy, random prompts of one length) with ``cuda_graph=False`` and ``True``, host
-clock around each call after a synchronize, medians of a few calls. The steady-state time per
-step is (T(N) - T(N/2)) / (N - N/2), so prefill and the one-time capture cancel out; tokens/s is
-B x N over T(N), everything included. Saved to benchmarks/results/generate.json.
+Whole decoding loops as a user runs them (``generate()``, prefill included) are timed by
+benchmarks/generate.py; serving at a fixed memory budget by benchmarks/serve.py.
 """
 from __future__ import annotations
 
@@ -34,9 +30,7 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -267,120 +261,20 @@ SHAPES_ALL = (
 )
 
 
-def generate_variants(preset: str) -> dict[str, dict]:
-    from mea import ModelConfig
-
-    half = ModelConfig.from_preset(preset).n_heads // 2
-    return {"mea": dict(attention="mea", n_kv_heads=half), "gqa": dict(attention="gqa", n_kv_heads=half),
-            "mha": dict(attention="mha"), "mea-full": dict(attention="mea")}
-
-
-def time_generate(model, prompt, new_tokens: int, cuda_graph: bool, repeats: int) -> tuple[float, "torch.Tensor"]:
-    """Median wall seconds of one ``generate`` call (synchronized before and after), and its tokens."""
-    times, out = [], None
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, cuda_graph=cuda_graph)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def run_generate(preset: str, names: list[str], batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                 on_record=lambda records: None) -> list[dict]:
-    from mea import ModelConfig, Transformer
-    from mea.layers import norm as norm_mod
-    from mea.ops import decode as decode_mod
-
-    specs = generate_variants(preset)
-    bad = [n for n in names if n not in specs]
-    if bad:
-        raise SystemExit(f"--gen-variants: unknown {bad}; expected some of {', '.join(specs)}")
-    half = max(2, new_tokens // 2)
-    records = []
-    hdr = (f"{'variant':>9} {'graph':>5} | {'T(1) s':>7} {'T(N/2) s':>8} {'T(N) s':>7} | {'ms/step':>7} "
-           f"{'tok/s (all)':>11} {'tok/s (steps)':>13} | same tokens")
-    print(f"\ngenerate: preset {preset}, batch {batch}, prompt {prompt_len}, N = {new_tokens} new tokens, bf16, greedy; "
-          f"triton decode {'on' if decode_mod._FAST_DECODE else 'off'}, triton head norm "
-          f"{'on' if norm_mod._triton_head_norm is not None and norm_mod.TRITON_HEAD_NORM else 'off'}")
-    print(hdr + "\n" + "-" * len(hdr))
-    for name in names:
-        torch.manual_seed(0)
-        cfg = ModelConfig.from_preset(preset, max_seq_len=prompt_len + new_tokens, **specs[name])
-        model = Transformer(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-        prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device="cuda")
-        outs = {}
-        for graph in (False, True):
-            model.generate(prompt, max_new_tokens=4, cuda_graph=graph)  # warm-up: Triton compiles, cuBLAS
-            t1, _ = time_generate(model, prompt, 1, graph, repeats)
-            th, _ = time_generate(model, prompt, half, graph, repeats)
-            tn, outs[graph] = time_generate(model, prompt, new_tokens, graph, repeats)
-            step_ms = (tn - th) / (new_tokens - half) * 1e3
-            rec = dict(variant=name, cuda_graph=graph, preset=preset, batch=batch, prompt_len=prompt_len,
-                       new_tokens=new_tokens, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                       attention=cfg.attention, t1_s=t1, t_half_s=th, t_full_s=tn, half_tokens=half,
-                       step_ms=step_ms, tokens_per_s=batch * new_tokens / tn, step_tokens_per_s=batch / (step_ms * 1e-3),
-                       kv_bytes_per_token=cfg.kv_cache_bytes_per_token)
-            if graph:
-                new_e, new_g = outs[False][:, prompt_len:], outs[True][:, prompt_len:]
-                rec["same_tokens_frac"] = (new_e == new_g).float().mean().item()
-                # Greedy decoding diverges for good after the first differing token: where does it start?
-                diff = (new_e != new_g).any(0).nonzero()
-                rec["first_diff_step"] = int(diff[0]) if len(diff) else None
-                eager = records[-1]
-                rec["speedup_vs_eager"] = eager["step_ms"] / step_ms
-                eager["speedup_vs_eager"] = 1.0
-            records.append(rec)
-            same = f"{rec['same_tokens_frac']:.3f}" if graph else ""
-            print(f"{name:>9} {str(graph):>5} | {t1:7.3f} {th:8.3f} {tn:7.3f} | {step_ms:7.3f} "
-                  f"{rec['tokens_per_s']:11.0f} {rec['step_tokens_per_s']:13.0f} | {same}", flush=True)
-            on_record(records)
-        del model
-        torch.cuda.empty_cache()
-    return records
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", choices=("main", "all"), default="all")
     p.add_argument("--sweep", choices=("none", "splits", "tiles"), default="none",
                    help="also time launch parameters, before the table: slice counts, or tiles and slice counts")
-    p.add_argument("--generate", action="store_true",
-                   help="time Transformer.generate with and without CUDA graphs instead of the kernel table")
-    p.add_argument("--preset", default="125m", help="--generate: model preset (random weights)")
-    p.add_argument("--batch", type=int, default=64, help="--generate: prompts per call")
-    p.add_argument("--prompt-len", type=int, default=512, help="--generate: tokens per prompt")
-    p.add_argument("--new-tokens", type=int, default=128, help="--generate: N, new tokens per call")
-    p.add_argument("--repeats", type=int, default=3, help="--generate: calls per timing (median)")
-    p.add_argument("--gen-variants", default="mea,gqa,mha", help="--generate: comma-separated, of mea (h' = h/2), "
-                   "gqa (h/2), mha, mea-full (h' = h)")
     p.add_argument("--paged", default=None, metavar="PAGE_SIZES",
                    help="instead of the table: the main shape with a paged cache, e.g. 16,64,256 keys per page")
-    p.add_argument("--out", default=None, help="default benchmarks/results/decode.json (generate.json with --generate, "
-                   "decode_paged.json with --paged)")
+    p.add_argument("--out", default=None, help="default benchmarks/results/decode.json (decode_paged.json with --paged)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA device")
     import triton
 
     results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    if args.generate:
-        out = args.out or os.path.join(results_dir, "generate.json")
-        print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-        result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      dtype="bfloat16", what="Transformer.generate, greedy, with and without CUDA graphs",
-                      records=[])
-
-        def on_record(records):  # saved as it goes, so a run cut short keeps what it measured
-            result["records"] = records
-            save(result, out)
-
-        run_generate(args.preset, args.gen_variants.split(","), args.batch, args.prompt_len, args.new_tokens,
-                     args.repeats, on_record)
-        print(f"saved {out}")
-        return
     args.out = args.out or os.path.join(results_dir, "decode_paged.json" if args.paged else "decode.json")
 
     dtype = torch.bfloat16

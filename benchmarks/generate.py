@@ -11,6 +11,8 @@ For each (preset, batch, prompt length, new tokens) and variant it times whole `
 - ``prefill_s``: a call that makes one token (the prefill, its last-token logits, one sample);
 - ``step_ms``: the steady decoding step, (T(N) - T(N/2)) / (N - N/2), so that the prefill (and CUDA
   graph capture, one graph per 256-key bucket, the same count for both) cancels;
+  (transformers' own loop, ``--loops hf``, syncs every step: there the median gap between steps'
+  tokens, noted by a streamer, is the step);
 - ``total_s`` = T(N), and ``tokens_per_s`` = batch x N / T(N), everything included;
 - ``kv_bytes``: the bytes of the KV cache the call holds (bf16, prompt + N tokens per row).
 
@@ -46,27 +48,49 @@ def timed_generate(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+class StepClock:
+    """A transformers streamer that only notes when each step's tokens arrive (the prompt comes first)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def median_step_ms(self) -> float:
+        gaps = [b - a for a, b in zip(self.times[1:], self.times[2:])]
+        return statistics.median(gaps) * 1e3
+
+
 def run(preset: str, batch: int, prompt_len: int, new_tokens: int, variant: str, loop: str, repeats: int) -> dict:
     model = build_variant(preset, variant, max_seq_len=prompt_len + new_tokens)
     cfg = model.config
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device="cuda", generator=g)
-    if loop == "hf":
+    if loop == "core":
+        def gen(n, streamer=None):
+            return model.generate(prompt, max_new_tokens=n)
+    else:
         from mea.models.modeling_mea import MEAForCausalLM
 
         hf = MEAForCausalLM.from_core(model)
 
-        def gen(n):
-            return hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    else:
-        def gen(n):
-            return model.generate(prompt, max_new_tokens=n)
+        def gen(n, streamer=None):
+            return hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                               loop="hf" if loop == "hf" else "auto", **({"streamer": streamer} if streamer else {}))
     half = max(2, new_tokens // 2)
     gen(4)  # warm-up: Triton compiles, cuBLAS and cuDNN pick their kernels
     prefill = timed_generate(lambda: gen(1), repeats)
     t_half = timed_generate(lambda: gen(half), repeats)
     total = timed_generate(lambda: gen(new_tokens), repeats)
     step_ms = (total - t_half) / (new_tokens - half) * 1e3
+    if loop == "hf":  # transformers' loop syncs every step: its steps are timed one by one instead
+        stamps = StepClock()
+        gen(new_tokens, stamps)
+        step_ms = stamps.median_step_ms()
     rec = dict(variant=variant, loop=loop, preset=preset, attention=cfg.attention, n_heads=cfg.n_heads,
                n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, batch=batch, prompt_len=prompt_len,
                new_tokens=new_tokens, prefill_s=prefill, step_ms=step_ms, total_s=total,
@@ -83,8 +107,8 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated preset:batch:prompt:new")
     p.add_argument("--variants", default="mha,gqa(h/2),mea(h/2)",
                    help="comma-separated: mha, gqa(N), mea(N), with N a count or h/2, h/4 (stored heads)")
-    p.add_argument("--loops", default="core", help="comma-separated of core (Transformer.generate) and hf "
-                   "(MEAForCausalLM.generate)")
+    p.add_argument("--loops", default="core", help="comma-separated of core (Transformer.generate), hf-auto "
+                   "(MEAForCausalLM.generate, which runs mea's loop for such requests) and hf (transformers' loop)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "generate_e2e.json"))
     args = p.parse_args(argv)

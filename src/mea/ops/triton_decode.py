@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_util import KERNEL_DTYPES as _DTYPES
-from .triton_util import cdiv, interpreting, next_pow2, sm_count
+from .triton_util import cdiv, next_pow2, sm_count
 
 __all__ = ["mea_decode_triton", "decode_launch_config", "to_paged"]
 
