@@ -463,3 +463,42 @@ def test_generate_accepts_a_pad_id_that_is_no_token():
     assert out[0, 3] == eos and (out[0, 4:] == -1).all()
     first = next((i for i in range(3, 9) if free[1, i] == eos), 9)
     assert torch.equal(out[1, :first + 1], free[1, :first + 1])
+
+
+def test_gqa_never_copies_its_keys(monkeypatch):
+    """Grouped keys and values are read in place (SDPA's enable_gqa, or the grouped view), in training,
+    prefill and decoding: GQA's decode step once copied its whole cache with repeat_interleave."""
+    def refuse(*a, **k):
+        raise AssertionError("repeat_interleave called: K/V copied")
+
+    model = Transformer(tiny("gqa", n_kv_heads=2)).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    am = torch.ones_like(ids)
+    am[0, :3] = 0
+    want = model.generate(ids, attention_mask=am, max_new_tokens=4)
+    logits = model(ids)
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", refuse)
+    monkeypatch.setattr(torch, "repeat_interleave", refuse)
+    assert torch.equal(model.generate(ids, attention_mask=am, max_new_tokens=4), want)
+    torch.testing.assert_close(model(ids), logits)
+
+
+@pytest.mark.gpu
+def test_gpu_gqa_layer_compiles_forward_and_backward():
+    """torch.compile of a GQA decoder layer, forward and backward under bf16 autocast (Inductor once
+    failed on the copied K/V with a SyntaxError in its generated code), against the eager layer."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("small", attention="gqa", n_kv_heads=2, vocab_size=256)).cuda()
+    layer = model.model.layers[0]
+    x = torch.randn(4, 128, model.config.d_model, device="cuda", requires_grad=True)
+    a = model._attn_inputs(torch.zeros(4, 128, dtype=torch.long, device="cuda"), None, None, None, torch.bfloat16)
+    outs = []
+    for fn in (layer, torch.compile(layer)):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x, a)
+        y.float().square().mean().backward()
+        outs.append((y.float(), x.grad.clone(), layer.self_attn.k_proj.weight.grad.clone()))
+    for got, want in zip(outs[1], outs[0]):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
