@@ -23,6 +23,8 @@ VARIANTS = {
     "gqa": dict(attention="gqa", n_heads=6, n_kv_heads=2),
     "mha": dict(attention="mha", n_heads=6),
     "diff": dict(attention="diff", n_heads=6),
+    "diff_v2": dict(attention="diff_v2", n_heads=6, n_kv_heads=3),
+    "mea-knock": dict(attention="mea", n_heads=6, n_kv_heads=4, knock="qkv", knock_form="mlp"),
 }
 # The Triton kernels serve MEA; every variant runs on the PyTorch backend.
 CASES = [(v, "torch") for v in VARIANTS] + [("mea", "triton"), ("mea-1", "triton")]

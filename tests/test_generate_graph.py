@@ -22,6 +22,8 @@ VARIANTS = {
     "gqa": dict(attention="gqa", n_heads=6, n_kv_heads=2),
     "diff": dict(attention="diff", n_heads=6),
     "talking_heads": dict(attention="talking_heads", n_heads=6),
+    "diff_v2": dict(attention="diff_v2", n_heads=6, n_kv_heads=3),
+    "gqa-knock": dict(attention="gqa", n_heads=6, n_kv_heads=2, knock="v", knock_form="mlp"),
 }
 
 

@@ -25,6 +25,9 @@ VARIANTS = {
     "mea_layers": dict(attention="mea", n_kv_heads=4, layer_kv_heads=[4, 2]),
     "diff": dict(attention="diff"),
     "talking_heads": dict(attention="talking_heads"),
+    "diff_v2": dict(attention="diff_v2", n_kv_heads=2),
+    "mea_knock": dict(attention="mea", n_kv_heads=3, knock="qkv", knock_form="mlp"),
+    "gqa_knock": dict(attention="gqa", n_kv_heads=2, knock="v"),
 }
 VOCAB = 101
 
@@ -33,9 +36,9 @@ def tiny(variant: str, **kw) -> mea.Transformer:
     cfg = mea.ModelConfig(**{**dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
                              **VARIANTS[variant], **kw})
     model = mea.Transformer(cfg).eval()
-    with torch.no_grad():  # move the mixing matrices, lambdas and norms off their initial values
+    with torch.no_grad():  # move the mixing matrices, lambdas, knocks and norms off their initial values
         for n, p in model.named_parameters():
-            if n.endswith(("_mix", "head_norm.weight", "layernorm.weight")) or "lambda_" in n:
+            if n.endswith(("_mix", "head_norm.weight", "layernorm.weight")) or "lambda_" in n or ".knock_" in n:
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -70,7 +73,7 @@ def test_round_trip_logits_equal(variant, tmp_path):
     torch.testing.assert_close(load_hf_mea(tmp_path)(ids), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["mea", "gqa", "diff", "talking_heads", "mea_layers"])
+@pytest.mark.parametrize("variant", ["mea", "gqa", "diff", "talking_heads", "mea_layers", "diff_v2", "mea_knock"])
 def test_generate_equals_core_and_caches_stored_heads(variant):
     core = tiny(variant)
     hf = MEAForCausalLM.from_core(core)
@@ -90,7 +93,7 @@ def test_generate_equals_core_and_caches_stored_heads(variant):
     heads = [cfg.kv_heads_at(i) for i in range(cfg.n_layers)]
     assert [layer.keys.shape[1] for layer in cache.layers] == heads
     assert cache_nbytes(cache) == 2 * 2 * T * cfg.head_dim * 4 * sum(heads)  # K and V, B=2, fp32
-    if variant.startswith("mea") or variant == "gqa":
+    if variant.startswith("mea") or variant in ("gqa", "diff_v2"):
         assert cache_nbytes(cache) < 2 * 2 * T * cfg.head_dim * 4 * cfg.n_heads * cfg.n_layers
     # beam search reorders the cache rows; it must agree with recomputing everything without a cache
     beams = [hf.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0,

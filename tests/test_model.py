@@ -12,7 +12,9 @@ from mea.ops.attention import (attention_naive, fold_mix_into_proj, mea_attentio
 
 VARIANTS = [("mha", {}), ("gqa", {"n_kv_heads": 2}), ("gqa", {"n_kv_heads": 1}), ("diff", {}),
             ("talking_heads", {}), ("mea", {"n_kv_heads": 4}), ("mea", {"n_kv_heads": 2}),
-            ("mea", {"n_kv_heads": 3})]
+            ("mea", {"n_kv_heads": 3}), ("diff_v2", {}), ("diff_v2", {"n_kv_heads": 2}),
+            ("mha", {"knock": "v"}), ("gqa", {"n_kv_heads": 2, "knock": "qkv", "knock_form": "mlp"}),
+            ("mea", {"n_kv_heads": 3, "knock": "qkv"}), ("mea", {"n_kv_heads": 3, "knock": "v", "knock_form": "mlp"})]
 
 
 def tiny(attention="mha", **kw):
@@ -381,7 +383,8 @@ def test_explicit_head_dim_allows_nondividing_heads():
 
 def test_preset_param_counts_and_flops():
     for name in ("tiny", "mini", "small", "125m", "350m"):
-        for attention, kw in [("mha", {}), ("mea", {"n_kv_heads": 2}), ("diff", {}), ("talking_heads", {})]:
+        for attention, kw in [("mha", {}), ("mea", {"n_kv_heads": 2}), ("diff", {}), ("talking_heads", {}),
+                              ("diff_v2", {"n_kv_heads": 2}), ("gqa", {"n_kv_heads": 2, "knock": "v", "knock_form": "mlp"})]:
             cfg = ModelConfig.from_preset(name, attention=attention, **kw)
             if name in ("tiny", "mini"):
                 assert Transformer(cfg).num_params() == cfg.num_params()

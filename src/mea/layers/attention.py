@@ -3,12 +3,17 @@
 Every variant maps hidden states (B, L, D) to (B, L, D) given an ``AttnInputs`` (rotary cos/sin,
 mask, optional KV cache). Parameter names follow Hugging Face LLaMA (q_proj, k_proj, v_proj,
 o_proj), plus ``k_mix``/``v_mix`` (MEA), ``pre_mix``/``post_mix`` (talking heads),
-``lambda_*`` (differential) and ``head_norm``.
+``lambda_*`` (differential, both versions), ``knock_*`` (knocking heads) and ``head_norm``.
 
 Each class also owns what is particular to its variant: which stored-head counts it allows
-(``kv_heads_rule``), whether its head norm is on by default, and its attention FLOPs beyond the
-projections (``score_flops``). Parameter counts and KV-cache bytes are read off the modules
-themselves (``models.config``), so no formula is kept by hand.
+(``kv_heads_rule``), whether its head norm is on by default, how many query heads feed one output
+head (``queries_per_head``), its attention FLOPs beyond the projections (``score_flops``) and the
+weight FLOPs that the parameter count does not show (``extra_flops``). Parameter counts and KV-cache
+bytes are read off the modules themselves (``models.config``), so no formula is kept by hand.
+
+Knocking heads (``ModelConfig.knock``) is written once, in the base class's projections, so every
+variant takes it: a (d x d) map shared by all heads of a projection, after it and before RoPE and
+attention, starting as the identity.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.attention import diff_attention, mix_heads, sdpa, talking_heads_attention
+from ..ops.attention import (diff_attention, diff_v2_attention, fold_knock_into_proj, knock_heads, mix_heads, sdpa,
+                             talking_heads_attention)
 from ..ops.backend import fold_mixes
 from ..ops.decode import mea_attention_cached
 from .cache import KVCache
@@ -66,35 +72,100 @@ class Attention(nn.Module):
     # Stored key/value heads allowed: "all" (h' = h), "divisor" (h' divides h), "any" (1 <= h' <= h).
     kv_heads_rule = "all"
     head_norm_default = False
+    # Query heads per output head: q_proj makes queries_per_head * h heads of width d.
+    queries_per_head = 1
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads_at(layer_idx), config.head_dim
+        self.n_q_heads = self.queries_per_head * self.n_heads
         self.backend = config.backend
         D, h, hk, d = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(D, h * d, bias=False)
+        self.q_proj = nn.Linear(D, self.n_q_heads * d, bias=False)
         self.k_proj = nn.Linear(D, hk * d, bias=False)
         self.v_proj = nn.Linear(D, hk * d, bias=False)
         self.o_proj = nn.Linear(h * d, D, bias=False)
         self.head_norm = HeadNorm(h, d, config.head_norm_eps, config.head_norm_init) if config.head_norm else None
+        self.knock, self.knock_form = config.knock or "", config.knock_form
+        for which in self.knock:
+            for name in self._knock_names(which):
+                self.register_parameter(name, nn.Parameter(torch.empty(d, d)))
+        self._reset_knock()
 
     def reset_parameters(self) -> None:
-        """The variant's own parameters and derived buffers (projections and norms reset themselves)."""
+        """The variant's own parameters and derived buffers (projections and norms reset themselves).
+        Subclasses with parameters of their own reset them after calling this."""
+        self._reset_knock()
 
     @staticmethod
     def score_flops(config, seq_len: int) -> float:
         """Forward FLOPs per token of one layer's scores and weighted sums (causal: half the square)."""
         return 2 * (2 * config.n_heads * config.head_dim * seq_len / 2)
 
+    @classmethod
+    def extra_flops(cls, config, n_kv_heads: int) -> float:
+        """Forward FLOPs per token of one layer's weights beyond 2 per parameter (what the 6 N rule counts).
+
+        The MLP form of knocking heads applies its three shared (d x d) matrices to every head of a
+        projection, which 6 N counts once. The linear form folds into the projection's weight for training
+        (``fold_knock_into_proj``): the tokens then cost what they cost without it, so its parameters, counted
+        like any weight, over-count it by 6 d^2 a token (well under 0.1% of a layer)."""
+        if not config.knock or config.knock_form != "mlp":
+            return 0.0
+        heads = {"q": cls.queries_per_head * config.n_heads, "k": n_kv_heads, "v": n_kv_heads}
+        return sum(3 * 2 * (heads[w] - 1) * config.head_dim ** 2 for w in config.knock)
+
+    # ------------------------------------------------------------------ knocking heads
+    def _knock_names(self, which: str) -> tuple[str, ...]:
+        if self.knock_form == "linear":
+            return (f"knock_{which}",)
+        return tuple(f"knock_{which}_{part}" for part in ("up", "gate", "down"))
+
+    def _reset_knock(self) -> None:
+        """Knocking heads starts as the identity (the paper's diagonal initialization): the linear map and the
+        MLP's up and down matrices are I, its gate 0, so 2 sigmoid(0) = 1 and the layer is its base variant."""
+        with torch.no_grad():
+            for which in self.knock:
+                for name in self._knock_names(which):
+                    p = getattr(self, name)
+                    if name.endswith("_gate"):
+                        p.zero_()
+                    else:
+                        p.copy_(torch.eye(self.head_dim, device=p.device, dtype=p.dtype))
+
+    def _knock(self, which: str) -> Optional[tuple[Tensor, ...]]:
+        """The knocking-heads matrices of projection ``which`` ("q", "k" or "v"), or None."""
+        if which not in self.knock:
+            return None
+        return tuple(getattr(self, name) for name in self._knock_names(which))
+
     def _heads(self, t: Tensor, n: int) -> Tensor:
         B, L, _ = t.shape
         return t.view(B, L, n, -1).transpose(1, 2)
 
+    def _project(self, x: Tensor, which: str, fold: bool) -> Tensor:
+        """Heads (B, n, L, d) of projection ``which`` ("q", "k" or "v"), knocked where asked, before RoPE.
+
+        ``fold``: a linear knock is multiplied into the projection's weight (a weight-sized product, for
+        full sequences) instead of into every token's heads (a d x d product per token and head, cheaper
+        for a few tokens). Only a plain nn.Linear folds (see ``_plain_linear``)."""
+        proj = getattr(self, f"{which}_proj")
+        n = self.n_q_heads if which == "q" else self.n_kv_heads
+        knock = self._knock(which)
+        if knock is None:
+            return self._heads(proj(x), n)
+        if fold and len(knock) == 1 and _plain_linear(proj):
+            return self._heads(nn.functional.linear(x, fold_knock_into_proj(proj.weight, knock[0], self.head_dim)), n)
+        B, L, _ = x.shape
+        # knocked in the projection's own (B, L, n, d) layout: the heads are then laid out as without a knock
+        return self._heads(knock_heads(proj(x).view(B, L, n, self.head_dim), knock).flatten(2), n)
+
     def _qkv(self, x: Tensor, a: AttnInputs) -> tuple[Tensor, Tensor, Tensor]:
-        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.n_kv_heads), a.cos, a.sin)
-        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        fold = a.cache is None
+        q = apply_rope(self._project(x, "q", fold), a.cos, a.sin)
+        k = apply_rope(self._project(x, "k", fold), a.cos, a.sin)
+        v = self._project(x, "v", fold)
         if a.cache is not None:
             k, v = a.cache.update(self.layer_idx, k, v, a.positions, a.kv_len)
         return q, k, v
@@ -156,22 +227,37 @@ class MEAttention(Attention):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        super().reset_parameters()
         with torch.no_grad():
             for p in (self.k_mix, self.v_mix):
                 p.copy_(mixing_init(self.n_kv_heads, self.n_heads))
 
+    def _composite(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Composite key and value heads (B, h, L, d) of full sequences, before RoPE.
+
+        Where the projection is a plain nn.Linear and its knock (if any) linear, the mixing and the knock
+        fold into its weight; else (an adapter, a hook, the MLP knock) the projection runs as its module
+        and its component heads are knocked and mixed token by token. A knock acts on the h' component
+        heads: the map the cache stores is the one a fresh sequence sees."""
+        heads, folds = {}, []
+        for which, mix in (("k", self.k_mix), ("v", self.v_mix)):
+            proj, knock = getattr(self, f"{which}_proj"), self._knock(which)
+            if _plain_linear(proj) and (knock is None or len(knock) == 1):
+                w = proj.weight if knock is None else fold_knock_into_proj(proj.weight, knock[0], self.head_dim)
+                folds.append((which, w, mix))
+            else:
+                heads[which] = mix_heads(self._project(x, which, fold=False), mix)
+        if folds:
+            weights = fold_mixes(self.backend, [(w, mix) for _, w, mix in folds], self.head_dim)
+            for (which, _, _), w in zip(folds, weights):
+                heads[which] = self._heads(nn.functional.linear(x, w), self.n_heads)
+        return heads["k"], heads["v"]
+
     def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
         if a.cache is None:
-            q = apply_rope(self._heads(self.q_proj(x), self.n_heads), a.cos, a.sin)
-            if _plain_linear(self.k_proj, self.v_proj):
-                k_w, v_w = fold_mixes(self.backend, [(self.k_proj.weight, self.k_mix), (self.v_proj.weight, self.v_mix)],
-                                      self.head_dim)
-                k = apply_rope(self._heads(nn.functional.linear(x, k_w), self.n_heads), a.cos, a.sin)
-                v = self._heads(nn.functional.linear(x, v_w), self.n_heads)
-            else:  # the projection must run as its module: mix its component heads token by token
-                k = apply_rope(mix_heads(self._heads(self.k_proj(x), self.n_kv_heads), self.k_mix), a.cos, a.sin)
-                v = mix_heads(self._heads(self.v_proj(x), self.n_kv_heads), self.v_mix)
-            return self._output(sdpa(q, k, v, mask=a.mask, causal=a.mask is None), a)
+            q = apply_rope(self._project(x, "q", fold=True), a.cos, a.sin)
+            k, v = self._composite(x)
+            return self._output(sdpa(q, apply_rope(k, a.cos, a.sin), v, mask=a.mask, causal=a.mask is None), a)
         q, k_comp, v_comp = self._qkv(x, a)
         if a.mask is None and q.shape[2] == k_comp.shape[2] and q.shape[2] > 1:
             # A prefill over an empty cache: the chunk attends to itself only, so its composite heads are
@@ -194,6 +280,7 @@ class TalkingHeadsAttention(Attention):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        super().reset_parameters()
         nn.init.eye_(self.pre_mix)
         nn.init.eye_(self.post_mix)
 
@@ -236,6 +323,7 @@ class DiffAttention(Attention):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        super().reset_parameters()
         for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(p, 0.0, 0.1)
         self.reset_buffers()
@@ -260,9 +348,10 @@ class DiffAttention(Attention):
         return t.view(B, n, 2, L, d // 2).transpose(2, 3).reshape(B, n, L, d)
 
     def _qkv(self, x, a):
-        q = self._halves_rope(self._heads(self.q_proj(x), self.n_heads), a)
-        k = self._halves_rope(self._heads(self.k_proj(x), self.n_kv_heads), a)
-        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        fold = a.cache is None
+        q = self._halves_rope(self._project(x, "q", fold), a)
+        k = self._halves_rope(self._project(x, "k", fold), a)
+        v = self._project(x, "v", fold)
         if a.cache is not None:
             k, v = a.cache.update(self.layer_idx, k, v, a.positions, a.kv_len)
         return q, k, v
@@ -274,12 +363,38 @@ class DiffAttention(Attention):
         return 1.0 - self.lambda_init_t
 
 
+class DiffV2Attention(Attention):
+    """Differential attention V2 (Microsoft's Differential Transformer V2, 2026): q_proj makes 2h query
+    heads of width d over h' grouped key/value heads, one attention call serves all of them, and output
+    head i is ``o_{2i} - sigmoid(lambda_i) o_{2i+1}``, with ``lambda = lambda_proj(x)`` (D -> h, one
+    weight per token and head). Heads 2i and 2i+1 are neighbours in one GQA group, so they read the same
+    keys and values, and the cache holds GQA's h' heads. No head norm and no output scale by default
+    (the reference drops both); lambda_proj is initialized as every other projection."""
+
+    kv_heads_rule = "divisor"
+    queries_per_head = 2
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.lambda_proj = nn.Linear(config.d_model, self.n_heads, bias=False)
+
+    @staticmethod
+    def score_flops(config, seq_len: int) -> float:
+        return 2 * Attention.score_flops(config, seq_len)  # 2h query heads
+
+    def forward(self, x: Tensor, a: AttnInputs) -> Tensor:
+        q, k, v = self._qkv(x, a)
+        lam = self.lambda_proj(x).transpose(1, 2)  # (B, h, L)
+        return self._output(diff_v2_attention(q, k, v, lam, mask=a.mask, causal=a.mask is None), a)
+
+
 ATTENTION_CLASSES: dict[str, type[Attention]] = {
     "mha": Attention,
     "gqa": GroupedQueryAttention,
     "mea": MEAttention,
     "talking_heads": TalkingHeadsAttention,
     "diff": DiffAttention,
+    "diff_v2": DiffV2Attention,
 }
 
 

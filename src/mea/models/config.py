@@ -16,6 +16,7 @@ from ..layers.attention import ATTENTION_CLASSES
 from ..ops.backend import check_backend
 
 ATTENTION_VARIANTS = tuple(ATTENTION_CLASSES)
+KNOCK_FORMS = ("linear", "mlp")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class ModelConfig:
     of layers); ``None`` means every layer has ``n_kv_heads``.
     ``backend`` chooses the implementation of MEA's ops, not the model: ``auto``, ``torch`` or
     ``triton`` (see :mod:`mea.ops.backend`); ``Transformer.set_backend`` changes it on a built model.
+    ``knock`` adds knocking-heads projections (Zhou et al. 2025) to any variant: the projections it names
+    (``"v"``, ``"kv"``, ``"qkv"``, ...: letters of q, k, v) get a (d x d) map shared by their heads, which
+    starts as the identity; ``knock_form`` is ``"linear"`` (folds into the projection weight) or ``"mlp"``
+    (``2 (x W_up * sigmoid(x W_gate)) W_down``). None: no knocking heads.
     """
 
     vocab_size: int = 50304
@@ -54,6 +59,8 @@ class ModelConfig:
     name: str = "custom"
     layer_kv_heads: Optional[list[int]] = None
     backend: str = "auto"
+    knock: Optional[str] = None
+    knock_form: str = "linear"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_VARIANTS:
@@ -105,6 +112,14 @@ class ModelConfig:
         if self.attention == "diff" and self.head_dim % 4:
             raise ValueError(f"head_dim: diff splits each head into two halves that RoPE rotates, needs a head_dim "
                              f"divisible by 4, got {self.head_dim}")
+        if self.knock is not None:
+            letters = str(self.knock)
+            if not letters or set(letters) - set("qkv") or len(set(letters)) != len(letters):
+                raise ValueError(f"knock: the projections to knock, some of the letters q, k, v once each "
+                                 f"(e.g. 'v', 'kv', 'qkv'), got {self.knock!r}")
+            self.knock = "".join(c for c in "qkv" if c in letters)
+        if self.knock_form not in KNOCK_FORMS:
+            raise ValueError(f"knock_form: expected one of {', '.join(KNOCK_FORMS)}, got {self.knock_form!r}")
         if self.head_norm is None:
             self.head_norm = cls.head_norm_default
         if self.d_ff is None:
@@ -157,8 +172,8 @@ class ModelConfig:
     def attention_params(self, n_kv_heads: Optional[int] = None) -> int:
         """Parameters of one attention layer with ``n_kv_heads`` stored heads (default ``n_kv_heads``)."""
         hk = self.n_kv_heads if n_kv_heads is None else n_kv_heads
-        return _attention_params(ATTENTION_CLASSES[self.attention], self.n_heads, hk, self.head_dim, self.d_model,
-                                 bool(self.head_norm))
+        return _attention_params(self.attention, self.n_heads, hk, self.head_dim, self.d_model, bool(self.head_norm),
+                                 self.knock, self.knock_form)
 
     def num_params(self, non_embedding: bool = False) -> int:
         per_layer = 3 * self.d_model * self.d_ff + 2 * self.d_model
@@ -173,26 +188,29 @@ class ModelConfig:
 
         6 N for every weight matmul (lm head included), plus 3x each layer's forward score FLOPs (the
         attention scores and weighted sums, causal, counted as half the full square as in
-        FlashAttention's accounting; each variant adds its own extra work, see ``score_flops``). MEA is
+        FlashAttention's accounting; each variant adds its own extra work, see ``score_flops``), plus 3x
+        the weight FLOPs a variant spends beyond 2 per parameter (``extra_flops``: the MLP knock). MEA is
         counted at its minimal work, K and V projected to h' heads; its training path folds the mixing
         into the weights and projects to all h heads, which at h' < h is more (about 5% of the 125m
         model's FLOPs at h' = h/2) and is not counted.
         """
         T = seq_len or self.max_seq_len
+        cls = ATTENTION_CLASSES[self.attention]
         matmul_params = self.num_params(non_embedding=True) + self.vocab_size * self.d_model
-        return 6 * matmul_params + self.n_layers * 3 * ATTENTION_CLASSES[self.attention].score_flops(self, T)
+        extra = sum(cls.extra_flops(self, self.kv_heads_at(i)) for i in range(self.n_layers))
+        return 6 * matmul_params + 3 * (self.n_layers * cls.score_flops(self, T) + extra)
 
 
 @functools.lru_cache(maxsize=256)
-def _attention_params(cls, n_heads: int, n_kv_heads: int, head_dim: int, d_model: int, head_norm: bool) -> int:
-    """Parameters of one layer of ``cls``, counted on a layer built on the meta device (no memory)."""
+def _attention_params(attention: str, n_heads: int, n_kv_heads: int, head_dim: int, d_model: int, head_norm: bool,
+                      knock: Optional[str], knock_form: str) -> int:
+    """Parameters of one attention layer, counted on a layer built on the meta device (no memory)."""
     import torch
 
-    cfg = ModelConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                      attention=next(k for k, v in ATTENTION_CLASSES.items() if v is cls), head_norm=head_norm,
-                      n_layers=1, vocab_size=1)
+    cfg = ModelConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, attention=attention,
+                      head_norm=head_norm, knock=knock, knock_form=knock_form, n_layers=1, vocab_size=1)
     with torch.device("meta"):
-        layer = cls(cfg, 0)
+        layer = ATTENTION_CLASSES[attention](cfg, 0)
     return sum(p.numel() for p in layer.parameters())
 
 

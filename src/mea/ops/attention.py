@@ -171,3 +171,34 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Optional[
     o1 = sdpa(q[..., :half], k[..., :half], v, mask=mask, causal=causal)
     o2 = sdpa(q[..., half:], k[..., half:], v, mask=mask, causal=causal)
     return o1 - lam.to(o1.dtype) * o2
+
+
+def diff_v2_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Optional[Tensor] = None,
+                      causal: bool = False) -> Tensor:
+    """Differential attention V2 (Microsoft's Differential Transformer V2): one attention call with 2h query
+    heads over the (grouped) keys and values, then ``out_i = o_{2i} - sigmoid(lam_i) o_{2i+1}`` per head and
+    token. ``q`` (B, 2h, Lq, d): heads 2i and 2i+1 are a pair and read the same key/value head (they are
+    neighbours in one GQA group); ``lam`` (B, h, Lq): the pre-sigmoid weights. Returns (B, h, Lq, d)."""
+    o = sdpa(q, k, v, mask=mask, causal=causal)
+    B, h2, L, d = o.shape
+    o = o.view(B, h2 // 2, 2, L, d)
+    return o[:, :, 0] - torch.sigmoid(lam).to(o.dtype).unsqueeze(-1) * o[:, :, 1]
+
+
+def knock_heads(x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+    """Knocking-heads projection (Zhou et al. 2025), one map shared by every head, on heads x (..., d).
+
+    ``(T,)``: the linear form, ``x T``. ``(W_up, W_gate, W_down)``: the MLP form,
+    ``2 (x W_up * sigmoid(x W_gate)) W_down``. Every matrix is (d, d), applied as ``x @ W``."""
+    if len(weights) == 1:
+        return torch.matmul(x, weights[0].to(x.dtype))
+    up, gate, down = (w.to(x.dtype) for w in weights)
+    return torch.matmul(2 * torch.matmul(x, up) * torch.sigmoid(torch.matmul(x, gate)), down)
+
+
+def fold_knock_into_proj(weight: Tensor, t: Tensor, head_dim: int) -> Tensor:
+    """Projection weight whose heads come out knocked by the linear map ``t``: ``W'_i = W_i t`` for every
+    head i, in nn.Linear layout (n * d, D), so ``x @ W'.T`` equals ``knock_heads(heads(x @ W.T), (t,))``.
+    A weight-sized product per step instead of a d x d product per token and head."""
+    n = weight.shape[0] // head_dim
+    return torch.matmul(t.t().to(weight.dtype), weight.view(n, head_dim, weight.shape[-1])).view(weight.shape)
