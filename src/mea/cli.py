@@ -6,25 +6,35 @@ import sys
 from typing import Optional
 
 
-def info(preset: str = "tiny", n_kv_heads: Optional[int] = None, prompt: str = "The capital of France is",
-         max_new_tokens: int = 12, seed: int = 0) -> None:
-    """Build one model per attention variant; print parameters, KV-cache bytes per token and a sample.
+def info(preset: str = "tiny", n_kv_heads: Optional[int] = None, knock: Optional[str] = "v",
+         knock_form: str = "linear", prompt: str = "The capital of France is", max_new_tokens: int = 12,
+         seed: int = 0) -> None:
+    """Build one model per attention variant, and mha, gqa and mea with knocking heads; print parameters,
+    KV-cache bytes per token, training FLOPs per token and a sample.
 
     Args:
         preset: model preset (tiny, mini, small, 125m, 350m, smollm2-135m).
-        n_kv_heads: stored heads for gqa and mea (default: half the query heads).
+        n_kv_heads: stored heads for the variants that may store fewer (gqa, mea, diff_v2; default: half the
+            query heads; where a variant needs a divisor of n_heads and this is none, it stores all).
+        knock: the projections the knocking-heads rows knock (letters of q, k, v); null for no such rows.
+        knock_form: the knocking-heads map: linear or mlp.
         prompt: text to continue (an untrained model continues it with noise).
         max_new_tokens: tokens to sample per variant.
         seed: initialization seed.
     """
     import torch
 
+    from .layers.attention import ATTENTION_CLASSES
     from .models import ATTENTION_VARIANTS, ModelConfig, Transformer
 
     base = ModelConfig.from_preset(preset)
     hk = n_kv_heads if n_kv_heads is not None else max(1, base.n_heads // 2)
     if not 1 <= hk <= base.n_heads:
         raise ValueError(f"n_kv_heads: must satisfy 1 <= n_kv_heads <= n_heads={base.n_heads}, got {hk}")
+    rows = [(variant, {}) for variant in ATTENTION_VARIANTS]
+    if knock is not None:
+        ModelConfig.from_preset(preset, knock=knock, knock_form=knock_form)  # a bad value fails before any row
+        rows += [(variant, {"knock": knock, "knock_form": knock_form}) for variant in ("mha", "gqa", "mea")]
     tok = None
     try:
         from .data.tokenizer import load_tokenizer
@@ -32,20 +42,20 @@ def info(preset: str = "tiny", n_kv_heads: Optional[int] = None, prompt: str = "
         tok = load_tokenizer()
     except Exception as e:  # the table is still useful without the tokenizer package
         print(f"(no tokenizer: {e}; sampling token ids instead)", file=sys.stderr)
-    print(f"{'variant':<14} {'params':>12} {'non-emb':>12} {'KV bytes/token':>15} {'MFLOP/token':>12}  sample")
-    for variant in ATTENTION_VARIANTS:
-        kw = {"n_kv_heads": hk} if variant in ("gqa", "mea") else {}
-        if variant == "gqa" and base.n_heads % hk:
-            kw = {"n_kv_heads": base.n_heads}
-        cfg = ModelConfig.from_preset(preset, attention=variant, **kw)
+    print(f"{'variant':<28} {'params':>12} {'non-emb':>12} {'KV bytes/token':>15} {'MFLOP/token':>12}  sample")
+    for variant, extra in rows:
+        rule = ATTENTION_CLASSES[variant].kv_heads_rule
+        kw = {} if rule == "all" else {"n_kv_heads": hk if rule == "any" or base.n_heads % hk == 0 else base.n_heads}
+        cfg = ModelConfig.from_preset(preset, attention=variant, **kw, **extra)
         torch.manual_seed(seed)
         model = Transformer(cfg).eval()
         ids = tok.encode(prompt) if tok else list(range(1, 6))
         ids = [i % cfg.vocab_size for i in ids]
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens)[0, len(ids):].tolist()
         sample = tok.decode(out) if tok else str(out)
-        label = variant + (f"(h'={cfg.n_kv_heads})" if variant in ("gqa", "mea") else "")
-        print(f"{label:<14} {model.num_params():>12,} {model.num_params(True):>12,} "
+        label = variant + (f"(h'={cfg.n_kv_heads})" if rule != "all" else "")
+        label += f"+knock({cfg.knock},{cfg.knock_form})" if cfg.knock else ""
+        print(f"{label:<28} {model.num_params():>12,} {model.num_params(True):>12,} "
               f"{cfg.kv_cache_bytes_per_token:>15,} {cfg.flops_per_token() / 1e6:>12.1f}  {sample!r}")
 
 
