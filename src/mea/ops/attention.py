@@ -193,7 +193,9 @@ def knock_heads(x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
     if len(weights) == 1:
         return torch.matmul(x, weights[0].to(x.dtype))
     up, gate, down = (w.to(x.dtype) for w in weights)
-    return torch.matmul(2 * torch.matmul(x, up) * torch.sigmoid(torch.matmul(x, gate)), down)
+    # up and gate as one product: the heads are read once for both
+    u, g = torch.matmul(x, torch.cat([up, gate], dim=1)).chunk(2, dim=-1)
+    return torch.matmul(2 * u * torch.sigmoid(g), down)
 
 
 def fold_knock_into_proj(weight: Tensor, t: Tensor, head_dim: int) -> Tensor:
