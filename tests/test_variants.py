@@ -347,3 +347,32 @@ def test_diff_v2_scores_twice_and_linear_knock_costs_its_fold():
     L, d, D, h = 64, base.head_dim, base.d_model, base.n_heads
     fold = 3 * 2 * d * d * h * d * D / d  # (d x d) times (d, h d D / d) for each of q, k, v
     assert _projection_flops_per_token(knocked, L) == _projection_flops_per_token(base, L) + fold / L
+
+
+def test_mea_with_a_linear_knock_keeps_the_triton_fold(monkeypatch):
+    """MEA folds a linear knock into its projection weights first (in the weights' dtype), then hands both
+    weights to the K/V fold together: the Triton backend (interpreted here) still makes one launch for K and
+    V, and gives the outputs and gradients of the PyTorch backend."""
+    pytest.importorskip("triton")
+    from mea.ops import triton_fold
+
+    calls = []
+    real = triton_fold.fold_mixes_triton
+    monkeypatch.setattr(triton_fold, "fold_mixes_triton", lambda pairs, *a, **k: calls.append(len(pairs)) or
+                        real(pairs, *a, **k))
+    torch.manual_seed(3)
+    cfg = tiny("mea", n_kv_heads=3, knock="v", n_layers=1)
+    layer = randomize(build_attention(cfg, 0))
+    x, dy = torch.randn(2, 12, cfg.d_model), torch.randn(2, 12, cfg.d_model)
+    cos, sin = RotaryEmbedding(cfg.head_dim)(torch.arange(12)[None].expand(2, 12), torch.float32)
+    runs = []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        layer.zero_grad(set_to_none=True)
+        y = layer(x, AttnInputs(cos=cos, sin=sin))
+        y.backward(dy)
+        runs.append((y, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    assert calls == [2]
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
+    for name, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -201,6 +201,9 @@ def knock_heads(x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
 def fold_knock_into_proj(weight: Tensor, t: Tensor, head_dim: int) -> Tensor:
     """Projection weight whose heads come out knocked by the linear map ``t``: ``W'_i = W_i t`` for every
     head i, in nn.Linear layout (n * d, D), so ``x @ W'.T`` equals ``knock_heads(heads(x @ W.T), (t,))``.
-    A weight-sized product per step instead of a d x d product per token and head."""
+    A weight-sized product per step instead of a d x d product per token and head. It runs in the weight's
+    dtype whatever autocast says: the result is a weight (MEA's fold takes it next, in one dtype with its mix)."""
     n = weight.shape[0] // head_dim
-    return torch.matmul(t.t().to(weight.dtype), weight.view(n, head_dim, weight.shape[-1])).view(weight.shape)
+    with torch.autocast(weight.device.type, enabled=False):
+        w = torch.matmul(t.t().to(weight.dtype), weight.view(n, head_dim, weight.shape[-1]))
+    return w.view(weight.shape)
