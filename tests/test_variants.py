@@ -352,7 +352,7 @@ def test_diff_v2_scores_twice_and_linear_knock_costs_its_fold():
 def test_mea_with_a_linear_knock_keeps_the_triton_fold(monkeypatch):
     """MEA folds a linear knock into its projection weights first (in the weights' dtype), then hands both
     weights to the K/V fold together: the Triton backend (interpreted here) still makes one launch for K and
-    V, and gives the outputs and gradients of the PyTorch backend."""
+    V, and gives the outputs and gradients of the PyTorch backend (fp32)."""
     pytest.importorskip("triton")
     from mea.ops import triton_fold
 
@@ -360,11 +360,12 @@ def test_mea_with_a_linear_knock_keeps_the_triton_fold(monkeypatch):
     real = triton_fold.fold_mixes_triton
     monkeypatch.setattr(triton_fold, "fold_mixes_triton", lambda pairs, *a, **k: calls.append(len(pairs)) or
                         real(pairs, *a, **k))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # without CUDA, conftest has Triton interpret
     torch.manual_seed(3)
     cfg = tiny("mea", n_kv_heads=3, knock="v", n_layers=1)
-    layer = randomize(build_attention(cfg, 0))
-    x, dy = torch.randn(2, 12, cfg.d_model), torch.randn(2, 12, cfg.d_model)
-    cos, sin = RotaryEmbedding(cfg.head_dim)(torch.arange(12)[None].expand(2, 12), torch.float32)
+    layer = randomize(build_attention(cfg, 0)).to(dev)
+    x, dy = torch.randn(2, 12, cfg.d_model, device=dev), torch.randn(2, 12, cfg.d_model, device=dev)
+    cos, sin = RotaryEmbedding(cfg.head_dim).to(dev)(torch.arange(12, device=dev)[None].expand(2, 12), torch.float32)
     runs = []
     for backend in ("torch", "triton"):
         layer.backend = backend
