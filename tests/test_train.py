@@ -187,7 +187,8 @@ def test_resume_refuses_other_settings_and_outlives_its_init_weights(tmp_path, c
     cut = run(tmp_path / "cont", corpus, steps=8, save_every=4, halt_after=4, init_from=str(tmp_path / "src"))
     assert cut["status"] == "halted"
     with pytest.raises(ValueError, match="train.max_steps: given 12, the run has 8"):
-        pretrain(out=str(tmp_path / "cont"), resume=True, train=TrainConfig(max_steps=12), device="cpu", progress=False)
+        pretrain(out=str(tmp_path / "cont"), resume=True, train=TrainConfig(max_steps=12, warmup_steps=2), device="cpu",
+                 progress=False)
     with pytest.raises(ValueError, match="preset: given 'small'"):
         pretrain(out=str(tmp_path / "cont"), resume=True, preset="small", device="cpu", progress=False)
     shutil.rmtree(tmp_path / "src")
@@ -260,17 +261,17 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
 
 
 def test_nan_loss_is_reported(tmp_path, corpus, monkeypatch):
-    import mea.train.pretrain as P
+    import mea.models.transformer as T
 
-    real = P.F.cross_entropy
+    real = T.linear_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(*a, **k):
+    def poisoned(*a, **k):  # the training loss (validation goes through window_loss)
         calls["n"] += 1
         out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 3 else out
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 3 else out
 
-    monkeypatch.setattr(P.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(T, "linear_cross_entropy", poisoned)
     s = run(tmp_path / "n", corpus, steps=6)
     assert s["status"] == "diverged" and "not finite" in s["reason"]
 

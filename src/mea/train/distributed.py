@@ -1,4 +1,4 @@
-"""torchrun support: process group set-up, DDP or FSDP2 wrapping, full state dicts for checkpoints."""
+"""torchrun support: process group set-up, DDP or FSDP2 wrapping, full or sharded state dicts for checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -95,3 +95,25 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Model and optimizer state as each rank holds it (DTensor shards under FSDP, the replica under DDP),
+    keyed by parameter names, for torch.distributed.checkpoint: no rank gathers the whole of it. On a
+    fresh optimizer the state is created first (a zero-lr step), so a checkpoint can be loaded into it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt) -> None:
+    """Load a sharded checkpoint into the wrapped model and its optimizer, resharding as needed: it may
+    have been written by any number of ranks, with FSDP, DDP or one process."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from ..io.checkpoint import load_sharded
+
+    state = sharded_state(model, optimizer)
+    load_sharded(ckpt, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
