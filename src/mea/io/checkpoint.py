@@ -27,6 +27,7 @@ resume reshards it) and, consolidated in one process without a process group, as
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,8 +94,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, app_state: dict[str,
     tmp = _fresh_tmp(run_dir, step) if rank == 0 else Path(run_dir) / "checkpoints" / f".tmp_{name}"
     if distributed:
         dist.barrier()
-    dcp.save(app_state, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS_DIR), sync_files=True),
-             no_dist=not distributed)
+    with _single_process_quiet():
+        dcp.save(app_state, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS_DIR), sync_files=True),
+                 no_dist=not distributed)
     # Each rank hashes the files it wrote (__RANK_*.distcp): no rank reads the whole checkpoint.
     mine = {f.name: sha256_file(f) for f in sorted((tmp / SHARDS_DIR).glob(f"__{rank}_*"))}
     if distributed:
@@ -110,6 +112,16 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, app_state: dict[str,
     if distributed:
         dist.barrier()  # nobody goes on (or resumes) before `latest` names the new checkpoint
     return final or Path(run_dir) / "checkpoints" / name
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process whenever no process group is up: here that is the intent."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _step_name(step: int) -> str:
@@ -330,7 +342,8 @@ def load_sharded(ckpt: Path, app_state: dict[str, Any]) -> None:
     if err:
         raise CheckpointError(err)
     try:
-        dcp.load(app_state, storage_reader=dcp.FileSystemReader(str(ckpt / SHARDS_DIR)), no_dist=not distributed)
+        with _single_process_quiet():
+            dcp.load(app_state, storage_reader=dcp.FileSystemReader(str(ckpt / SHARDS_DIR)), no_dist=not distributed)
     except Exception as e:  # DCP wraps per-rank failures in its own exception types
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{ckpt / SHARDS_DIR}: cannot be loaded ({first[-1] if first else type(e).__name__}); "
@@ -350,7 +363,8 @@ def _load_sharded_weights(model: Transformer, ckpt: Path) -> Transformer:
         raise CheckpointError(f"{ckpt}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     state = {k: v for k, v in want.items() if f"model.{k}" in keys}
     try:
-        dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(str(ckpt / SHARDS_DIR)), no_dist=True)
+        with _single_process_quiet():
+            dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(str(ckpt / SHARDS_DIR)), no_dist=True)
     except Exception as e:
         raise CheckpointError(f"{ckpt / SHARDS_DIR}: cannot be read ({type(e).__name__}); the checkpoint is corrupt") from e
     return model
