@@ -665,3 +665,34 @@ def test_peak_flops_matches_the_most_specific_device_name(monkeypatch):
         monkeypatch.setattr(P.torch.cuda, "get_device_name", lambda *a, name=name: name)
         assert P.peak_flops("cuda") == peak, name
     assert P.peak_flops("cpu") is None
+
+
+def _main_first_rank(rank, world, log, port):
+    import torch.distributed as dist
+
+    from mea.train.distributed import DistInfo, main_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with main_first(DistInfo(rank, world, local_rank=rank % 2)):  # two "nodes" of two ranks: 0, 2 lead them
+            with open(log, "a") as f:
+                f.write(f"{rank}\n")
+            time.sleep(0.3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_main_first_fills_a_cache_on_rank_0_then_on_each_nodes_first_rank(tmp_path):
+    """A cache on node-local disk must be prepared on every node: rank 0 goes first, then the other
+    nodes' local rank 0 (finding a shared cache done, or filling their own), then everyone else."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "order"
+    mp.spawn(_main_first_rank, args=(4, str(log), port), nprocs=4)
+    order = [int(x) for x in log.read_text().split()]
+    assert order[:2] == [0, 2] and sorted(order[2:]) == [1, 3]

@@ -40,14 +40,26 @@ def setup(device: str) -> DistInfo:
 
 @contextlib.contextmanager
 def main_first(info: DistInfo):
-    """Run the block on rank 0, then on the other ranks: for work that fills a cache they share (a corpus
-    prepared or re-tokenized on first use), which two ranks must not write at once; the others then
-    find it done."""
-    if info.enabled and not info.is_main:
+    """Run the block on rank 0, then on the first rank of every other node, then on the rest: for work
+    that fills a cache (a corpus prepared or re-tokenized on first use, a .gguf imported), which two
+    processes must not write at once. A cache on a file system the nodes share is filled by rank 0 and
+    found done by everyone after; a cache on node-local disk (the default ~/.cache on most clusters) is
+    filled once per node, by that node's first rank. No setting says which: both orders are safe."""
+    if not info.enabled:
+        yield
+        return
+    if info.is_main:
+        yield
         dist.barrier()
-    yield
-    if info.enabled and info.is_main:
         dist.barrier()
+    elif info.local_rank == 0:
+        dist.barrier()
+        yield
+        dist.barrier()
+    else:
+        dist.barrier()
+        dist.barrier()
+        yield
 
 
 def teardown(info: DistInfo) -> None:

@@ -245,7 +245,8 @@ def _train(r: _Run) -> dict:
     elif init_from:
         from ..io.load import load_model
 
-        net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
+        with D.main_first(info):  # a .gguf is imported into a cache on first use
+            net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
         cfg = net.config
     else:
         cfg = resolve_model_config(r.preset, r.attention, r.n_kv_heads, r.head_norm, r.model_over, data.seq_len)
@@ -254,7 +255,8 @@ def _train(r: _Run) -> dict:
         cfg.max_seq_len = data.seq_len
     teacher = None
     if r.distill_from:  # checked against the student before any corpus work or writing
-        teacher = _load_teacher(r.distill_from, cfg, out_dir if ckpt is not None else init_from, device, dev)
+        with D.main_first(info):
+            teacher = _load_teacher(r.distill_from, cfg, out_dir if ckpt is not None else init_from, device, dev)
     with D.main_first(info):  # preparing or re-tokenizing the corpus fills a shared cache
         if init_from and ckpt is None:  # a resumed run's saved corpus is already in the model's ids
             data = _data_in_model_tokens(data, init_from, verbose=info.is_main)
