@@ -761,7 +761,8 @@ def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
     gpt2 = tiny_corpus(tmp_path / "corpus")
     run = tmp_path / "healed"
     pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(gpt2), seq_len=32),
-             train=TrainConfig(max_steps=1, batch_size=2, eval_every=1, eval_batches=1, save_every=1, log_every=1),
+             train=TrainConfig(max_steps=1, batch_size=2, warmup_steps=1, eval_every=1, eval_batches=1, save_every=1,
+                               log_every=1),
              device="cpu", compile=False, progress=False)
     used = yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus"]
     assert used != str(gpt2) and read_manifest(used)["tokenizer"]["vocab_size"] == 257

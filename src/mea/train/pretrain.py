@@ -294,7 +294,8 @@ def _train(r: _Run) -> dict:
             if r.overwrite or r.resume:
                 _clear_run(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            _write_config(out_dir, r, cfg, data)
+            _write_config(out_dir, r.preset, cfg, data, r.train, init_from, r.compile, r.parallel, r.distill_from,
+                          r.compile_mode, r.checkpoint_format)
         if init_from and Path(init_from).exists():  # the run's text is in that model's tokenizer: evaluate
             # and export need it too. Copied on every start, resumed ones included, so a run folder that
             # lost its copy gets it back (while the source is still there).
@@ -534,16 +535,17 @@ def _save(r: _Run, step, tokens, wrapped, optimizer, cfg, train, val_loss) -> No
         torch.distributed.barrier()
 
 
-def _write_config(out_dir: Path, r: _Run, cfg: ModelConfig, data: DataConfig) -> None:
+def _write_config(out_dir: Path, preset, cfg: ModelConfig, data, train, init_from, compile, parallel,
+                  distill_from=None, compile_mode="layers", checkpoint_format=None) -> None:
     import yaml
 
     # The variant is also written at the top level: `mea pretrain --config RUN/config.yaml` then trains
     # the same model (a missing top-level `attention` would take the command's default, mea).
-    conf = {"out": str(out_dir), "preset": r.preset, "attention": cfg.attention, "n_kv_heads": cfg.n_kv_heads,
+    conf = {"out": str(out_dir), "preset": preset, "attention": cfg.attention, "n_kv_heads": cfg.n_kv_heads,
             "head_norm": cfg.head_norm, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
-            "train": dataclasses.asdict(r.train), "init_from": r.init_from, "distill_from": r.distill_from,
-            "compile": r.compile, "compile_mode": r.compile_mode, "parallel": r.parallel,
-            "checkpoint_format": r.checkpoint_format}
+            "train": dataclasses.asdict(train), "init_from": init_from, "distill_from": distill_from,
+            "compile": compile, "compile_mode": compile_mode, "parallel": parallel,
+            "checkpoint_format": checkpoint_format}
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(conf, sort_keys=False))
 
 
