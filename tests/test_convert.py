@@ -585,7 +585,8 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
                                progress=False)
     run = tmp_path / "healed"
     pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(corpus), seq_len=32),
-             train=TrainConfig(max_steps=2, batch_size=2, eval_every=2, eval_batches=1, save_every=2, log_every=1),
+             train=TrainConfig(max_steps=2, batch_size=2, warmup_steps=1, eval_every=2, eval_batches=1, save_every=2,
+                              log_every=1),
              device="cpu", compile=False, progress=False)
     assert tokenizer_folder(run) == run / "tokenizer"
     assert tokenizer_folder(run / "checkpoints" / "latest") == run / "tokenizer"
@@ -600,7 +601,8 @@ def test_a_run_continued_from_an_hf_model_keeps_its_tokenizer(tmp_path):
     (run / "tokenizer" / "tokenizer.json").unlink()
     assert tokenizer_folder(run) is None
     pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(corpus), seq_len=32), resume=True,
-             train=TrainConfig(max_steps=2, batch_size=2, eval_every=2, eval_batches=1, save_every=2, log_every=1),
+             train=TrainConfig(max_steps=2, batch_size=2, warmup_steps=1, eval_every=2, eval_batches=1, save_every=2,
+                              log_every=1),
              device="cpu", compile=False, progress=False)
     assert tokenizer_folder(run) == run / "tokenizer"
     assert len(load_for_eval(str(run))[1]) == 257
@@ -759,7 +761,8 @@ def test_pretrain_init_from_reads_the_corpus_in_the_models_tokens(tmp_path):
     gpt2 = tiny_corpus(tmp_path / "corpus")
     run = tmp_path / "healed"
     pretrain(out=str(run), init_from=str(src), data=DataConfig(corpus=str(gpt2), seq_len=32),
-             train=TrainConfig(max_steps=1, batch_size=2, eval_every=1, eval_batches=1, save_every=1, log_every=1),
+             train=TrainConfig(max_steps=1, batch_size=2, warmup_steps=1, eval_every=1, eval_batches=1, save_every=1,
+                               log_every=1),
              device="cpu", compile=False, progress=False)
     used = yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus"]
     assert used != str(gpt2) and read_manifest(used)["tokenizer"]["vocab_size"] == 257

@@ -187,7 +187,8 @@ def test_resume_refuses_other_settings_and_outlives_its_init_weights(tmp_path, c
     cut = run(tmp_path / "cont", corpus, steps=8, save_every=4, halt_after=4, init_from=str(tmp_path / "src"))
     assert cut["status"] == "halted"
     with pytest.raises(ValueError, match="train.max_steps: given 12, the run has 8"):
-        pretrain(out=str(tmp_path / "cont"), resume=True, train=TrainConfig(max_steps=12), device="cpu", progress=False)
+        pretrain(out=str(tmp_path / "cont"), resume=True, train=TrainConfig(max_steps=12, warmup_steps=2), device="cpu",
+                 progress=False)
     with pytest.raises(ValueError, match="preset: given 'small'"):
         pretrain(out=str(tmp_path / "cont"), resume=True, preset="small", device="cpu", progress=False)
     shutil.rmtree(tmp_path / "src")
@@ -260,17 +261,17 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
 
 
 def test_nan_loss_is_reported(tmp_path, corpus, monkeypatch):
-    import mea.train.pretrain as P
+    import mea.models.transformer as T
 
-    real = P.F.cross_entropy
+    real = T.linear_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(*a, **k):
+    def poisoned(*a, **k):  # the training loss (validation goes through window_loss)
         calls["n"] += 1
         out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 3 else out
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 3 else out
 
-    monkeypatch.setattr(P.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(T, "linear_cross_entropy", poisoned)
     s = run(tmp_path / "n", corpus, steps=6)
     assert s["status"] == "diverged" and "not finite" in s["reason"]
 
@@ -664,3 +665,34 @@ def test_peak_flops_matches_the_most_specific_device_name(monkeypatch):
         monkeypatch.setattr(P.torch.cuda, "get_device_name", lambda *a, name=name: name)
         assert P.peak_flops("cuda") == peak, name
     assert P.peak_flops("cpu") is None
+
+
+def _main_first_rank(rank, world, log, port):
+    import torch.distributed as dist
+
+    from mea.train.distributed import DistInfo, main_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with main_first(DistInfo(rank, world, local_rank=rank % 2)):  # two "nodes" of two ranks: 0, 2 lead them
+            with open(log, "a") as f:
+                f.write(f"{rank}\n")
+            time.sleep(0.3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_main_first_fills_a_cache_on_rank_0_then_on_each_nodes_first_rank(tmp_path):
+    """A cache on node-local disk must be prepared on every node: rank 0 goes first, then the other
+    nodes' local rank 0 (finding a shared cache done, or filling their own), then everyone else."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "order"
+    mp.spawn(_main_first_rank, args=(4, str(log), port), nprocs=4)
+    order = [int(x) for x in log.read_text().split()]
+    assert order[:2] == [0, 2] and sorted(order[2:]) == [1, 3]

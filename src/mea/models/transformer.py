@@ -8,7 +8,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -19,6 +18,7 @@ from ..layers.norm import HeadNorm, RMSNorm
 from ..layers.rope import RotaryEmbedding
 from ..ops.backend import check_backend
 from .config import ModelConfig
+from .loss import Distill, linear_cross_entropy
 
 
 class DecoderLayer(nn.Module):
@@ -182,14 +182,28 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
-        """Logits (B, L, vocab). With ``cache``, the tokens are appended after each row's cached ones."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+                position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None,
+                labels: Optional[Tensor] = None, distill: Optional[Distill] = None):
+        """Logits (B, L, vocab). With ``cache``, the tokens are appended after each row's cached ones.
+        With ``labels``, the training loss instead (:meth:`loss`; an :class:`~mea.models.loss.LMLoss`):
+        through ``forward`` so that DDP and FSDP wrappers see it."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if labels is None:
+            return self.lm_head(h)
+        return linear_cross_entropy(h, self.lm_head.weight, labels, distill, compiled=self.compile_loss)
 
-    def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Mean next-token cross entropy; ``labels`` are the targets aligned with ``input_ids`` (-100 ignored)."""
-        logits = self(input_ids, attention_mask=attention_mask)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    # torch.compile the per-chunk softmax arithmetic of the loss (set by the trainer's --compile on GPUs).
+    compile_loss = False
+
+    def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
+             distill: Optional[Distill] = None) -> Tensor:
+        """Mean next-token cross entropy; ``labels`` are the targets aligned with ``input_ids`` (-100 ignored).
+
+        Computed chunk by chunk with the output layer (:func:`mea.models.loss.linear_cross_entropy`),
+        never holding the full fp32 logits; equal to the cross entropy of ``self(input_ids)`` to fp32
+        rounding. ``distill``: mix in the KL to a teacher (``self(input_ids, labels=..., distill=...)``
+        returns the terms apart)."""
+        return self(input_ids, attention_mask=attention_mask, labels=labels, distill=distill).loss
 
     # ------------------------------------------------------------------ generation
     def decode_step(self, tok: Tensor, cache: KVCache, keys: int) -> Tensor:

@@ -47,6 +47,10 @@ class TrainConfig:
         keep_checkpoints: checkpoints kept on disk.
         diverge_loss: a training loss above this (or NaN/inf) stops the run as diverged;
             0 means 1.5 x ln(vocab), well above the loss of a fresh model.
+        distill_temperature: with --distill_from, the temperature T both models' logits are divided
+            by in the KL term (which is scaled by T^2, so its gradients keep their size).
+        distill_alpha: with --distill_from, the weight of T^2 x KL(teacher || student) in the loss;
+            the next-token loss has weight 1 - alpha.
     """
 
     max_steps: int = 300
@@ -71,6 +75,8 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     diverge_loss: float = 0.0
+    distill_temperature: float = 1.0
+    distill_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -87,8 +93,15 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"train.warmup_steps: {self.warmup_steps} is longer than the run "
+                             f"(train.max_steps {self.max_steps}); the learning rate would never reach train.lr")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"train.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if not self.diverge_loss >= 0:
             raise ValueError(f"train.diverge_loss: must be >= 0 (0: 1.5 ln(vocab)), got {self.diverge_loss}")
 

@@ -1,4 +1,4 @@
-"""torchrun support: process group set-up, DDP or FSDP2 wrapping, full state dicts for checkpoints."""
+"""torchrun support: process group set-up, DDP or FSDP2 wrapping, full or sharded state dicts for checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -40,14 +40,26 @@ def setup(device: str) -> DistInfo:
 
 @contextlib.contextmanager
 def main_first(info: DistInfo):
-    """Run the block on rank 0, then on the other ranks: for work that fills a cache they share (a corpus
-    prepared or re-tokenized on first use), which two ranks must not write at once; the others then
-    find it done."""
-    if info.enabled and not info.is_main:
+    """Run the block on rank 0, then on the first rank of every other node, then on the rest: for work
+    that fills a cache (a corpus prepared or re-tokenized on first use, a .gguf imported), which two
+    processes must not write at once. A cache on a file system the nodes share is filled by rank 0 and
+    found done by everyone after; a cache on node-local disk (the default ~/.cache on most clusters) is
+    filled once per node, by that node's first rank. No setting says which: both orders are safe."""
+    if not info.enabled:
+        yield
+        return
+    if info.is_main:
+        yield
         dist.barrier()
-    yield
-    if info.enabled and info.is_main:
         dist.barrier()
+    elif info.local_rank == 0:
+        dist.barrier()
+        yield
+        dist.barrier()
+    else:
+        dist.barrier()
+        dist.barrier()
+        yield
 
 
 def teardown(info: DistInfo) -> None:
@@ -95,3 +107,25 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Model and optimizer state as each rank holds it (DTensor shards under FSDP, the replica under DDP),
+    keyed by parameter names, for torch.distributed.checkpoint: no rank gathers the whole of it. On a
+    fresh optimizer the state is created first (a zero-lr step), so a checkpoint can be loaded into it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt) -> None:
+    """Load a sharded checkpoint into the wrapped model and its optimizer, resharding as needed: it may
+    have been written by any number of ranks, with FSDP, DDP or one process."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from ..io.checkpoint import load_sharded
+
+    state = sharded_state(model, optimizer)
+    load_sharded(ckpt, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

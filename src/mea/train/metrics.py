@@ -51,11 +51,18 @@ def plot_loss(records: Iterable[dict], out: str | Path, title: Optional[str] = N
     import matplotlib.pyplot as plt
 
     records = list(records)
-    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    def curve(key):
+        return [(r["tokens"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
+
+    train, val = curve("loss"), curve("val_loss")
+    lm, kl = curve("lm_loss"), curve("kl")  # a distillation run's two terms
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
+        ax.plot(*zip(*train), label="train (distillation loss)" if kl else "train", lw=1.2)
+    if lm:
+        ax.plot(*zip(*lm), label="train next-token loss", lw=1.0)
+    if kl:
+        ax.plot(*zip(*kl), label="KL(teacher || student)", lw=1.0)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", ms=3)
     ax.set_xlabel("tokens")

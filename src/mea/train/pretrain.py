@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..io.checkpoint import (atomic_write_text, latest_checkpoint, load_model_config, load_weights, read_state,
-                             read_trainer_state, save_checkpoint)
+from ..io.checkpoint import (CHECKPOINT_FORMATS, CheckpointError, atomic_write_text, checkpoint_format,
+                             earlier_steps_hint, latest_checkpoint, load_model_config, load_weights, read_state,
+                             read_trainer_state, save_checkpoint, save_sharded_checkpoint, step_checkpoint, step_of)
 from ..models.config import ModelConfig
+from ..models.loss import Distill
 from ..models.transformer import Transformer
 from . import distributed as D
 from .config import DataConfig, TrainConfig, lr_at, parse_device
@@ -85,11 +86,18 @@ def evaluate_loss(model, val, data: DataConfig, batch_size: int, max_batches: in
     return res.loss
 
 
+# What a run writes into its folder; a folder holding any of them is a run (see _check_out_dir).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "status.json", "loss.png", "checkpoints", "tokenizer")
+COMPILE_MODES = ("layers", "model")
+
+
 def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[str] = None,
              n_kv_heads: Optional[int] = None, head_norm: Optional[bool] = None, model: Optional[dict] = None,
              data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), init_from: Optional[str] = None,
-             resume: bool = False, device: str = "auto", compile: Optional[bool] = None,
-             parallel: Optional[str] = None,
+             distill_from: Optional[str] = None, resume: bool = False, resume_from: Optional[int] = None,
+             overwrite: bool = False, device: str = "auto", compile: Optional[bool] = None,
+             compile_mode: Optional[str] = None, parallel: Optional[str] = None,
+             checkpoint_format: Optional[str] = None,
              halt_after: Optional[int] = None, progress: bool = True) -> dict:
     """Pretrain a model on prepared token shards; write config, metrics, checkpoints and a loss plot to OUT.
 
@@ -105,15 +113,39 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
         train: optimization settings.
         init_from: start from these weights (a mea run or checkpoint, a Hugging Face folder, e.g. one
             written by `mea convert`, or a LLaMA .gguf file); the model settings then come from it.
+        distill_from: distill from this teacher (any model init_from takes, e.g. the original of a
+            converted model): the loss mixes KL(teacher || student) at train.distill_temperature,
+            weighted train.distill_alpha, with the next-token loss. Its vocabulary and tokenizer must be
+            the student's.
         resume: continue the run in OUT from its latest checkpoint, with its saved config.
+        resume_from: continue the run in OUT from the checkpoint of this step instead of the latest
+            (implies resume): metrics after it are dropped and later checkpoints are replaced as the run
+            goes on. The way back from a damaged latest checkpoint.
+        overwrite: replace the run in OUT (its config, metrics, checkpoints, plot and status) instead
+            of refusing to start in a folder that holds one.
         device: auto, cpu, cuda.
-        compile: torch.compile each decoder layer (default false; a resumed run: as it was).
+        compile: torch.compile the model (default false; a resumed run: as it was).
+        compile_mode: with compile, ``layers`` (each decoder layer; default) or ``model`` (the whole
+            forward pass; the loss's softmax arithmetic is compiled on its own either way).
         parallel: under torchrun, ddp or fsdp (FSDP2 fully_shard per layer; default ddp; a resumed
             run: as it was).
+        checkpoint_format: ``dcp`` (sharded: every rank writes its shards with
+            torch.distributed.checkpoint) or ``full`` (rank 0 writes model.safetensors and trainer.pt).
+            Default: dcp for fsdp on several ranks, full otherwise. Either resumes on any number of ranks.
         halt_after: stop after this step as if killed (no final eval or checkpoint); for testing resume.
         progress: show a progress bar.
     """
     out_dir = Path(out)
+    if resume_from is not None:
+        if resume_from < 1:
+            raise ValueError(f"resume_from: a checkpoint step (>= 1), got {resume_from}")
+        resume = True
+    if resume and overwrite:
+        raise ValueError("overwrite: --overwrite true replaces the run in --out and --resume continues it; give one")
+    if checkpoint_format is not None and checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format: unknown format {checkpoint_format!r}; expected dcp or full")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: unknown mode {compile_mode!r}; expected layers or model")
     if resume:
         saved = out_dir / "config.yaml"
         if not saved.exists():
@@ -121,43 +153,110 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
         import yaml
 
         conf = yaml.safe_load(saved.read_text())
-        _check_resume_options(conf, preset, attention, n_kv_heads, head_norm, model, data, train, init_from)
+        _check_resume_options(conf, preset, attention, n_kv_heads, head_norm, model, data, train, init_from,
+                              distill_from)
         preset, model = conf["preset"], conf["model"]
         attention = n_kv_heads = head_norm = None
         data, train = DataConfig(**conf["data"]), TrainConfig(**conf["train"])
-        init_from = conf.get("init_from")
+        init_from, distill_from = conf.get("init_from"), conf.get("distill_from")
         # How to run (not what to train) may change on resume: given ones win, else the run's own.
         compile = conf.get("compile", False) if compile is None else compile
+        compile_mode = conf.get("compile_mode") if compile_mode is None else compile_mode
         parallel = conf.get("parallel", "ddp") if parallel is None else parallel
-    compile, parallel = bool(compile), parallel or "ddp"
+        checkpoint_format = conf.get("checkpoint_format") if checkpoint_format is None else checkpoint_format
+    else:
+        _check_out_dir(out_dir, overwrite)
+    if not distill_from:
+        _check_no_distill_settings(train)
+    compile, compile_mode, parallel = bool(compile), compile_mode or "layers", parallel or "ddp"
     device = parse_device(device)
     info = D.setup(device)
     dev = f"cuda:{info.local_rank}" if device == "cuda" else device
+    run = _Run(out_dir, preset, attention, n_kv_heads, head_norm, model, data, train, init_from, distill_from,
+               resume, resume_from, overwrite, device, dev, compile, compile_mode, parallel, checkpoint_format,
+               halt_after, progress, info)
     try:
-        return _train(out_dir, preset, attention, n_kv_heads, head_norm, model, data, train, init_from, resume,
-                      device, dev, compile, parallel, halt_after, progress, info)
+        return _train(run)
     finally:
         D.teardown(info)
 
 
-def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, data: DataConfig,
-           train: TrainConfig, init_from, resume, device, dev, compile, parallel, halt_after, progress,
-           info: D.DistInfo) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """The settings of one call, resolved (a resumed run's from its config.yaml)."""
+
+    out_dir: Path
+    preset: str
+    attention: Optional[str]
+    n_kv_heads: Optional[int]
+    head_norm: Optional[bool]
+    model_over: Optional[dict]
+    data: DataConfig
+    train: TrainConfig
+    init_from: Optional[str]
+    distill_from: Optional[str]
+    resume: bool
+    resume_from: Optional[int]
+    overwrite: bool
+    device: str
+    dev: str
+    compile: bool
+    compile_mode: str
+    parallel: str
+    checkpoint_format: Optional[str]  # as given or saved (None: by ranks and parallel, see _format)
+    halt_after: Optional[int]
+    progress: bool
+    info: D.DistInfo
+
+    @property
+    def format(self) -> str:
+        if self.checkpoint_format:
+            return self.checkpoint_format
+        return "dcp" if self.info.enabled and self.parallel == "fsdp" else "full"
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """A new run does not silently replace one: a folder that holds a run's files (even a run killed
+    before its first checkpoint, which left only its config and metrics) is refused unless
+    --overwrite true. Files of other programs in the folder are left alone either way."""
+    found = [f for f in RUN_FILES if (out_dir / f).exists()]
+    if found and not overwrite:
+        has_ckpt = (out_dir / "checkpoints" / "latest").exists()
+        what = "a run" if has_ckpt else f"a run with no checkpoint ({', '.join(found)})"
+        raise FileExistsError(f"{out_dir}: already holds {what}; pass --resume true to continue it, --overwrite true "
+                              "to replace it, or choose another --out")
+
+
+def _check_no_distill_settings(train: TrainConfig) -> None:
+    defaults = TrainConfig()
+    for key in ("distill_temperature", "distill_alpha"):
+        if getattr(train, key) != getattr(defaults, key):
+            raise ValueError(f"train.{key}: set, but there is no teacher; pass --distill_from MODEL")
+
+
+def _train(r: _Run) -> dict:
+    out_dir, train, info, device, dev = r.out_dir, r.train, r.info, r.device, r.dev
+    data, init_from = r.data, r.init_from
     torch.manual_seed(train.seed)
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = _checkpoint_to_resume(r) if r.resume else None
     if ckpt is not None:  # everything is in the checkpoint: the weights init_from named may be gone
         cfg = load_model_config(ckpt)
         net = Transformer(cfg)
     elif init_from:
         from ..io.load import load_model
 
-        net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
+        with D.main_first(info):  # a .gguf is imported into a cache on first use
+            net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
         cfg = net.config
     else:
-        cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
+        cfg = resolve_model_config(r.preset, r.attention, r.n_kv_heads, r.head_norm, r.model_over, data.seq_len)
         net = Transformer(cfg)
     if cfg.max_seq_len < data.seq_len:
         cfg.max_seq_len = data.seq_len
+    teacher = None
+    if r.distill_from:  # checked against the student before any corpus work or writing
+        with D.main_first(info):
+            teacher = _load_teacher(r.distill_from, cfg, out_dir if ckpt is not None else init_from, device, dev)
     with D.main_first(info):  # preparing or re-tokenizing the corpus fills a shared cache
         if init_from and ckpt is None:  # a resumed run's saved corpus is already in the model's ids
             data = _data_in_model_tokens(data, init_from, verbose=info.is_main)
@@ -175,25 +274,28 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     trainer_state = None
     resumed_val_loss = None
     if ckpt is not None:
-        load_weights(net, ckpt)
-        state = read_state(ckpt)
+        state = _resume_read(ckpt, r, lambda: read_state(ckpt))
+        if checkpoint_format(ckpt) == "full":
+            _resume_read(ckpt, r, lambda: load_weights(net, ckpt))
         start_step, tokens, resumed_val_loss = state["step"], state["tokens"], state.get("val_loss")
         train = _same_global_batch(train, state, info)
-        trainer_state = read_trainer_state(ckpt)
+        trainer_state = _resume_read(ckpt, r, lambda: read_trainer_state(ckpt))
         if trainer_state.get("rng") is not None:
             torch.set_rng_state(trainer_state["rng"])
     if info.is_main:
         if ckpt is not None:
             log.truncate_after(start_step)
+            if r.resume_from is not None:  # the run goes on from here: `latest` says so at once
+                atomic_write_text(out_dir / "checkpoints" / "latest", ckpt.name)
             print(f"resuming {out_dir} at step {start_step}", file=sys.stderr)
         else:
-            if not resume and (out_dir / "checkpoints" / "latest").exists():
-                raise FileExistsError(f"{out_dir}: already holds a run; pass --resume true to continue it or choose another --out")
-            if resume:
+            if r.resume:
                 print(f"no checkpoint in {out_dir}; starting fresh", file=sys.stderr)
+            if r.overwrite or r.resume:
+                _clear_run(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            log.path.unlink(missing_ok=True)
-            _write_config(out_dir, preset, cfg, data, train, init_from, compile, parallel)
+            _write_config(out_dir, r.preset, cfg, data, r.train, init_from, r.compile, r.parallel, r.distill_from,
+                          r.compile_mode, r.checkpoint_format)
         if init_from and Path(init_from).exists():  # the run's text is in that model's tokenizer: evaluate
             # and export need it too. Copied on every start, resumed ones included, so a run folder that
             # lost its copy gets it back (while the source is still there).
@@ -204,13 +306,21 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
                 copy_tokenizer(tok_dir, out_dir / RUN_TOKENIZER_DIR)
 
     net.to(dev)
-    if compile:
-        net.compile_layers()
-    wrapped = D.wrap(net, info, parallel, device)
+    if r.compile:
+        net.compile_loss = True
+        if r.compile_mode == "model":
+            net.compile()
+        else:
+            net.compile_layers()
+        if teacher is not None:
+            teacher.compile_layers()
+    wrapped = D.wrap(net, info, r.parallel, device)
     from .optim import build_optimizer
 
     optimizer = build_optimizer(wrapped, train, device)
-    if trainer_state is not None:
+    if ckpt is not None and checkpoint_format(ckpt) == "dcp":
+        _resume_read(ckpt, r, lambda: D.load_sharded_state(wrapped, optimizer, ckpt))
+    elif trainer_state is not None:
         D.load_optimizer_state(wrapped, optimizer, trainer_state["optimizer"])
     fwd = wrapped
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
@@ -223,12 +333,13 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     if info.is_main and start_step == 0:
         print(f"model {cfg.name}/{cfg.attention}: {net.num_params():,} params ({net.num_params(True):,} non-embedding); "
               f"{tokens_per_step:,} tokens/step, {train.max_steps} steps = {epochs_note:.2f} epochs of "
-              f"{train_ds.num_tokens:,} tokens", file=sys.stderr)
+              f"{train_ds.num_tokens:,} tokens" + (f"; distilling from {r.distill_from}" if teacher else ""),
+              file=sys.stderr)
 
     status, val_loss, reason = "running", resumed_val_loss, None
     done = start_step
     bar = None
-    if progress and info.is_main:
+    if r.progress and info.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=train.max_steps, initial=start_step, desc=f"pretrain {cfg.attention}", dynamic_ncols=True)
@@ -239,21 +350,28 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         lr = lr_at(step, train)
         for g in optimizer.param_groups:  # lr_mult: the mixing matrices' multiplier (train.mixing_lr_mult)
             g["lr"] = lr * g.get("lr_mult", 1.0)
-        loss_sum = torch.zeros((), device=dev)
+        sums = torch.zeros(3, device=dev)  # loss, lm_loss, kl over the micro-batches
         for micro in range(train.grad_accum):
             x, y = train_ds.batch(step * train.grad_accum + micro, train.batch_size, data.seq_len,
                                   seed=train.seed, rank=info.rank, world_size=info.world_size)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            distill = None
+            if teacher is not None:
+                with torch.no_grad(), autocast():
+                    distill = Distill(teacher.hidden_states(x), teacher.lm_head.weight, train.distill_temperature,
+                                      train.distill_alpha)
             sync = micro == train.grad_accum - 1
-            ctx = wrapped.no_sync() if (info.enabled and parallel == "ddp" and not sync) else contextlib.nullcontext()
+            ctx = wrapped.no_sync() if (info.enabled and r.parallel == "ddp" and not sync) else contextlib.nullcontext()
             with ctx:
                 with autocast():
-                    logits = fwd(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / train.grad_accum
+                    out = fwd(x, labels=y, distill=distill)
+                loss = out.loss / train.grad_accum
                 loss.backward()
-            loss_sum += loss.detach()
+            sums += torch.stack([out.loss.detach(), out.lm_loss, out.kl if out.kl is not None else out.lm_loss * 0]
+                                ).float() / train.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), train.grad_clip if train.grad_clip > 0 else float("inf"))
-        loss_val, grad_val = float(D.all_reduce_mean(loss_sum, info)), float(grad_norm)
+        loss_val, lm_val, kl_val = D.all_reduce_mean(sums, info).tolist()
+        grad_val = float(grad_norm)
         # A non-finite gradient with a finite loss would write NaN weights (clipping spreads it to every
         # gradient), and a checkpoint of them would pass for the last good one.
         if not math.isfinite(loss_val) or not math.isfinite(grad_val) or loss_val > diverge_at:
@@ -277,6 +395,8 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             t_last, tok_last = now, tokens
             rec = {"step": done, "tokens": tokens, "loss": loss_val, "lr": lr, "grad_norm": grad_val,
                    "tokens_per_s": tps, "mfu": (tps * flops_per_token / (peak * info.world_size)) if peak else None}
+            if teacher is not None:
+                rec.update({"lm_loss": lm_val, "kl": kl_val})
         if done % train.eval_every == 0 or done == train.max_steps:
             val_loss = evaluate_loss(fwd, val_ds, data, train.batch_size, train.eval_batches, dev, autocast, info)
             rec.update({"step": done, "tokens": tokens, "val_loss": val_loss})
@@ -287,60 +407,151 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", **({"val": f"{val_loss:.3f}"} if val_loss else {}))
-        if halt_after is not None and done >= halt_after:
+        if r.halt_after is not None and done >= r.halt_after:
             status = "halted"
             if done % train.save_every == 0:
-                _save(out_dir, done, tokens, wrapped, optimizer, cfg, train, info, val_loss)
+                _save(r, done, tokens, wrapped, optimizer, cfg, train, val_loss)
             break
         if done % train.save_every == 0 or done == train.max_steps:
-            _save(out_dir, done, tokens, wrapped, optimizer, cfg, train, info, val_loss)
+            _save(r, done, tokens, wrapped, optimizer, cfg, train, val_loss)
     else:
         status = "finished"
     if status == "running":
         status = "finished"
     if bar is not None:
         bar.close()
-    summary = {"status": status, "step": done, "tokens": tokens,
-               "val_loss": val_loss, "out": str(out_dir), "loss_png": str(out_dir / "loss.png")}
+    summary: dict[str, Any] = {"status": status, "step": done, "tokens": tokens, "val_loss": val_loss, "out": str(out_dir)}
     if reason:
         summary["reason"] = reason
     if info.is_main:
+        if status in ("finished", "diverged") and log.read():
+            plot_loss(log.read(), out_dir / "loss.png", title=f"{cfg.name} {cfg.attention}")
+        last = _last_checkpoint_name(out_dir)
+        summary["checkpoint"] = str(out_dir / "checkpoints" / last) if last else None
+        if (out_dir / "loss.png").is_file():  # status.json names only files that are there
+            summary["loss_png"] = str(out_dir / "loss.png")
         atomic_write_text(out_dir / "status.json", json.dumps(summary, indent=2))
         if status == "diverged":
-            print(f"run diverged: {reason}; the last good checkpoint is kept in {out_dir / 'checkpoints'}", file=sys.stderr)
-        elif status == "finished":
-            plot_loss(log.read(), out_dir / "loss.png", title=f"{cfg.name} {cfg.attention}")
-            if val_loss is not None:
-                print(f"validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}) after {tokens:,} tokens; "
-                      f"loss curve: {out_dir / 'loss.png'}")
+            kept = (f"the last good checkpoint, {summary['checkpoint']}, is kept" if last else
+                    f"no checkpoint was saved (the first save was due at step {train.save_every})")
+            print(f"run diverged: {reason}; {kept}", file=sys.stderr)
+        elif status == "finished" and val_loss is not None:
+            print(f"validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}) after {tokens:,} tokens; "
+                  f"loss curve: {out_dir / 'loss.png'}")
     return summary
 
 
-def _save(out_dir, step, tokens, wrapped, optimizer, cfg, train, info, val_loss) -> None:
+def _checkpoint_to_resume(r: _Run) -> Optional[Path]:
+    """The checkpoint a resumed run continues from: the one of --resume_from, else the latest; a
+    damaged `latest` is an error that says how to go back to an earlier step."""
+    if r.resume_from is not None:
+        return step_checkpoint(r.out_dir, r.resume_from)
+    return latest_checkpoint(r.out_dir)
+
+
+def _resume_read(ckpt: Path, r: _Run, read):
+    """``read()``, with a damaged checkpoint's error saying how to resume from an earlier one."""
+    try:
+        return read()
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {earlier_steps_hint(r.out_dir, before=step_of(ckpt))}") from e
+
+
+def _last_checkpoint_name(out_dir: Path) -> Optional[str]:
+    try:
+        ckpt = latest_checkpoint(out_dir)
+    except CheckpointError:
+        return None
+    return ckpt.name if ckpt is not None else None
+
+
+def _clear_run(out_dir: Path) -> None:
+    """Remove a run's own files from OUT (--overwrite, or a resume that found no checkpoint)."""
+    import shutil
+
+    for name in RUN_FILES:
+        f = out_dir / name
+        if f.is_dir() and not f.is_symlink():
+            shutil.rmtree(f)
+        elif f.exists() or f.is_symlink():
+            f.unlink()
+
+
+def _load_teacher(path: str, cfg: ModelConfig, student_source, device: str, dev: str) -> Transformer:
+    """The teacher for distillation, in eval mode without gradients (bf16 on CUDA), after checking that it
+    reads and writes the student's tokens: the same vocabulary size and the same tokenizer."""
+    from ..io.hf import tokenizer_folder
+    from ..io.load import load_model
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"distill_from: {path}: no such run, checkpoint, model folder or .gguf file")
+    teacher = load_model(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    if teacher.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"distill_from: {path} has a vocabulary of {teacher.config.vocab_size:,} ids, the student "
+                         f"{cfg.vocab_size:,}; distill from a model with the student's tokenizer")
+    t_tok = tokenizer_folder(path)
+    s_tok = tokenizer_folder(student_source) if student_source else None
+    if not _same_tokenizer(t_tok, s_tok):
+        raise ValueError(f"distill_from: {path} uses the tokenizer {t_tok or 'GPT-2 (mea)'}, the student "
+                         f"{s_tok or 'GPT-2 (mea)'}, and they differ; distill from a model with the student's tokenizer")
+    teacher.requires_grad_(False)
+    return teacher.to(dev).eval()
+
+
+def _same_tokenizer(a: Optional[Path], b: Optional[Path]) -> bool:
+    """Whether two tokenizer folders (None: mea's GPT-2) map text to the same ids."""
+    if a is None and b is None:
+        return True
+    if a is not None and b is not None and a.resolve() == b.resolve():
+        return True
+    if a is not None and b is not None and (a / "tokenizer.json").is_file() and (b / "tokenizer.json").is_file():
+        if (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes():
+            return True
+    def vocab(folder):  # None: mea's GPT-2
+        if folder is None:
+            from ..io.hf import gpt2_hf_tokenizer
+
+            return gpt2_hf_tokenizer().get_vocab()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+
+    return vocab(a) == vocab(b)
+
+
+def _save(r: _Run, step, tokens, wrapped, optimizer, cfg, train, val_loss) -> None:
+    info = r.info
+    state = {"step": step, "tokens": tokens, "data_index": step * train.grad_accum, "val_loss": val_loss,
+             "grad_accum": train.grad_accum, "world_size": info.world_size}
+    if r.format == "dcp":
+        save_sharded_checkpoint(r.out_dir, step, D.sharded_state(wrapped, optimizer), cfg,
+                                {"rng": torch.get_rng_state()}, state, keep=train.keep_checkpoints)
+        return
     model_sd, optim_sd = D.full_state(wrapped, optimizer)
     if info.is_main:
-        save_checkpoint(out_dir, step, model_sd, cfg,
-                        {"optimizer": optim_sd, "rng": torch.get_rng_state()},
-                        {"step": step, "tokens": tokens, "data_index": step * train.grad_accum, "val_loss": val_loss,
-                         "grad_accum": train.grad_accum, "world_size": info.world_size},
+        save_checkpoint(r.out_dir, step, model_sd, cfg, {"optimizer": optim_sd, "rng": torch.get_rng_state()}, state,
                         keep=train.keep_checkpoints)
     if info.enabled:
         torch.distributed.barrier()
 
 
-def _write_config(out_dir: Path, preset, cfg: ModelConfig, data, train, init_from, compile, parallel) -> None:
+def _write_config(out_dir: Path, preset, cfg: ModelConfig, data, train, init_from, compile, parallel,
+                  distill_from=None, compile_mode="layers", checkpoint_format=None) -> None:
     import yaml
 
     # The variant is also written at the top level: `mea pretrain --config RUN/config.yaml` then trains
     # the same model (a missing top-level `attention` would take the command's default, mea).
     conf = {"out": str(out_dir), "preset": preset, "attention": cfg.attention, "n_kv_heads": cfg.n_kv_heads,
             "head_norm": cfg.head_norm, "model": cfg.to_dict(), "data": dataclasses.asdict(data),
-            "train": dataclasses.asdict(train), "init_from": init_from, "compile": compile, "parallel": parallel}
+            "train": dataclasses.asdict(train), "init_from": init_from, "distill_from": distill_from,
+            "compile": compile, "compile_mode": compile_mode, "parallel": parallel,
+            "checkpoint_format": checkpoint_format}
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(conf, sort_keys=False))
 
 
 def _check_resume_options(conf: dict, preset, attention, n_kv_heads, head_norm, model: Optional[dict],
-                          data: DataConfig, train: TrainConfig, init_from: Optional[str]) -> None:
+                          data: DataConfig, train: TrainConfig, init_from: Optional[str],
+                          distill_from: Optional[str]) -> None:
     """`--resume` continues the run as it was configured: a setting given with it that differs from the
     saved one (a longer schedule, another batch size or model) would be silently ignored, so it is an
     error. Settings left at their defaults are not compared."""
@@ -369,6 +580,7 @@ def _check_resume_options(conf: dict, preset, attention, n_kv_heads, head_norm, 
             if k in saved and not (name == "data" and k == "corpus" and conf.get("init_from")):
                 differ(f"{name}.{k}", v, d[k], saved[k])
     differ("init_from", init_from, defaults["init_from"], conf.get("init_from"))
+    differ("distill_from", distill_from, defaults["distill_from"], conf.get("distill_from"))
     if diffs:
         raise ValueError("resume: a resumed run keeps its saved settings; these differ: " + "; ".join(diffs) +
                          ". Start a new run from it instead: mea pretrain --init_from RUN --out NEW ...")
