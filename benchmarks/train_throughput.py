@@ -39,14 +39,15 @@ DEFAULT_VARIANTS = ("mha,mha+norm,gqa(h/2),mea,mea+nonorm,mea@torch,mea(h/2),dif
 SMOKE_VARIANTS = "mha,gqa(h/2),mea(h/2),diff_v2(h/2),mha+knock(v),mea(h/2)+knock(qkv,mlp)"
 
 
-def build(preset: str, variant: str, batch: int, seq: int, compile_model: bool, device: str, **overrides):
+def build(preset: str, variant: str, batch: int, seq: int, compile_model: bool, device: str,
+          compile_mode: str = "layers", **overrides):
     """One variant's config and training step (a full optimizer update on fixed random tokens)."""
     torch.manual_seed(0)
     cfg = variant_config(preset, variant, max_seq_len=seq, **overrides)
     model = Transformer(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     if compile_model:
-        model.compile_layers()
+        model.compile_for_training(compile_mode)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
@@ -97,7 +98,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each layer (as mea pretrain does)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile as mea pretrain --compile does")
+    ap.add_argument("--compile_mode", default="layers", choices=("layers", "model"),
+                    help="with --compile: each decoder layer (mea pretrain's default) or the whole model")
     ap.add_argument("--variants", default=None, help=f"comma-separated variant names (default: {DEFAULT_VARIANTS})")
     ap.add_argument("--repeats", type=int, default=1,
                     help="build every variant once and time them round-robin this many times, keep medians")
@@ -121,7 +124,8 @@ def main(argv=None) -> dict:
         variant_config(args.preset, v)
     result = {"meta": meta("training step of whole models per attention variant", preset=args.preset,
                            batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                           repeats=args.repeats, compile=args.compile, dtype="bf16 autocast",
+                           repeats=args.repeats, compile=args.compile, compile_mode=args.compile_mode,
+                           dtype="bf16 autocast",
                            loss="model.loss", smoke=args.smoke, overrides=overrides),
               "records": []}
     records = result["records"]
@@ -134,7 +138,7 @@ def main(argv=None) -> dict:
     if args.repeats <= 1:  # one variant at a time, each compiled afresh
         for variant in variants:
             torch._dynamo.reset()
-            cfg, step = build(args.preset, variant, args.batch, args.seq, args.compile, device, **overrides)
+            cfg, step = build(args.preset, variant, args.batch, args.seq, args.compile, device, args.compile_mode, **overrides)
             records.append(record(variant, cfg, ms_per_step(step, args.steps, args.warmup, device), args.batch,
                                   args.seq, device))
             del step
@@ -145,7 +149,7 @@ def main(argv=None) -> dict:
             save()
     else:  # all variants alive at once, timed round-robin, medians
         allow_compiled_variants()
-        built = [(v, *build(args.preset, v, args.batch, args.seq, args.compile, device, **overrides)) for v in variants]
+        built = [(v, *build(args.preset, v, args.batch, args.seq, args.compile, device, args.compile_mode, **overrides)) for v in variants]
         times = {v: [] for v in variants}
         for i in range(args.repeats):
             for variant, cfg, step in built:

@@ -237,6 +237,19 @@ class Transformer(nn.Module):
         return generate(self, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id,
                         pad_token_id, generator, cuda_graph, on_token)
 
+    def compile_for_training(self, mode: str = "layers") -> "Transformer":
+        """What ``mea pretrain --compile`` does, in one place for the trainer and the benchmarks: the loss's
+        per-chunk arithmetic compiled, and each decoder layer (``mode="layers"``) or the whole model
+        (``"model"``)."""
+        if mode not in ("layers", "model"):
+            raise ValueError(f"compile_mode: unknown mode {mode!r}; expected layers or model")
+        self.compile_loss = True
+        if mode == "model":
+            self.compile()
+        else:
+            self.compile_layers()
+        return self
+
     def compile_layers(self, **kwargs) -> "Transformer":
         """torch.compile each decoder layer in place: every layer runs the same compiled code, so
         compile time does not grow with depth, and wrappers (DDP, FSDP) see plain modules."""

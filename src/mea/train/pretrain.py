@@ -307,11 +307,7 @@ def _train(r: _Run) -> dict:
 
     net.to(dev)
     if r.compile:
-        net.compile_loss = True
-        if r.compile_mode == "model":
-            net.compile()
-        else:
-            net.compile_layers()
+        net.compile_for_training(r.compile_mode)
         if teacher is not None:
             teacher.compile_layers()
     wrapped = D.wrap(net, info, r.parallel, device)
