@@ -137,8 +137,11 @@ def meta(what: str, **extra) -> dict:
     try:
         import subprocess
 
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=__file__.rsplit("/", 2)[0]).stdout.strip() or None
+        root = __file__.rsplit("/", 2)[0]
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=root).stdout.strip()  # noqa: E731
+        info["commit"] = git("rev-parse", "--short", "HEAD") or None
+        # A copy of the tree (a rented GPU box) may carry other git metadata than its files: say so.
+        info["uncommitted_changes"] = bool(git("status", "--porcelain", "--untracked-files=no"))
     except OSError:
         pass
     return {**info, **extra}
