@@ -617,10 +617,11 @@ def test_study_compression_configs_name_real_options():
 
     import yaml
 
+    import mea
     from mea.study.compression_table import compression_table
 
     params = set(inspect.signature(compression_table).parameters)
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(mea.__file__).resolve().parent / "configs"
     configs = sorted([*(root / "study").glob("*.yaml"), *(root / "compression").glob("*_table.yaml")])
     tables = [c for c in configs if "kv_heads" in (yaml.safe_load(c.read_text()) or {})]
     assert len(tables) >= 5

@@ -24,7 +24,7 @@ def sweep_models(sweep: str) -> list[tuple[str, str]]:
 
 
 def _finished_runs(sweep: str, option: str = "sweep") -> list[tuple[str, str, float]]:
-    from ..train.sweep import read_results
+    from ..io.results import read_results
 
     csv_path = Path(sweep) / "results.csv"
     if not csv_path.is_file():

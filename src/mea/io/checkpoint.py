@@ -28,21 +28,13 @@ import torch
 
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
+from ..runtime import atomic_write_text
 
 MODEL_FILE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is (damaged, incomplete, or not matching its config)."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def model_state_for_saving(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 from ..models.transformer import Transformer
-from .checkpoint import load_checkpoint
+from .checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint
 from .hf import DType, load_hf, parse_dtype
 
 
@@ -46,3 +46,31 @@ def load_model(path: Union[str, os.PathLike], dtype: DType = None,
     else:
         model = load_checkpoint(p, dtype=parse_dtype(dtype))
     return (model.to(device) if device is not None else model).eval()
+
+
+def check_model_path(field: str, path: Union[str, os.PathLike]) -> Path:
+    """That ``path`` (the option ``field``) is something :func:`load_model` reads, found without reading
+    weights: a run with a checkpoint, a checkpoint, a Hugging Face folder or a ``.gguf`` file. Whether
+    the weights themselves are intact is found when they are loaded.
+
+    Raises:
+        FileNotFoundError: nothing there, or a folder of another kind (a run before its first checkpoint).
+        ValueError: a file that is not ``.gguf``; a run whose ``checkpoints/latest`` is damaged.
+    """
+    from ..runtime import about
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{field}: {p} does not exist (expected a mea run, a checkpoint, a model folder or a "
+                                ".gguf file)")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"{field}: {p} is a file; mea loads .gguf files, and run, checkpoint and model folders")
+        return p
+    if (p / "config.json").is_file() or (p / MODEL_FILE).is_file():
+        return p
+    with about(field):
+        if latest_checkpoint(p) is not None:
+            return p
+    what = "a run without a checkpoint yet" if (p / "config.yaml").is_file() else "no run, checkpoint or model folder"
+    raise FileNotFoundError(f"{field}: {p} is {what} (no checkpoints/latest, {MODEL_FILE} or config.json)")

@@ -53,7 +53,8 @@ def _summary(res: dict, limit: Optional[int]) -> dict:
 
 def best_run(sweep: str, variant: Optional[str]) -> str:
     """The seed-0 run of ``variant`` at its best learning rate in a `mea sweep` directory."""
-    from ..train.sweep import best_lrs, read_results, run_name
+    from ..io.results import read_results
+    from ..train.sweep import best_lrs, run_name
 
     if not variant:
         raise ValueError(f"variant: {sweep} is a sweep directory; say which variant's best run to convert")

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..models.config import ModelConfig
-from ..train.sweep import parse_variant, read_results, run_name
+from ..io.results import read_results
+from ..train.sweep import parse_variant, run_name
 
 DONE = ("finished", "diverged")
 # Settings that may differ between the runs of one fit: the swept rate, the seed, the run directory.

@@ -22,7 +22,8 @@ import statistics
 from pathlib import Path
 
 from ..train.metrics import read_metrics
-from ..train.sweep import best_lrs, plot_loss_vs_lr, read_results
+from ..io.results import read_results
+from ..train.sweep import best_lrs, plot_loss_vs_lr
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:

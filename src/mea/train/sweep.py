@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..io.checkpoint import atomic_write_text
+from ..io.results import FIELDS, read_results
+from ..runtime import atomic_write_text
 from .config import DataConfig, TrainConfig
 from .metrics import read_metrics
-
-FIELDS = ["variant", "lr", "seed", "status", "final_val_loss", "best_val_loss", "steps", "tokens", "run_dir"]
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
@@ -171,22 +170,6 @@ def _status(run_dir: Path) -> dict:
 
 def _done(run_dir: Path) -> bool:
     return _status(run_dir).get("status") in ("finished", "diverged")
-
-
-def read_results(sweep_dir: str | Path) -> list[dict]:
-    """A sweep's results.csv as rows with numbers for numbers (None where empty), plus ``dir``: the run
-    directory under ``sweep_dir`` (``run_dir`` is the path on the machine that ran the sweep)."""
-    sweep_dir = Path(sweep_dir).expanduser()
-    rows = []
-    with open(sweep_dir / "results.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            r["lr"], r["seed"] = float(r["lr"]), int(r["seed"])
-            for key, kind in (("final_val_loss", float), ("best_val_loss", float), ("steps", int), ("tokens", int)):
-                r[key] = kind(r[key]) if r.get(key) else None
-            rel = Path(r["run_dir"])
-            r["dir"] = sweep_dir.joinpath(*rel.parts[-2:])
-            rows.append(r)
-    return rows
 
 
 def _best_from(sweep_dir: Path, variants: list[str]) -> dict[str, float]:
