@@ -8,7 +8,8 @@ from typing import Optional, Union
 import torch
 
 from ..models.transformer import Transformer
-from .checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint
+from ..models.config import ModelConfig
+from .checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, load_model_config, resolve_checkpoint
 from .hf import DType, load_hf, parse_dtype
 
 
@@ -74,3 +75,21 @@ def check_model_path(field: str, path: Union[str, os.PathLike]) -> Path:
             return p
     what = "a run without a checkpoint yet" if (p / "config.yaml").is_file() else "no run, checkpoint or model folder"
     raise FileNotFoundError(f"{field}: {p} is {what} (no checkpoints/latest, {MODEL_FILE} or config.json)")
+
+
+def model_config(path: Union[str, os.PathLike]) -> Optional[ModelConfig]:
+    """The :class:`ModelConfig` of what :func:`load_model` would load from ``path``, read without the
+    weights (its config.json or model_config.json); ``None`` for a ``.gguf`` file, whose config is known
+    only once it is imported."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return None
+    if (p / "config.json").is_file():
+        from .hf import _model_type, llama_model_config
+
+        if _model_type(p) == "llama":
+            return llama_model_config(p)
+        from ..models.configuration_mea import MEAConfig
+
+        return MEAConfig.from_pretrained(str(p)).to_model_config()
+    return load_model_config(resolve_checkpoint(p))

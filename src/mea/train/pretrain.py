@@ -17,8 +17,9 @@ from ..io.checkpoint import (atomic_write_text, latest_checkpoint, load_model_co
                              read_trainer_state, save_checkpoint)
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
+from ..runtime import empty_folder, resolve_device
 from . import distributed as D
-from .config import DataConfig, TrainConfig, lr_at, parse_device
+from .config import DataConfig, TrainConfig, lr_at
 from .metrics import MetricsLog, plot_loss
 
 # Dense bf16 peak of the accelerators we report MFU on (vendor datasheets). Matched against the device
@@ -90,7 +91,7 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
              data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), init_from: Optional[str] = None,
              resume: bool = False, device: str = "auto", compile: Optional[bool] = None,
              parallel: Optional[str] = None,
-             halt_after: Optional[int] = None, progress: bool = True) -> dict:
+             halt_after: Optional[int] = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Pretrain a model on prepared token shards; write config, metrics, checkpoints and a loss plot to OUT.
 
     Args:
@@ -112,12 +113,15 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
             run: as it was).
         halt_after: stop after this step as if killed (no final eval or checkpoint); for testing resume.
         progress: show a progress bar.
+        overwrite: replace what OUT holds (another run, or a folder mea pretrain did not write) with a
+            new run.
     """
-    out_dir = Path(out)
+    out_dir = _check_arguments(out, preset, attention, n_kv_heads, head_norm, model, data, init_from, resume, device,
+                               parallel, halt_after, overwrite)
     if resume:
         saved = out_dir / "config.yaml"
         if not saved.exists():
-            raise FileNotFoundError(f"{saved}: nothing to resume (no config.yaml in the run directory)")
+            raise FileNotFoundError(f"out: {out_dir} holds no run to resume (no config.yaml)")
         import yaml
 
         conf = yaml.safe_load(saved.read_text())
@@ -130,19 +134,52 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
         compile = conf.get("compile", False) if compile is None else compile
         parallel = conf.get("parallel", "ddp") if parallel is None else parallel
     compile, parallel = bool(compile), parallel or "ddp"
-    device = parse_device(device)
+    device = resolve_device("device", device, index=False)
     info = D.setup(device)
     dev = f"cuda:{info.local_rank}" if device == "cuda" else device
     try:
         return _train(out_dir, preset, attention, n_kv_heads, head_norm, model, data, train, init_from, resume,
-                      device, dev, compile, parallel, halt_after, progress, info)
+                      device, dev, compile, parallel, halt_after, progress, info, overwrite)
     finally:
         D.teardown(info)
 
 
+def is_run(path: Path) -> bool:
+    """A folder mea pretrain wrote (its config.yaml), or that mea sweep set up for it (sweep_args.yaml)."""
+    return (path / "config.yaml").is_file() or (path / "sweep_args.yaml").is_file()
+
+
+def _check_arguments(out, preset, attention, n_kv_heads, head_norm, model, data: DataConfig, init_from, resume,
+                     device, parallel, halt_after, overwrite) -> Path:
+    """Every argument, checked before any work (no folder written, no corpus prepared, no weights read);
+    returns the run directory."""
+    from ..data.prepare import check_corpus
+    from ..runtime import option_names, output_folder
+
+    resolve_device("device", device, index=False)
+    if resume and overwrite:
+        raise ValueError("overwrite: --resume true continues the run in OUT and --overwrite true replaces it; give one")
+    out_dir = output_folder("out", out, "pretrain", overwrite, own=is_run)
+    if parallel not in (None, "ddp", "fsdp"):
+        raise ValueError(f"parallel: expected ddp or fsdp, got {parallel!r}")
+    if halt_after is not None and halt_after < 1:
+        raise ValueError(f"halt_after: must be >= 1, got {halt_after}")
+    if resume:  # the saved settings are checked against the given ones when the run is read
+        return out_dir
+    check_corpus("data.corpus", data.corpus)
+    if init_from:
+        from ..io.load import check_model_path
+
+        check_model_path("init_from", init_from)
+    else:
+        with option_names("model", keep=("attention", "n_kv_heads", "head_norm", "preset")):
+            resolve_model_config(preset, attention, n_kv_heads, head_norm, model, data.seq_len)
+    return out_dir
+
+
 def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, data: DataConfig,
            train: TrainConfig, init_from, resume, device, dev, compile, parallel, halt_after, progress,
-           info: D.DistInfo) -> dict:
+           info: D.DistInfo, overwrite: bool = False) -> dict:
     torch.manual_seed(train.seed)
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:  # everything is in the checkpoint: the weights init_from named may be gone
@@ -151,7 +188,10 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
     elif init_from:
         from ..io.load import load_model
 
-        net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
+        from ..runtime import about
+
+        with about("init_from"):
+            net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
         cfg = net.config
     else:
         cfg = resolve_model_config(preset, attention, n_kv_heads, head_norm, model_over, data.seq_len)
@@ -187,6 +227,8 @@ def _train(out_dir: Path, preset, attention, n_kv_heads, head_norm, model_over, 
             log.truncate_after(start_step)
             print(f"resuming {out_dir} at step {start_step}", file=sys.stderr)
         else:
+            if overwrite and out_dir.exists():
+                empty_folder(out_dir)
             if not resume and (out_dir / "checkpoints" / "latest").exists():
                 raise FileExistsError(f"{out_dir}: already holds a run; pass --resume true to continue it or choose another --out")
             if resume:
