@@ -61,6 +61,7 @@ COMMANDS = {
     "export-hf": ("mea.io.hf", "export_hf"),
     "import-gguf": ("mea.io.gguf", "import_gguf"),
     "convert": ("mea.convert.convert", "convert"),
+    "generate": ("mea.generate", "generate"),
     "study-lr-scaling": ("mea.study.lr_scaling", "main"),
     "study-compression": ("mea.study.compression_table", "compression_table"),
     "study-report": ("mea.study.report", "main"),

@@ -208,17 +208,18 @@ def option_names(prefix: str, keep: tuple[str, ...] = ()) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def about(field: str) -> Iterator[None]:
+def about(field: str, aka: tuple[str, ...] = ("model", "corpus")) -> Iterator[None]:
     """Inside, an error of reading what the option ``field`` names (a model, a run, a corpus: missing,
-    damaged, of the wrong kind) is raised again, of the same type, as ``field: ...``; a message that
-    names the generic ``model`` names ``field`` instead."""
+    damaged, of the wrong kind) is raised again, of the same type, as ``field: ...``. A message that
+    starts with a generic name in ``aka`` (``model: ...``, as loaders say it) gets ``field`` instead."""
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         msg = str(e)
         if msg.startswith(f"{field}: "):
             raise
-        msg = f"{field}: {msg[len('model: '):] if msg.startswith('model: ') else msg}"
+        generic = next((a for a in aka if msg.startswith(f"{a}: ")), None)
+        msg = f"{field}: {msg[len(generic) + 2:] if generic else msg}"
         try:
             again = type(e)(msg)
         except TypeError:  # an exception type that takes other arguments

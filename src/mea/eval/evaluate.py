@@ -234,7 +234,8 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
     with about("model"):
         hf, tok, kind = load_for_eval(model, dev, torch_dtype)
     if perplexity:
-        corpus_dir(corpus)  # prepared now (a built-in corpus on first use), before the benchmarks
+        with about("corpus"):  # prepared now (a built-in corpus on first use), before the benchmarks
+            corpus_dir(corpus)
     run: dict[str, Any] = {
         "name": name or Path(model).resolve().name, "model": str(Path(model).resolve()), "kind": kind,
         "settings": {"tasks": names, "tasks_revision": TASKS_REVISION, "limit": limit, "batch_size": batch_size,
@@ -272,8 +273,9 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
     if perplexity:
         from .perplexity import corpus_perplexity
 
-        run["perplexity"] = corpus_perplexity(hf, tok, corpus=corpus, seq_len=ppl_seq_len, batch_size=batch_size,
-                                              max_batches=ppl_batches)
+        with about("corpus"):  # a damaged shard
+            run["perplexity"] = corpus_perplexity(hf, tok, corpus=corpus, seq_len=ppl_seq_len,
+                                                  batch_size=batch_size, max_batches=ppl_batches)
     run["settings"]["seconds"] = round(time.time() - t0, 1)
     report = format_report(run)
     print(report)

@@ -124,8 +124,11 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
     else:
         from .evaluate import evaluate
 
+        from ..runtime import about
+
         for name, path, res_dir in pending:
-            evaluate(path, device=device, out=str(res_dir), name=name, **common)
+            with about("models", aka=("model",)):
+                evaluate(path, device=device, out=str(res_dir), name=name, **common)
     runs = []
     for name, _, res_dir in jobs:
         f = res_dir / "results.json"

@@ -126,7 +126,10 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
 
         empty_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src, tok_dir = load_model(model, dtype=torch.float32), source_tokenizer(model)
+    from ..runtime import about
+
+    with about("model"):
+        src, tok_dir = load_model(model, dtype=torch.float32), source_tokenizer(model)
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
     settings = {k: v for k, v in locals().items() if k in (
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",

@@ -40,9 +40,11 @@ def _open_data(data: DataConfig):
     """The (train, val) splits of the corpus, resolved once (a corpus name prepares it on first use)."""
     from ..data.prepare import corpus_dir
     from ..data.shards import TokenDataset
+    from ..runtime import about
 
-    path = corpus_dir(data.corpus)
-    return TokenDataset(path, "train"), TokenDataset(path, "val")
+    with about("data.corpus"):  # a damaged shard
+        path = corpus_dir(data.corpus)
+        return TokenDataset(path, "train"), TokenDataset(path, "val")
 
 
 def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> DataConfig:
@@ -160,6 +162,9 @@ def _check_arguments(out, preset, attention, n_kv_heads, head_norm, model, data:
     if resume and overwrite:
         raise ValueError("overwrite: --resume true continues the run in OUT and --overwrite true replaces it; give one")
     out_dir = output_folder("out", out, "pretrain", overwrite, own=is_run)
+    if not resume and not overwrite and (out_dir / "checkpoints" / "latest").exists():
+        raise FileExistsError(f"out: {out_dir} already holds a run; pass --resume true to continue it, --overwrite "
+                              "true to replace it, or choose another --out")
     if parallel not in (None, "ddp", "fsdp"):
         raise ValueError(f"parallel: expected ddp or fsdp, got {parallel!r}")
     if halt_after is not None and halt_after < 1:
