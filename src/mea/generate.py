@@ -167,8 +167,8 @@ def _check_context(ids: list[list[int]], max_new_tokens: int, context: int, fiel
             raise ValueError(f"{field}: {'the prompt' if field == 'prompt' else f'prompt {i + 1}'} is no token at all")
         if len(row) + max_new_tokens > context:
             which = "the prompt" if field == "prompt" else f"prompt {i + 1}"
-            raise ValueError(f"{field}: {which} has {len(row)} tokens; with max_new_tokens {max_new_tokens} that "
-                             f"exceeds the model's context of {context} tokens")
+            raise ValueError(f"{field}: {which} has {len(row)} token{'s' if len(row) != 1 else ''}; with "
+                             f"max_new_tokens {max_new_tokens} that exceeds the model's context of {context} tokens")
 
 
 def _until_eos(new: list[int], eos: Optional[int]) -> list[int]:

@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from . import clean
-from .fetch import ChecksumError, FetchError, cache_dir, file_lock, sha256_file, unpack
+from .fetch import ChecksumError, FetchError, cache_dir, file_lock, unpack
 from .shards import DTYPE, FORMAT, MANIFEST, ShardWriter, read_manifest
 
 MAX_DOC_CHARS = 20_000  # longer documents are cut at paragraph boundaries (about 5k tokens per part)
@@ -105,10 +105,22 @@ def _hf_documents(name: str) -> Iterable[tuple[str, str]]:
 
 
 def _files_sha256(paths: list[Path]) -> str:
-    """One hash of the files' names and contents: an edited, added or removed file changes it."""
+    """One hash of the files' names and contents: an edited, added or removed file changes it. Each file
+    is also found to be UTF-8 text here, before any work, as it is read for the hash anyway."""
+    import codecs
+
     h = hashlib.sha256()
     for p in sorted(paths):  # the order they were listed in does not change the corpus
-        h.update(f"{p}\0{sha256_file(p)}\n".encode())
+        one, text = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
+        try:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    one.update(chunk)
+                    text.decode(chunk)
+            text.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"files: {p} is not UTF-8 text ({e}); pass text files only") from e
+        h.update(f"{p}\0{one.hexdigest()}\n".encode())
     return h.hexdigest()
 
 

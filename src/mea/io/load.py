@@ -1,16 +1,20 @@
 """``load_model(path)``: a core model from any path mea writes or reads."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from ..models.transformer import Transformer
 from ..models.config import ModelConfig
+from ..models.transformer import Transformer
 from .checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, load_model_config, resolve_checkpoint
 from .hf import DType, load_hf, parse_dtype
+
+# The weight files of a Hugging Face folder (mea reads the safetensors ones; transformers reads all).
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def load_model(path: Union[str, os.PathLike], dtype: DType = None,
@@ -68,7 +72,17 @@ def check_model_path(field: str, path: Union[str, os.PathLike]) -> Path:
         if p.suffix != ".gguf":
             raise ValueError(f"{field}: {p} is a file; mea loads .gguf files, and run, checkpoint and model folders")
         return p
-    if (p / "config.json").is_file() or (p / MODEL_FILE).is_file():
+    if (p / MODEL_FILE).is_file() and not (p / "config.json").exists():
+        return p  # a checkpoint
+    if (p / "config.json").is_file():
+        try:
+            config = json.loads((p / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{field}: {p / 'config.json'} is not JSON ({e})") from e
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ValueError(f"{field}: {p / 'config.json'} names no model_type; not a Hugging Face model folder")
+        if not any((p / f).is_file() for f in HF_WEIGHTS):
+            raise FileNotFoundError(f"{field}: {p} has a config.json but no weights ({', '.join(HF_WEIGHTS)})")
         return p
     with about(field):
         if latest_checkpoint(p) is not None:

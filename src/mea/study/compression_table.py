@@ -121,15 +121,13 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
     out_dir = _check_arguments(model, kv_heads, inits, layers, out, corpus, calib_tokens, val_tokens, seq_len,
                                heal_steps, heal_batch_size, heal_lr, heal_seq_len, heal_mixing_lr_mult, tasks, limit,
                                device, batch_size, eval_gpus, eval_procs, overwrite)
-    if overwrite and out_dir.exists():
-        from ..runtime import empty_folder
-
-        empty_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from ..runtime import about
+    from ..runtime import about, empty_folder
 
     with about("model"):
         src, tok_dir = load_model(model, dtype=torch.float32), source_tokenizer(model)
+    if overwrite and out_dir.exists():
+        empty_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
     settings = {k: v for k, v in locals().items() if k in (
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
@@ -249,16 +247,11 @@ def _check_arguments(model, kv_heads, inits, layers, out, corpus, calib_tokens, 
     from ..io.load import check_model_path, model_config
     from ..runtime import about, check_gpus, holding, output_folder, resolve_device
 
-    with about("model"):
-        check_model_path("model", model)
-        config = model_config(model)
-    if not kv_heads:
-        raise ValueError("kv_heads: needs at least one h'")
+    check_model_path("model", model)
+    if not kv_heads or any(h < 1 for h in kv_heads):
+        raise ValueError(f"kv_heads: needs h' >= 1, at least one, got {kv_heads}")
     if not inits or any(i not in INITS for i in inits):
         raise ValueError(f"inits: expected some of {', '.join(INITS)}, got {inits}")
-    if config is not None:
-        for h in kv_heads:
-            check_request(config, h, parse_layers(layers, config.n_layers))
     for name, value, least in (("calib_tokens", calib_tokens, 0), ("val_tokens", val_tokens, 1), ("seq_len", seq_len, 2),
                                ("heal_steps", heal_steps, 0), ("heal_batch_size", heal_batch_size, 1),
                                ("heal_seq_len", heal_seq_len, 2), ("batch_size", batch_size, 1),
@@ -279,7 +272,13 @@ def _check_arguments(model, kv_heads, inits, layers, out, corpus, calib_tokens, 
     check_corpus("corpus", corpus)
     resolve_device("device", device)
     check_gpus("eval_gpus", eval_gpus)
-    return output_folder("out", out, "study-compression", overwrite, own=holding("results.json"))
+    out_dir = output_folder("out", out, "study-compression", overwrite, own=holding("results.json"))
+    with about("model"):
+        config = model_config(model)  # (None for a .gguf file: checked once it is imported)
+    if config is not None:
+        for h in kv_heads:
+            check_request(config, h, parse_layers(layers, config.n_layers))
+    return out_dir
 
 
 def collect_zero_shot(out: str | Path) -> list[dict]:

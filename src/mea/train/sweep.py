@@ -182,6 +182,13 @@ def _check_arguments(out, variants, lrs, seeds, preset, model, data: DataConfig,
     if not gpus:
         resolve_device("device", device, index=False)
     check_corpus("data.corpus", data.corpus)
+    if (Path(data.corpus).expanduser() / "manifest.json").is_file():  # its shards are checked now, not in a run
+        from ..data.shards import TokenDataset
+        from ..runtime import about
+
+        with about("data.corpus"):
+            for split in ("train", "val"):
+                TokenDataset(Path(data.corpus).expanduser(), split)
     parsed = {v: parse_variant(v) for v in variants}
     for v, kw in parsed.items():  # each variant's model, built as its run will build it
         try:
