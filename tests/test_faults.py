@@ -215,8 +215,9 @@ def run_cli(argv: list[str], capfd) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, tiny_run, tiny_corpus, capfd):
+def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, tiny_run, tiny_corpus, capfd, monkeypatch):
     cmd, fault, argv, field = case
+    monkeypatch.chdir(tmp_path)  # what a command writes by default (runs/...) lands in the snapshot too
     places = world(tmp_path, tiny_run, tiny_corpus, argv)
     args = [cmd] + [a.format(**places) for a in argv]
     before = snapshot(tmp_path, tiny_run, tiny_corpus)
@@ -304,3 +305,16 @@ def test_shipped_configs_work_from_any_directory(tmp_path, monkeypatch, capfd):
     assert yaml.safe_load(capfd.readouterr().out)["preset"] == "mini"
     code, err = run_cli(["pretrain", "--config", "nothere.yaml"], capfd)
     assert code == 2 and err.startswith("mea: error: config: ") and err.count("\n") == 1
+
+
+def test_the_readme_opens_with_two_lines_and_ci_runs_the_second():
+    """A newcomer pastes the README's first two commands: set up and train, set up and test; CI runs the
+    second exactly as written."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert lines == ["bash setup.sh && mea pretrain", "bash setup.sh && python3 -m pytest -q"]
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert lines[1] in ci
