@@ -101,8 +101,12 @@ def model_config(path: Union[str, os.PathLike]) -> Optional[ModelConfig]:
     if (p / "config.json").is_file():
         from .hf import _model_type, llama_model_config
 
-        if _model_type(p) == "llama":
+        model_type = _model_type(p)
+        if model_type == "llama":
             return llama_model_config(p)
+        if model_type != "mea":
+            raise ValueError(f"model: {p / 'config.json'} has model_type={model_type!r}; mea reads 'mea' and "
+                             "LLaMA-family ('llama') folders")
         from ..models.configuration_mea import MEAConfig
 
         return MEAConfig.from_pretrained(str(p)).to_model_config()
