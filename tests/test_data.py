@@ -269,13 +269,13 @@ def test_prepare_files_dedup_split_and_idempotence(tmp_path, tok):
     prepare_data(files=[str(d)], out=str(tmp_path / "c"), val_fraction=0.2, seed=1)
     assert (tmp_path / "a" / "val_0000.bin").read_bytes() != (tmp_path / "c" / "val_0000.bin").read_bytes()
 
-    # idempotent: a complete directory is returned untouched; other settings need force
+    # idempotent: a complete directory is returned untouched; other settings need overwrite
     mtime = (tmp_path / "a" / MANIFEST).stat().st_mtime_ns
     assert prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.2, seed=0) == out
     assert (tmp_path / "a" / MANIFEST).stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="force"):
+    with pytest.raises(ValueError, match="--overwrite true"):
         prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0)
-    prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0, force=True)
+    prepare_data(files=[str(d)], out=str(tmp_path / "a"), val_fraction=0.3, seed=0, overwrite=True)
     assert json.loads((tmp_path / "a" / MANIFEST).read_text())["request"]["val_fraction"] == 0.3
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no temp dirs left
 
@@ -352,7 +352,8 @@ def test_prepare_bad_inputs(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("user data")
     (tmp_path / "ok.txt").write_text("Some text that is long enough.")
-    with pytest.raises(ValueError, match="refusing to overwrite"):
+    with pytest.raises(FileExistsError, match="^out: .*busy is not empty and mea prepare-data did not write it; "
+                                              "choose another, or pass --overwrite true to replace it$"):
         prepare_data(files=[str(tmp_path / "ok.txt")], out=str(tmp_path / "busy"))
     assert (tmp_path / "busy" / "mine.txt").exists()
 
@@ -483,7 +484,7 @@ def test_a_damaged_shard_of_the_right_size_is_a_one_line_error(tmp_path, damage)
         TokenDataset(out, "train")
     msg = str(e.value)
     assert "\n" not in msg and str(f) in msg and "damaged" in msg
-    assert f"mea prepare-data --files '[{tmp_path / 'd0.txt'}, " in msg and f"--out {out} --force true" in msg
+    assert f"mea prepare-data --files '[{tmp_path / 'd0.txt'}, " in msg and f"--out {out} --overwrite true" in msg
     TokenDataset(out, "val")  # the other split is intact
     # on the command line: one line, exit 2, before any training
     with pytest.raises(SystemExit) as code:
@@ -506,7 +507,7 @@ def test_ids_outside_the_vocabulary_and_the_rebuild_hint(tmp_path):
     with pytest.raises(ValueError, match=r"train_0000.bin is damaged: it holds token id 99, outside the vocabulary of 60"):
         TokenDataset(tmp_path, "train")
     assert rebuild_hint("/c/prose", {"request": {"corpus": "prose"}}) == \
-        "rebuild it with: mea prepare-data --corpus prose --out /c/prose --force true"
+        "rebuild it with: mea prepare-data --corpus prose --out /c/prose --overwrite true"
     assert "--sources '[shakespeare]'" in rebuild_hint("/c/p", {"request": {"corpus": "prose",
                                                                               "sources": {"shakespeare": 1.0}}})
     assert "delete /c/re" in rebuild_hint("/c/re", {"source": "/c/prose"})

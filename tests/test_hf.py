@@ -186,6 +186,32 @@ def test_trust_remote_code_loads_without_mea(tmp_path):
                                                                      "mea_snapshot.py"}
 
 
+def test_an_exported_tokenizer_is_a_standard_one(tmp_path):
+    """The tokenizer of a saved folder is a plain GPT2TokenizerFast: `PreTrainedTokenizerFast` loads it
+    with neither mea nor remote code. `AutoTokenizer` reads config.json first (its model_type), so it
+    needs `import mea` or trust_remote_code=True, as the model does (docs/evaluation.md)."""
+    save_hf(tiny("mea", vocab_size=50304), tmp_path, tokenizer="gpt2")
+    out = run_python(f"""
+        import importlib.abc, sys
+        class NoMea(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "mea" or name.startswith("mea."):
+                    raise ModuleNotFoundError("No module named " + repr(name), name=name)
+        sys.meta_path.insert(0, NoMea())
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast.from_pretrained({str(tmp_path)!r})
+        assert tok("Hello world")["input_ids"] == [15496, 995] and tok.eos_token == "<|endoftext|>"
+        tok = AutoTokenizer.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert tok("Hello world")["input_ids"] == [15496, 995]
+        print("ok")
+    """, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    assert out.strip().endswith("ok")
+    res = subprocess.run([sys.executable, "-c", f"import mea\nfrom transformers import AutoTokenizer\n"
+                          f"print(AutoTokenizer.from_pretrained({str(tmp_path)!r})('Hello world')['input_ids'])"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert res.stdout.strip() == "[15496, 995]" and "custom code" not in res.stdout + res.stderr, res.stderr[-2000:]
+
+
 def test_save_with_gpt2_tokenizer(tmp_path):
     save_hf(tiny("gqa", vocab_size=50304), tmp_path, tokenizer="gpt2", dtype="bfloat16")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "configs" / "study" / f"lr_scaling_s{k}.yaml" for k in (1, 2, 3)]
+CONFIGS = [Path(__import__("mea").__file__).resolve().parent / "configs" / "study" / f"lr_scaling_s{k}.yaml"
+           for k in (1, 2, 3)]
 # The law the fake sweeps follow (near what experiment 1 measured at the `small` preset, 25.7M):
 # loss = C + K (ln lr - ln lr*(N))^2 with lr*(N) = A N^B.
 LAW = {"mha": (1.0e-3 * 25.7e6 ** 0.40, -0.40), "mea": (1.7e-3 * 25.7e6 ** 0.33, -0.33)}

@@ -2,6 +2,7 @@
 signatures and docstrings, and every command also takes ``--config FILE.yaml``)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -70,6 +71,7 @@ COMMANDS = {
     "export-hf": ("mea.io.hf", "export_hf"),
     "import-gguf": ("mea.io.gguf", "import_gguf"),
     "convert": ("mea.convert.convert", "convert"),
+    "generate": ("mea.generate", "generate"),
     "study-lr-scaling": ("mea.study.lr_scaling", "main"),
     "study-compression": ("mea.study.compression_table", "compression_table"),
     "study-report": ("mea.study.report", "main"),
@@ -89,19 +91,107 @@ def _commands() -> dict:
     return cmds
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    import os
+def _parser_class(command: str):
+    """The parser of every command (``command``: the one asked for): its errors are one line, and a
+    negative number in exponent notation (``--train.lr -1e-3``) is a value, not an option."""
+    import re
 
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # argparse takes only "-1" and "-0.5" for numbers; "-1e-3" would read as an unknown option.
+            self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+        def error(self, message: str, ex: Optional[Exception] = None):
+            if not self.exit_on_error or os.environ.get("MEA_DEBUG", "0") == "1":
+                return super().error(message, ex)  # raises for jsonargparse to handle, or prints the usage
+            print(f"mea: error: {_parser_message(message, command or 'COMMAND')}", file=sys.stderr)
+            sys.exit(2)
+
+    return Parser
+
+
+def _parser_message(message: str, command: str) -> str:
+    """jsonargparse's message as ``<option>: <problem>`` on one line."""
+    import re
+
+    from .runtime import one_line
+
+    def kind(name: str) -> str:
+        return {"NoneType": "null"}.get(name, name)
+
+    m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if m:
+        field, problem = m.group(1), m.group(2)
+        got = re.search(r"(?:Given value|Got value): (.*)", problem)
+        types = re.findall(r"<class '(\w+)'>", problem.split("Given value type")[0])
+        if got and types:
+            return f"{field}: expected {' or '.join(dict.fromkeys(kind(t) for t in types))}, got {got.group(1).strip()!r}"
+        return f"{field}: {one_line(problem)}"
+    text = one_line(message)
+    m = re.match(r"the following arguments are required: (.*)", text)
+    if m:
+        first = m.group(1).split(",")[0].strip()
+        command, _, name = first.rpartition(".") if "." in first else (command, "", first)
+        return f"{name}: missing (mea {command} --help shows the arguments)"
+    m = re.match(r"argument subcommand: invalid choice: (\S+)", text)
+    if m:
+        return f"command: unknown {m.group(1)}; mea --help lists the commands"
+    m = re.match(r"argument -*([\w.]+): (.*)", text)
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"
+    m = re.search(r"Option '([\w.]+)' is not accepted", text)
+    if m:
+        return f"{m.group(1)}: not an option of mea {command} (mea {command} --help lists them)"
+    m = re.match(r"unrecognized arguments: (\S+)", text)
+    if m:
+        return f"{m.group(1).lstrip('-').split('=')[0]}: not an option of mea {command} (mea {command} --help lists them)"
+    return text
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """``--config NAME``: a file that exists as given, else a config shipped with mea (``small``,
+    ``small.yaml``, ``configs/small.yaml``, ``study/lr_sweep``), so that the shipped configs work from
+    any directory."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent / "configs"
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            j, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            j, value, prefix = i, arg[len("--config="):], "--config="
+        else:
+            continue
+        if Path(value).expanduser().exists():
+            continue
+        name = value[len("configs/"):] if value.startswith("configs/") else value
+        for cand in (configs / name, configs / f"{name}.yaml"):
+            if cand.is_file():
+                out[j] = prefix + str(cand)
+                break
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
     from jsonargparse import CLI
 
+    from .runtime import one_line
+
+    argv = _config_paths(sys.argv[1:] if argv is None else list(argv))
     try:
-        result = CLI(_commands(), args=argv, as_positional=True)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Bad input (a setting, a path, a model) is said in one line, as the parser says its own errors;
-        # MEA_DEBUG=1 shows where it was raised.
+        result = CLI(_commands(), args=argv, as_positional=True, prog="mea",
+                     parser_class=_parser_class(next((a for a in argv if a in COMMANDS or a == "info"), "")))
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
+        # Bad input (a setting, a path, a model) is one line, `mea: error: <option>: <problem>`, as the
+        # parser's own errors are; MEA_DEBUG=1 shows where it was raised.
         if os.environ.get("MEA_DEBUG", "0") == "1":
             raise
-        print(f"mea: error: {type(e).__name__}: {e}\n(MEA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"mea: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         sys.exit(2)
     if isinstance(result, dict) and result.get("status") == "diverged":
         sys.exit(1)

@@ -310,19 +310,28 @@ def convert(model: str, kv_heads: int, init: str = "svd", layers: str = "all", o
         raise FileNotFoundError(f"calib_text: {calib_text} is not a file")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    from ..io.load import check_model_path, load_model, model_config
+    from ..runtime import about, output_folder, resolve_device
+
+    with about("model"):
+        check_model_path("model", model)
+        config = model_config(model)  # (None for a .gguf file: checked once it is imported below)
+    if config is not None:
+        check_request(config, kv_heads, parse_layers(layers, config.n_layers))
     out_dir = Path(out).expanduser() if out else Path("converted") / f"{Path(model).expanduser().resolve().name}-kv{kv_heads}-{init}"
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"out: {out_dir} exists and is not empty (pass --overwrite true to replace it)")
+    output_folder("out", out_dir, "convert", overwrite)
+    dev = resolve_device("device", device)
+    if calib_tokens and calib_text is None:
+        from ..data.prepare import check_corpus
 
-    from ..io.load import load_model
+        check_corpus("corpus", corpus)
 
-    src = load_model(model, dtype=torch.float32)
-    tok_dir = source_tokenizer(model)
+    with about("model"):
+        src = load_model(model, dtype=torch.float32)
+        tok_dir = source_tokenizer(model)
     sel = parse_layers(layers, src.config.n_layers)
     check_request(src.config, kv_heads, sel)
-    from ..train.config import parse_device
-
-    calib = calibrate(src, tok_dir, calib_tokens, calib_seq_len, calib_text, corpus, batch_size, parse_device(device))
+    calib = calibrate(src, tok_dir, calib_tokens, calib_seq_len, calib_text, corpus, batch_size, dev)
     return convert_loaded(src, tok_dir, kv_heads, init, sel, calib, out_dir, source=str(model), overwrite=overwrite)
 
 

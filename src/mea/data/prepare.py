@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from . import clean
-from .fetch import ChecksumError, FetchError, cache_dir, file_lock, sha256_file, unpack
+from .fetch import ChecksumError, FetchError, cache_dir, file_lock, unpack
 from .shards import DTYPE, FORMAT, MANIFEST, ShardWriter, read_manifest
 
 MAX_DOC_CHARS = 20_000  # longer documents are cut at paragraph boundaries (about 5k tokens per part)
@@ -70,12 +70,12 @@ def _list_files(files: list[str]) -> list[Path]:
             found = sorted(q for q in p.rglob("*") if q.is_file()
                            and not any(part.startswith(".") for part in q.relative_to(p).parts))
             if not found:
-                raise FileNotFoundError(f"directory {p} holds no files")
+                raise FileNotFoundError(f"{p} is a folder without files")
             out.extend(found)
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"no such file or directory: {p}")
+            raise FileNotFoundError(f"{p}: no such file or folder")
     return out
 
 
@@ -84,7 +84,7 @@ def _file_documents(paths: list[Path]) -> Iterable[tuple[str, str]]:
         try:
             yield str(p), p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{p} is not UTF-8 text ({e}); pass text files only") from e
+            raise ValueError(f"files: {p} is not UTF-8 text ({e}); pass text files only") from e
 
 
 def _hf_documents(name: str) -> Iterable[tuple[str, str]]:
@@ -105,10 +105,22 @@ def _hf_documents(name: str) -> Iterable[tuple[str, str]]:
 
 
 def _files_sha256(paths: list[Path]) -> str:
-    """One hash of the files' names and contents: an edited, added or removed file changes it."""
+    """One hash of the files' names and contents: an edited, added or removed file changes it. Each file
+    is also found to be UTF-8 text here, before any work, as it is read for the hash anyway."""
+    import codecs
+
     h = hashlib.sha256()
     for p in sorted(paths):  # the order they were listed in does not change the corpus
-        h.update(f"{p}\0{sha256_file(p)}\n".encode())
+        one, text = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
+        try:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    one.update(chunk)
+                    text.decode(chunk)
+            text.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"files: {p} is not UTF-8 text ({e}); pass text files only") from e
+        h.update(f"{p}\0{one.hexdigest()}\n".encode())
     return h.hexdigest()
 
 
@@ -142,7 +154,7 @@ def _summary(out: Path, manifest: dict) -> str:
 
 def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optional[list[str]] = None,
                  hf_dataset: Optional[str] = None, val_fraction: float = 0.005, seed: int = 0,
-                 force: bool = False, sources: Optional[list[str]] = None) -> str:
+                 overwrite: bool = False, sources: Optional[list[str]] = None) -> str:
     """Build a tokenized corpus: fetch, clean, deduplicate, split, tokenize (GPT-2 BPE) and shard.
 
     Args:
@@ -155,52 +167,58 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
             (its train split; needs network access to the Hub and the ``datasets`` package).
         val_fraction: share of documents held out for validation (chosen by a hash of the text).
         seed: changes which documents go to validation and the document order.
-        force: rebuild even if ``out`` already holds a complete corpus.
+        overwrite: rebuild even if ``out`` already holds a complete corpus, and replace a folder that
+            is not one.
         sources: restrict the corpus to these source names (e.g. ``[shakespeare]``).
 
     Returns:
         The prepared directory (holding ``manifest.json`` and ``train_*.bin`` / ``val_*.bin``).
     """
-    return _prepare_data(corpus, out, files, hf_dataset, val_fraction, seed, force, sources, asked=True)
+    return _prepare_data(corpus, out, files, hf_dataset, val_fraction, seed, overwrite, sources, asked=True)
 
 
 def _prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optional[list[str]] = None,
                   hf_dataset: Optional[str] = None, val_fraction: float = 0.005, seed: int = 0,
-                  force: bool = False, sources: Optional[list[str]] = None, asked: bool = False) -> str:
+                  overwrite: bool = False, sources: Optional[list[str]] = None, asked: bool = False) -> str:
     """:func:`prepare_data`; ``asked``: the user ran `mea prepare-data` (not another command that needs
     the corpus), so a corpus built without sources this machine could now build is worth a word."""
     from .sources import corpus_sources
 
+    from ..runtime import about, holding, output_folder
+
     if files and hf_dataset:
-        raise ValueError("pass either files or hf_dataset, not both")
+        raise ValueError("files: pass either files or hf_dataset, not both")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        raise ValueError(f"val_fraction: must lie in [0, 1), got {val_fraction}")
     weights: dict[str, float] = {}
     if not files and not hf_dataset:
-        weights = corpus_sources(corpus)
+        with about("corpus"):
+            weights = corpus_sources(corpus)
         if sources:
             unknown = [s for s in sources if s not in weights]
             if unknown:
-                raise ValueError(f"sources {unknown} are not in corpus {corpus!r}; it has {sorted(weights)}")
+                raise ValueError(f"sources: {unknown} are not in corpus {corpus!r}; it has {sorted(weights)}")
             weights = {s: w for s, w in weights.items() if s in sources}
     label = "files" if files else ("hf:" + hf_dataset if hf_dataset else corpus)
-    out_dir = Path(out).expanduser() if out else _default_out(corpus, sources, files, hf_dataset)
-    request = _request(label, weights, files, hf_dataset, val_fraction, seed)
+    with about("files"):
+        request = _request(label, weights, files, hf_dataset, val_fraction, seed)
+    out_dir = output_folder("out", Path(out).expanduser() if out else _default_out(corpus, sources, files, hf_dataset),
+                            "prepare-data", overwrite, own=holding(MANIFEST))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (the ranks of one torchrun job) may ask for the same corpus at once: one
     # builds it, the others wait here and then find it complete.
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock")):
-        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus, asked)
+        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, overwrite, corpus, asked)
 
 
-def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, force, corpus, asked) -> str:
+def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, overwrite, corpus, asked) -> str:
     from tqdm.auto import tqdm
 
     from .sources import SOURCES
     from .tokenizer import PACKAGE as TOKENIZER_PACKAGE
     from .tokenizer import load_tokenizer
 
-    if (out_dir / MANIFEST).exists() and not force:
+    if (out_dir / MANIFEST).exists() and not overwrite:
         try:
             manifest = read_manifest(out_dir)
         except (ValueError, FileNotFoundError) as e:
@@ -212,21 +230,16 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
                 say(f"{out_dir} was built by older source recipes; rebuilding it so that it is the same corpus "
                     "as on every other machine")
             elif not _same_request(manifest, request):
-                raise ValueError(f"{out_dir} was prepared with other settings or other file contents "
-                                 f"({manifest.get('request')}); pass force=True (--force true) to rebuild it, or "
-                                 f"another out directory")
+                raise ValueError(f"out: {out_dir} was prepared with other settings or other file contents "
+                                 f"({manifest.get('request')}); choose another, or pass --overwrite true to rebuild it")
             if not stale:
                 say(f"already prepared: {_summary(out_dir, manifest)}", warning=False)
                 now = [s["name"] for s in manifest.get("skipped", [])
                        if s["name"] in SOURCES and SOURCES[s["name"]].missing() is None]
                 if now and asked:
                     say(f"{out_dir} was built without {', '.join(now)}, which this machine could build now; "
-                        "rebuild it with --force true to include them")
+                        "rebuild it with --overwrite true to include them")
                 return str(out_dir)
-
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() and not force:
-        raise ValueError(f"{out_dir} exists and is not a prepared corpus (no {MANIFEST}); refusing to overwrite "
-                         f"it (pass force=True to replace it, or choose another out directory)")
 
     t0 = time.time()
     tok = load_tokenizer()
@@ -373,9 +386,26 @@ def ensure_corpus(corpus: str = "prose") -> Path:
 def corpus_dir(corpus: str = "prose") -> Path:
     """A prepared corpus: a directory with ``manifest.json`` as it is, or a built-in corpus name (prepared
     on first use). A path that is not a prepared directory is an error, not a corpus name."""
+    check_corpus("corpus", corpus)
     p = Path(corpus).expanduser()
-    if (p / "manifest.json").is_file():
-        return p
+    return p if (p / MANIFEST).is_file() else ensure_corpus(str(corpus))
+
+
+def check_corpus(field: str, corpus: str) -> None:
+    """That :func:`corpus_dir` can answer for ``corpus`` (the option ``field``), found without preparing
+    anything: a prepared directory, or the name of a built-in corpus.
+
+    Raises:
+        FileNotFoundError: a path that is not a prepared directory (a typo, an empty folder).
+        ValueError: a name that is no corpus.
+    """
+    from .sources import CORPORA
+
+    p = Path(str(corpus)).expanduser()
+    if (p / MANIFEST).is_file():
+        return
     if os.sep in str(corpus) or p.exists():
-        raise FileNotFoundError(f"corpus: {p} is not a prepared data directory (no manifest.json)")
-    return ensure_corpus(str(corpus))
+        raise FileNotFoundError(f"{field}: {p} is not a prepared data directory (no {MANIFEST})")
+    if corpus not in CORPORA:
+        raise ValueError(f"{field}: unknown corpus {corpus!r}; expected {', '.join(CORPORA)} or a directory written "
+                         "by mea prepare-data")

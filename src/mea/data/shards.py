@@ -82,13 +82,13 @@ def read_manifest(path: os.PathLike) -> dict:
     mpath = d / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{d} has no {MANIFEST}: not a prepared data directory, or its preparation "
-                                f"did not finish (rerun `mea prepare-data --force true`)")
+                                f"did not finish (rerun `mea prepare-data --overwrite true`)")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath} is corrupt ({e}); rerun `mea prepare-data --force true`") from e
+        raise ValueError(f"{mpath} is corrupt ({e}); rerun `mea prepare-data --overwrite true`") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete"):
-        raise ValueError(f"{mpath} is not a complete {FORMAT} manifest; rerun `mea prepare-data --force true`")
+        raise ValueError(f"{mpath} is not a complete {FORMAT} manifest; rerun `mea prepare-data --overwrite true`")
     for split, info in manifest.get("splits", {}).items():
         for shard in info.get("shards", []):
             f = d / shard["file"]
@@ -96,7 +96,7 @@ def read_manifest(path: os.PathLike) -> dict:
             if not f.is_file() or f.stat().st_size != want:
                 have = f.stat().st_size if f.is_file() else "missing"
                 raise ValueError(f"shard {f} of split {split!r} should hold {want} bytes, found {have}; "
-                                 f"rerun `mea prepare-data --force true`")
+                                 f"rerun `mea prepare-data --overwrite true`")
     return manifest
 
 
@@ -126,7 +126,7 @@ def rebuild_hint(path: os.PathLike, manifest: dict) -> str:
         chosen = sorted(req.get("sources") or [])
         if chosen and chosen != sorted(CORPORA.get(req.get("corpus"), {})):
             what += " --sources '[" + ", ".join(chosen) + "]'"
-    return f"rebuild it with: mea prepare-data {what} --out {d} --force true"
+    return f"rebuild it with: mea prepare-data {what} --out {d} --overwrite true"
 
 
 def _scan(f: Path) -> tuple[str, int]:

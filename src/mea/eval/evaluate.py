@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 from typing import Any, Optional
 
 TASK_LABELS = {
@@ -30,16 +31,6 @@ def _offline() -> None:
 
     datasets.config.HF_HUB_OFFLINE = True
     datasets.config.HF_DATASETS_OFFLINE = True
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but CUDA is not available here")
-    return device
 
 
 def _resolve_dtype(dtype: str, device: str):
@@ -64,9 +55,9 @@ def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any
 
     from ..io.hf import load_tokenizer_for
 
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model: {path} does not exist (expected a mea run, a checkpoint or an HF folder)")
+    from ..io.load import check_model_path
+
+    path = check_model_path("model", model)
     if path.suffix == ".gguf" and path.is_file():
         from ..io.gguf import gguf_folder
 
@@ -186,7 +177,7 @@ def format_report(run: dict) -> str:
 def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 16,
              device: str = "auto", perplexity: bool = True, out: Optional[str] = None, dtype: str = "auto",
              num_fewshot: int = 0, corpus: str = "prose", ppl_seq_len: Optional[int] = None,
-             ppl_batches: Optional[int] = None, name: Optional[str] = None) -> dict:
+             ppl_batches: Optional[int] = None, name: Optional[str] = None, overwrite: bool = False) -> dict:
     """Score a model on zero-shot benchmarks (lm-evaluation-harness, local data) and validation perplexity.
 
     Prints a markdown table shaped like the paper's (acc and acc_norm per task and their average)
@@ -208,6 +199,7 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         ppl_seq_len: perplexity window (default: the model's context, at most 1024).
         ppl_batches: score at most this many perplexity batches (default: the whole split).
         name: the row label in the tables (default: the model folder's name).
+        overwrite: replace what ``out`` holds when it is not an earlier evaluation's results.
 
     Returns:
         The results dict that results.json holds.
@@ -221,15 +213,29 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         raise ValueError(f"limit: must be >= 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    if perplexity:  # a bad corpus is found now, not after the benchmarks have run
-        from ..data.prepare import corpus_dir
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot: must be >= 0, got {num_fewshot}")
+    if ppl_seq_len is not None and ppl_seq_len < 2:
+        raise ValueError(f"ppl_seq_len: must be >= 2, got {ppl_seq_len}")
+    if ppl_batches is not None and ppl_batches < 1:
+        raise ValueError(f"ppl_batches: must be >= 1, got {ppl_batches}")
+    from ..data.prepare import check_corpus, corpus_dir
+    from ..io.load import check_model_path
+    from ..runtime import about, output_folder, resolve_device
 
-        corpus_dir(corpus)
-    _offline()
-    dev = _resolve_device(device)
+    if perplexity:  # a bad corpus is found now, not after the benchmarks have run
+        check_corpus("corpus", corpus)
+    check_model_path("model", model)
+    dev = resolve_device("device", device)
     torch_dtype = _resolve_dtype(dtype, dev)
+    out_dir = output_folder("out", out, "evaluate", overwrite, own=is_evaluation) if out else None
+    _offline()
     t0 = time.time()
-    hf, tok, kind = load_for_eval(model, dev, torch_dtype)
+    with about("model"):
+        hf, tok, kind = load_for_eval(model, dev, torch_dtype)
+    if perplexity:
+        with about("corpus"):  # prepared now (a built-in corpus on first use), before the benchmarks
+            corpus_dir(corpus)
     run: dict[str, Any] = {
         "name": name or Path(model).resolve().name, "model": str(Path(model).resolve()), "kind": kind,
         "settings": {"tasks": names, "tasks_revision": TASKS_REVISION, "limit": limit, "batch_size": batch_size,
@@ -248,9 +254,12 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         with tempfile.TemporaryDirectory(prefix="mea-tasks-") as task_dir:
             render_tasks(names, task_dir)
             lm = HFLM(pretrained=hf, tokenizer=tok, backend="causal", batch_size=batch_size, device=dev)
-            res = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=TaskManager(include_path=task_dir, include_defaults=False),
-                                  log_samples=False, bootstrap_iters=1000)
+            # lm-eval asks git for the hash of the checkout it runs in, and git complains to the terminal
+            # outside one: we record versions instead.
+            with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
+                res = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=TaskManager(include_path=task_dir, include_defaults=False),
+                                      log_samples=False, bootstrap_iters=1000)
         run["tasks"] = summarize(res, names)
         import torch
         import transformers
@@ -258,25 +267,34 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         run["settings"].update(lm_eval=lm_eval.__version__, transformers=transformers.__version__,
                                torch=torch.__version__, data=PACKAGE.spec)
         run["lm_eval_configs"] = res.get("configs", {})
-        if out and perplexity:  # the benchmarks' scores are kept even if the perplexity fails next
-            _write_results(Path(out), run, format_report(run))
+        if out_dir and perplexity:  # the benchmarks' scores are kept even if the perplexity fails next
+            _write_results(out_dir, run, format_report(run), overwrite)
+            overwrite = False  # replaced once
     if perplexity:
         from .perplexity import corpus_perplexity
 
-        run["perplexity"] = corpus_perplexity(hf, tok, corpus=corpus, seq_len=ppl_seq_len, batch_size=batch_size,
-                                              max_batches=ppl_batches)
+        with about("corpus"):  # a damaged shard
+            run["perplexity"] = corpus_perplexity(hf, tok, corpus=corpus, seq_len=ppl_seq_len,
+                                                  batch_size=batch_size, max_batches=ppl_batches)
     run["settings"]["seconds"] = round(time.time() - t0, 1)
     report = format_report(run)
     print(report)
-    if out:
-        _write_results(Path(out), run, report)
-        print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
+    if out_dir:
+        _write_results(out_dir, run, report, overwrite)
+        print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return run
 
 
-def _write_results(out: Path, run: dict, report: str) -> None:
-    from ..io.checkpoint import atomic_write_text
+def is_evaluation(path: Path) -> bool:
+    """A folder of results that mea evaluate wrote (or mea evaluate-many set up for it, with its log)."""
+    return all(e.name in ("results.json", "results.md", "stdout.log") or e.name.endswith(".tmp") for e in path.iterdir())
 
+
+def _write_results(out: Path, run: dict, report: str, overwrite: bool = False) -> None:
+    from ..runtime import atomic_write_text, empty_folder
+
+    if overwrite and out.exists() and not is_evaluation(out):
+        empty_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(run, indent=2, default=str))
     atomic_write_text(out / "results.md", report + "\n")

@@ -24,14 +24,14 @@ def sweep_models(sweep: str) -> list[tuple[str, str]]:
 
 
 def _finished_runs(sweep: str, option: str = "sweep") -> list[tuple[str, str, float]]:
-    from ..train.sweep import read_results
+    from ..io.results import read_results
 
     csv_path = Path(sweep) / "results.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"{option}: {csv_path} not found (run the sweep first)")
     rows = [r for r in read_results(sweep) if r["status"] == "finished"]
     if not rows:
-        raise ValueError(f"sweep: {csv_path} lists no finished run")
+        raise ValueError(f"{option}: {csv_path} lists no finished run")
     # r["dir"]: the run under the given sweep folder, which also holds for a sweep copied from elsewhere
     return [(f"{r['variant']} lr={r['lr']:.2e} s{r['seed']}", str(r["dir"]), r["final_val_loss"]) for r in rows]
 
@@ -55,7 +55,7 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
                   out: str = "runs/evaluate-many",
                   tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 32,
                   gpus: Optional[list[int]] = None, procs_per_gpu: int = 1, device: str = "auto",
-                  perplexity: bool = False, corpus: str = "prose") -> str:
+                  perplexity: bool = False, corpus: str = "prose", overwrite: bool = False) -> str:
     """Evaluate several models on the same tasks; write OUT/table.md and OUT/results.csv.
 
     Args:
@@ -71,10 +71,17 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
         device: device for in-process evaluation.
         perplexity: also report validation perplexity and bits per byte (columns of the table).
         corpus: prepared corpus name or directory for the perplexity.
+        overwrite: replace what OUT holds (earlier results, or a folder mea evaluate-many did not write)
+            instead of continuing it.
 
     Returns:
         The path of the combined table.
     """
+    from ..data.prepare import check_corpus
+    from ..io.load import check_model_path
+    from ..runtime import check_gpus, empty_folder, output_folder, resolve_device
+    from .data import parse_tasks
+
     todo: list[tuple[str, str]] = [(Path(m).name, m) for m in (models or [])]
     if best_of:
         todo += best_models(best_of)
@@ -85,16 +92,30 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
     if not todo:
         raise ValueError("models: nothing to evaluate (give models or a sweep)")
     for name, path in todo:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"models: {path} does not exist")
+        check_model_path("models", path)
+    if tasks and str(tasks).strip():
+        parse_tasks(tasks)
+    elif not perplexity:
+        raise ValueError("tasks: empty and perplexity off: nothing to evaluate")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if procs_per_gpu < 1:
         raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
+    check_gpus("gpus", gpus)
+    if not gpus:
+        resolve_device("device", device)
+    if perplexity:
+        check_corpus("corpus", corpus)
+    out_dir = output_folder("out", out, "evaluate-many", overwrite, own=is_evaluation_table)
     todo = _unique_names(todo)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(name, path, out_dir / result_dirname(name)) for name, path in todo]
     if len({j[2] for j in jobs}) < len(jobs):
         raise ValueError("models: two model names map to one results folder under OUT; rename one of the folders")
+    if overwrite:
+        empty_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     common = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "perplexity": perplexity, "corpus": corpus}
     pending = [j for j in jobs if not _scored_as_asked(j[2] / "results.json", j[1], common)]
     print(f"evaluate-many: {len(jobs)} models, {len(jobs) - len(pending)} already done", file=sys.stderr)
@@ -103,8 +124,11 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
     else:
         from .evaluate import evaluate
 
+        from ..runtime import about
+
         for name, path, res_dir in pending:
-            evaluate(path, device=device, out=str(res_dir), name=name, **common)
+            with about("models", aka=("model",)):
+                evaluate(path, device=device, out=str(res_dir), name=name, **common)
     runs = []
     for name, _, res_dir in jobs:
         f = res_dir / "results.json"
@@ -119,6 +143,13 @@ def evaluate_many(models: Optional[list[str]] = None, sweep: Optional[str] = Non
     write_csv(runs, out_dir / "results.csv")
     print(table)
     return str(out_dir / "table.md")
+
+
+def is_evaluation_table(path: Path) -> bool:
+    """A folder mea evaluate-many wrote: its table and one folder of results per model."""
+    from .evaluate import is_evaluation
+
+    return all(e.name in ("table.md", "results.csv") or (e.is_dir() and is_evaluation(e)) for e in path.iterdir())
 
 
 def _unique_names(todo: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -38,6 +38,7 @@ import torch
 
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
+from ..runtime import atomic_write_text
 
 MODEL_FILE = "model.safetensors"
 SHARDS_DIR = "shards"  # a sharded checkpoint's torch.distributed.checkpoint files
@@ -46,15 +47,6 @@ CHECKPOINT_FORMATS = ("full", "dcp")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is (damaged, incomplete, or not matching its config)."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def model_state_for_saving(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

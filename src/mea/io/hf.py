@@ -189,24 +189,39 @@ def save_hf(model: Transformer, out_dir: PathLike, tokenizer: Any = None,
     return out
 
 
-def export_hf(run_dir: str, out_dir: str, dtype: Optional[str] = None, tokenizer: bool = True) -> str:
+def export_hf(run_dir: str, out_dir: str, dtype: Optional[str] = None, tokenizer: bool = True,
+              overwrite: bool = False) -> str:
     """Turn a ``mea pretrain`` run (its latest checkpoint) or one checkpoint into a Hugging Face folder.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` after ``import mea``, or
     with ``trust_remote_code=True`` without mea; it includes the run's tokenizer (GPT-2, or the one of
-    the model the run was initialized from, see :func:`tokenizer_folder`).
+    the model the run was initialized from, see :func:`tokenizer_folder`). It is written beside
+    ``out_dir`` and renamed into place when complete.
 
     Args:
         run_dir: a run directory (``config.yaml`` + ``checkpoints/latest``) or a checkpoint directory.
-        out_dir: the folder to write.
+        out_dir: the folder to write: new or empty, unless ``overwrite``.
         dtype: store the weights as float32, bfloat16 or float16 (default: as in the checkpoint).
         tokenizer: also write the tokenizer files.
+        overwrite: replace ``out_dir`` if it holds anything.
     """
-    from .checkpoint import load_checkpoint
+    from ..runtime import about, output_folder, replace_folder, temp_folder
+    from .checkpoint import load_checkpoint, resolve_checkpoint
 
-    model = load_checkpoint(run_dir)
-    tok = (tokenizer_folder(run_dir) or "gpt2") if tokenizer else None
-    out = save_hf(model, out_dir, tokenizer=tok, dtype=dtype)
+    parse_dtype(dtype)
+    with about("run_dir"):
+        resolve_checkpoint(run_dir)
+    out = output_folder("out_dir", out_dir, "export-hf", overwrite)
+    with about("run_dir"):
+        model = load_checkpoint(run_dir)
+        tok = (tokenizer_folder(run_dir) or "gpt2") if tokenizer else None
+    tmp = temp_folder(out)
+    try:
+        save_hf(model, tmp, tokenizer=tok, dtype=dtype)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"exported {run_dir} ({model.config.attention}, {model.num_params():,} parameters) to {out}")
     return str(out)
 

@@ -53,7 +53,8 @@ def _summary(res: dict, limit: Optional[int]) -> dict:
 
 def best_run(sweep: str, variant: Optional[str]) -> str:
     """The seed-0 run of ``variant`` at its best learning rate in a `mea sweep` directory."""
-    from ..train.sweep import best_lrs, read_results, run_name
+    from ..io.results import read_results
+    from ..train.sweep import best_lrs, run_name
 
     if not variant:
         raise ValueError(f"variant: {sweep} is a sweep directory; say which variant's best run to convert")
@@ -72,7 +73,7 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
                       tasks: Optional[list[str]] = None, limit: Optional[int] = None, device: str = "cpu",
                       batch_size: int = 8, variant: Optional[str] = None, zero_shot_before: bool = True,
                       eval_at_end: bool = False, eval_gpus: Optional[list[int]] = None,
-                      eval_procs: int = 1) -> list[dict]:
+                      eval_procs: int = 1, overwrite: bool = False) -> list[dict]:
     """The KV-cache compression table: a model converted to each h' by each init, before and after healing.
 
     Args:
@@ -108,6 +109,8 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
             GPU: lm-eval's per-request work is CPU-bound, so parallel processes finish several times
             sooner than one model after another.
         eval_procs: zero-shot evaluations sharing each GPU at once.
+        overwrite: replace what OUT holds (an earlier table, or a folder mea study-compression did not
+            write) instead of continuing it.
     """
     from ..convert.convert import calibrate, convert_loaded, source_tokenizer
     from ..data.windows import corpus_for_model, corpus_windows
@@ -115,9 +118,16 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
 
     model = str(Path(model).expanduser())
     model = best_run(model, variant) if (Path(model) / "results.csv").is_file() else model
-    out_dir = Path(out).expanduser()
+    out_dir = _check_arguments(model, kv_heads, inits, layers, out, corpus, calib_tokens, val_tokens, seq_len,
+                               heal_steps, heal_batch_size, heal_lr, heal_seq_len, heal_mixing_lr_mult, tasks, limit,
+                               device, batch_size, eval_gpus, eval_procs, overwrite)
+    from ..runtime import about, empty_folder
+
+    with about("model"):
+        src, tok_dir = load_model(model, dtype=torch.float32), source_tokenizer(model)
+    if overwrite and out_dir.exists():
+        empty_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src, tok_dir = load_model(model, dtype=torch.float32), source_tokenizer(model)
     val = corpus_windows(tok_dir, "val", val_tokens, seq_len, corpus)
     settings = {k: v for k, v in locals().items() if k in (
         "model", "kv_heads", "inits", "layers", "corpus", "calib_tokens", "val_tokens", "seq_len", "heal_steps",
@@ -225,6 +235,50 @@ def compression_table(model: str, kv_heads: list[int] = [2, 1], inits: list[str]
         rows = collect_zero_shot(out_dir)
     print(markdown_table(rows))
     return rows
+
+
+def _check_arguments(model, kv_heads, inits, layers, out, corpus, calib_tokens, val_tokens, seq_len, heal_steps,
+                     heal_batch_size, heal_lr, heal_seq_len, heal_mixing_lr_mult, tasks, limit, device, batch_size,
+                     eval_gpus, eval_procs, overwrite) -> Path:
+    """Every argument, checked before any model is loaded; returns the results folder."""
+    from ..convert.convert import check_request, parse_layers
+    from ..convert.heads import INITS
+    from ..data.prepare import check_corpus
+    from ..io.load import check_model_path, model_config
+    from ..runtime import about, check_gpus, holding, output_folder, resolve_device
+
+    check_model_path("model", model)
+    if not kv_heads or any(h < 1 for h in kv_heads):
+        raise ValueError(f"kv_heads: needs h' >= 1, at least one, got {kv_heads}")
+    if not inits or any(i not in INITS for i in inits):
+        raise ValueError(f"inits: expected some of {', '.join(INITS)}, got {inits}")
+    for name, value, least in (("calib_tokens", calib_tokens, 0), ("val_tokens", val_tokens, 1), ("seq_len", seq_len, 2),
+                               ("heal_steps", heal_steps, 0), ("heal_batch_size", heal_batch_size, 1),
+                               ("heal_seq_len", heal_seq_len, 2), ("batch_size", batch_size, 1),
+                               ("eval_procs", eval_procs, 1)):
+        if value < least:
+            raise ValueError(f"{name}: must be >= {least}, got {value}")
+    for name, value in (("heal_lr", heal_lr), ("heal_mixing_lr_mult", heal_mixing_lr_mult)):
+        if not value > 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if "activation" in inits and calib_tokens == 0:
+        raise ValueError("calib_tokens: the activation init fits calibration text; give calib_tokens > 0")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    if tasks:
+        from ..eval.data import parse_tasks
+
+        parse_tasks(tasks)
+    check_corpus("corpus", corpus)
+    resolve_device("device", device)
+    check_gpus("eval_gpus", eval_gpus)
+    out_dir = output_folder("out", out, "study-compression", overwrite, own=holding("results.json"))
+    with about("model"):
+        config = model_config(model)  # (None for a .gguf file: checked once it is imported)
+    if config is not None:
+        for h in kv_heads:
+            check_request(config, h, parse_layers(layers, config.n_layers))
+    return out_dir
 
 
 def collect_zero_shot(out: str | Path) -> list[dict]:

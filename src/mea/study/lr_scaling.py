@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..models.config import ModelConfig
-from ..train.sweep import parse_variant, read_results, run_name
+from ..io.results import read_results
+from ..train.sweep import parse_variant, run_name
 
 DONE = ("finished", "diverged")
 # Settings that may differ between the runs of one fit: the swept rate, the seed, the run directory.
@@ -322,7 +323,7 @@ def main(sweeps: list[str] = ["runs/study/lr_scaling/s1", "runs/study/lr_scaling
          out: str = "runs/study/lr_scaling/fit", variants: Optional[list[str]] = None, predict_preset: str = "125m",
          predict_for: Optional[dict] = None, exclude_edges: bool = False, allow_partial: bool = False,
          check_root: str = "runs/study/lr_scaling/check", check_factors: list[float] = [0.5, 1.0, 2.0],
-         check_gpus: list[int] = [0], procs_per_gpu: int = 3, plots: bool = True) -> dict:
+         check_gpus: list[int] = [0], procs_per_gpu: int = 3, plots: bool = True, overwrite: bool = False) -> dict:
     """Fit lr* = a N^b per variant from learning-rate sweeps at several sizes; predict a larger size.
 
     Args:
@@ -339,10 +340,29 @@ def main(sweeps: list[str] = ["runs/study/lr_scaling/s1", "runs/study/lr_scaling
         check_gpus: `gpus` of the check sweep YAML.
         procs_per_gpu: `procs_per_gpu` of the check sweep YAML.
         plots: draw lr_scaling.png and loss_vs_lr.png.
+        overwrite: replace what OUT holds when mea study-lr-scaling did not write it.
     """
+    from ..runtime import empty_folder, holding_only, option_names, output_folder
     from ..train.pretrain import resolve_model_config
 
-    dest = Path(out)
+    if not sweeps:
+        raise ValueError("sweeps: needs at least one sweep directory")
+    for v in variants or []:
+        parse_variant(v)
+    from ..models.config import PRESETS
+
+    if predict_preset not in PRESETS:
+        raise ValueError(f"predict_preset: unknown preset {predict_preset!r}; expected one of {', '.join(PRESETS)}")
+    with option_names("predict_for"):
+        ModelConfig.from_preset(predict_preset, **(predict_for or {}))
+    if not check_factors or not all(f > 0 for f in check_factors):
+        raise ValueError(f"check_factors: must be positive, got {check_factors}")
+    if any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in check_gpus):
+        raise ValueError(f"check_gpus: GPU indices are integers >= 0, got {check_gpus}")
+    if procs_per_gpu < 1:
+        raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
+    dest = output_folder("out", out, "study-lr-scaling", overwrite,
+                         own=holding_only("lr_scaling.json", "*.png", "predicted_*.yaml", "check_*.yaml", "*.tmp"))
     skipped: list[str] = []
     groups = collect(sweeps, variants, allow_partial, skipped)
     result: dict[str, Any] = {"sweeps": sweeps, "skipped": skipped, "predict_preset": predict_preset,
@@ -350,6 +370,8 @@ def main(sweeps: list[str] = ["runs/study/lr_scaling/s1", "runs/study/lr_scaling
     if not groups:
         note("no finished sweep to fit; nothing written")
         return result
+    if overwrite and dest.exists():
+        empty_folder(dest)
     dest.mkdir(parents=True, exist_ok=True)
     lines = ["| variant | size (d/L/h) | N non-emb. | grid-best lr | its loss | fitted lr* | loss at lr* | note |",
              "|---|---|---|---|---|---|---|---|"]

@@ -22,7 +22,8 @@ import statistics
 from pathlib import Path
 
 from ..train.metrics import read_metrics
-from ..train.sweep import best_lrs, plot_loss_vs_lr, read_results
+from ..io.results import read_results
+from ..train.sweep import best_lrs, plot_loss_vs_lr
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -308,15 +309,25 @@ def zero_shot_gaps(rows: list[dict]) -> str:
     return "\nZero-shot differences beyond 2 standard errors (h' init: task, points):\n\n" + "\n".join(lines) + "\n"
 
 
-def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0.1) -> None:
+def main(runs: str = "runs/study", out: str = "docs/study", tolerance: float = 0.1, overwrite: bool = False) -> None:
     """Write the study's tables, plots and compact metrics.
 
     Args:
         runs: the study's run directory.
         out: where tables.md, summary.json, the PNGs and metrics/ go.
         tolerance: a learning rate counts as near-best within this many nats of the best final loss.
+        overwrite: replace what OUT holds when mea study-report did not write it.
     """
-    root, dest = Path(runs), Path(out)
+    from ..runtime import empty_folder, holding, output_folder
+
+    root = Path(runs).expanduser()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"runs: {root} is a file; give the study's run directory")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance: must be >= 0, got {tolerance}")
+    dest = output_folder("out", out, "study-report", overwrite, own=holding("tables.md", "summary.json"))
+    if overwrite and dest.exists():
+        empty_folder(dest)
     dest.mkdir(parents=True, exist_ok=True)
     parts, summary = [], {}
     sweep_rows = read_results(root / "lr_sweep") if (root / "lr_sweep" / "results.csv").is_file() else None

@@ -17,6 +17,12 @@ class DataConfig:
     corpus: str = "prose"
     seq_len: int = 128
 
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise ValueError(f"data.seq_len: must be >= 1, got {self.seq_len}")
+        if not str(self.corpus).strip():
+            raise ValueError("data.corpus: empty; give a corpus name (prose, mix) or a prepared directory")
+
 
 @dataclass
 class TrainConfig:
@@ -125,12 +131,3 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return peak
     t = min(1.0, (step - decay_start + 1) / decay_steps)
     return peak + (floor - peak) * t
-
-
-def parse_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-

@@ -18,8 +18,9 @@ from ..io.checkpoint import (CHECKPOINT_FORMATS, CheckpointError, atomic_write_t
 from ..models.config import ModelConfig
 from ..models.loss import Distill
 from ..models.transformer import Transformer
+from ..runtime import resolve_device
 from . import distributed as D
-from .config import DataConfig, TrainConfig, lr_at, parse_device
+from .config import DataConfig, TrainConfig, lr_at
 from .metrics import MetricsLog, plot_loss
 
 # Dense bf16 peak of the accelerators we report MFU on (vendor datasheets). Matched against the device
@@ -40,9 +41,11 @@ def _open_data(data: DataConfig):
     """The (train, val) splits of the corpus, resolved once (a corpus name prepares it on first use)."""
     from ..data.prepare import corpus_dir
     from ..data.shards import TokenDataset
+    from ..runtime import about
 
-    path = corpus_dir(data.corpus)
-    return TokenDataset(path, "train"), TokenDataset(path, "val")
+    with about("data.corpus"):  # a damaged shard
+        path = corpus_dir(data.corpus)
+        return TokenDataset(path, "train"), TokenDataset(path, "val")
 
 
 def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> DataConfig:
@@ -134,22 +137,23 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
             Default: dcp for fsdp on several ranks, full otherwise. Either resumes on any number of ranks.
         halt_after: stop after this step as if killed (no final eval or checkpoint); for testing resume.
         progress: show a progress bar.
+        overwrite: replace what OUT holds (another run, or a folder mea pretrain did not write) with a
+            new run.
     """
-    out_dir = Path(out)
     if resume_from is not None:
         if resume_from < 1:
             raise ValueError(f"resume_from: a checkpoint step (>= 1), got {resume_from}")
         resume = True
-    if resume and overwrite:
-        raise ValueError("overwrite: --overwrite true replaces the run in --out and --resume continues it; give one")
     if checkpoint_format is not None and checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format: unknown format {checkpoint_format!r}; expected dcp or full")
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode: unknown mode {compile_mode!r}; expected layers or model")
+    out_dir = _check_arguments(out, preset, attention, n_kv_heads, head_norm, model, data, init_from, resume, device,
+                               parallel, halt_after, overwrite)
     if resume:
         saved = out_dir / "config.yaml"
         if not saved.exists():
-            raise FileNotFoundError(f"{saved}: nothing to resume (no config.yaml in the run directory)")
+            raise FileNotFoundError(f"out: {out_dir} holds no run to resume (no config.yaml)")
         import yaml
 
         conf = yaml.safe_load(saved.read_text())
@@ -169,7 +173,7 @@ def pretrain(out: str = "runs/tiny", preset: str = "tiny", attention: Optional[s
     if not distill_from:
         _check_no_distill_settings(train)
     compile, compile_mode, parallel = bool(compile), compile_mode or "layers", parallel or "ddp"
-    device = parse_device(device)
+    device = resolve_device("device", device, index=False)
     info = D.setup(device)
     dev = f"cuda:{info.local_rank}" if device == "cuda" else device
     run = _Run(out_dir, preset, attention, n_kv_heads, head_norm, model, data, train, init_from, distill_from,
@@ -223,7 +227,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if found and not overwrite:
         has_ckpt = (out_dir / "checkpoints" / "latest").exists()
         what = "a run" if has_ckpt else f"a run with no checkpoint ({', '.join(found)})"
-        raise FileExistsError(f"{out_dir}: already holds {what}; pass --resume true to continue it, --overwrite true "
+        raise FileExistsError(f"out: {out_dir} already holds {what}; pass --resume true to continue it, --overwrite true "
                               "to replace it, or choose another --out")
 
 
@@ -232,6 +236,39 @@ def _check_no_distill_settings(train: TrainConfig) -> None:
     for key in ("distill_temperature", "distill_alpha"):
         if getattr(train, key) != getattr(defaults, key):
             raise ValueError(f"train.{key}: set, but there is no teacher; pass --distill_from MODEL")
+
+
+def is_run(path: Path) -> bool:
+    """A folder mea pretrain wrote (its config.yaml), or that mea sweep set up for it (sweep_args.yaml)."""
+    return (path / "config.yaml").is_file() or (path / "sweep_args.yaml").is_file()
+
+
+def _check_arguments(out, preset, attention, n_kv_heads, head_norm, model, data: DataConfig, init_from, resume,
+                     device, parallel, halt_after, overwrite) -> Path:
+    """Every argument, checked before any work (no folder written, no corpus prepared, no weights read);
+    returns the run directory."""
+    from ..data.prepare import check_corpus
+    from ..runtime import option_names, output_folder
+
+    resolve_device("device", device, index=False)
+    if resume and overwrite:
+        raise ValueError("overwrite: --resume true continues the run in OUT and --overwrite true replaces it; give one")
+    out_dir = output_folder("out", out, "pretrain", overwrite, own=is_run)
+    if parallel not in (None, "ddp", "fsdp"):
+        raise ValueError(f"parallel: expected ddp or fsdp, got {parallel!r}")
+    if halt_after is not None and halt_after < 1:
+        raise ValueError(f"halt_after: must be >= 1, got {halt_after}")
+    if resume:  # the saved settings are checked against the given ones when the run is read
+        return out_dir
+    check_corpus("data.corpus", data.corpus)
+    if init_from:
+        from ..io.load import check_model_path
+
+        check_model_path("init_from", init_from)
+    else:
+        with option_names("model", keep=("attention", "n_kv_heads", "head_norm", "preset")):
+            resolve_model_config(preset, attention, n_kv_heads, head_norm, model, data.seq_len)
+    return out_dir
 
 
 def _train(r: _Run) -> dict:
@@ -245,7 +282,9 @@ def _train(r: _Run) -> dict:
     elif init_from:
         from ..io.load import load_model
 
-        with D.main_first(info):  # a .gguf is imported into a cache on first use
+        from ..runtime import about
+
+        with D.main_first(info), about("init_from"):  # a .gguf is imported into a cache on first use
             net = load_model(init_from, dtype=torch.float32)  # float32 master weights, as a fresh model's
         cfg = net.config
     else:

@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..io.checkpoint import atomic_write_text
+from ..io.results import FIELDS, read_results
+from ..runtime import atomic_write_text, empty_folder
 from .config import DataConfig, TrainConfig
 from .metrics import read_metrics
-
-FIELDS = ["variant", "lr", "seed", "status", "final_val_loss", "best_val_loss", "steps", "tokens", "run_dir"]
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
@@ -69,7 +68,7 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
           seeds: list[int] = [0], preset: str = "tiny", model: Optional[dict] = None, data: DataConfig = DataConfig(),
           train: TrainConfig = TrainConfig(), gpus: Optional[list[int]] = None, procs_per_gpu: int = 1,
           device: str = "auto", compile: bool = False, lrs_from: Optional[str] = None,
-          deadline_s: Optional[float] = None) -> str:
+          deadline_s: Optional[float] = None, overwrite: bool = False) -> str:
     """Train every (variant, learning rate, seed); collect final validation losses and plot them.
 
     Args:
@@ -89,15 +88,12 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
             learning rate there; its finished runs with the same settings are linked, not retrained.
         deadline_s: start no new run after this many seconds (running ones finish); the sweep can be
             continued later by running it again.
+        overwrite: replace what OUT holds (an earlier sweep, or a folder mea sweep did not write) instead
+            of continuing it.
     """
-    if not variants or not seeds or not (lrs or lrs_from):
-        raise ValueError("variants, lrs and seeds: each needs at least one entry")
-    if procs_per_gpu < 1:
-        raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
     t_start = time.time()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    parsed = {v: parse_variant(v) for v in variants}
+    out_dir, parsed = _check_arguments(out, variants, lrs, seeds, preset, model, data, gpus, procs_per_gpu, device,
+                                       lrs_from, deadline_s, overwrite)
     best = _best_from(Path(lrs_from), variants) if lrs_from else {}
     # Jobs go LR-major, so a sweep cut short by its deadline still covers every variant at the first rates.
     jobs = []
@@ -119,14 +115,17 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
             unique.append(job)
         seen[run_dir] = lr
     jobs = unique
+    if overwrite:
+        empty_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if lrs_from:
         _link_finished(jobs, Path(lrs_from), preset, data, train)
     for v, lr, seed, run_dir, kw in jobs:  # a finished run counts only if it is the run asked for now
         if _done(run_dir) and not run_dir.is_symlink():
             diffs = _settings_differ(run_dir, preset, data, dataclasses.replace(train, lr=lr, seed=seed), kw)
             if diffs:
-                raise ValueError(f"sweep: {run_dir} finished with other settings ({'; '.join(diffs[:3])}); "
-                                 "use another --out, or the settings it ran with")
+                raise ValueError(f"out: {run_dir} finished with other settings ({'; '.join(diffs[:3])}); use the "
+                                 "settings it ran with, another --out, or --overwrite true to replace the sweep")
     todo = [j for j in jobs if not _done(j[3])]
     print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already done", file=sys.stderr)
     deadline = t_start + deadline_s if deadline_s else None
@@ -157,6 +156,53 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
     return str(csv_path)
 
 
+def is_sweep(path: Path) -> bool:
+    """A folder mea sweep wrote: its results.csv, or run directories named as :func:`run_name` names them."""
+    return (path / "results.csv").is_file() or any(path.glob("*/lr*_s*"))
+
+
+def _check_arguments(out, variants, lrs, seeds, preset, model, data: DataConfig, gpus, procs_per_gpu, device, lrs_from,
+                     deadline_s, overwrite) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Every argument, checked before any run starts; returns the sweep folder and the parsed variants."""
+    from ..data.prepare import check_corpus
+    from ..runtime import check_gpus, output_folder, resolve_device
+    from .pretrain import resolve_model_config
+
+    for name, given in (("variants", variants), ("seeds", seeds), ("lrs", lrs or lrs_from)):
+        if not given:
+            raise ValueError(f"{name}: needs at least one entry")
+    bad = [lr for lr in lrs if not lr > 0] if not lrs_from else []
+    if bad:
+        raise ValueError(f"lrs: learning rates must be positive, got {bad[0]}")
+    if procs_per_gpu < 1:
+        raise ValueError(f"procs_per_gpu: must be >= 1, got {procs_per_gpu}")
+    if deadline_s is not None and not deadline_s > 0:
+        raise ValueError(f"deadline_s: must be positive, got {deadline_s}")
+    check_gpus("gpus", gpus)
+    if not gpus:
+        resolve_device("device", device, index=False)
+    check_corpus("data.corpus", data.corpus)
+    if (Path(data.corpus).expanduser() / "manifest.json").is_file():  # its shards are checked now, not in a run
+        from ..data.shards import TokenDataset
+        from ..runtime import about
+
+        with about("data.corpus"):
+            for split in ("train", "val"):
+                TokenDataset(Path(data.corpus).expanduser(), split)
+    parsed = {v: parse_variant(v) for v in variants}
+    for v, kw in parsed.items():  # each variant's model, built as its run will build it
+        try:
+            resolve_model_config(preset, kw["attention"], kw.get("n_kv_heads"), kw.get("head_norm"),
+                                 {**(model or {}), **kw.get("model", {})}, data.seq_len)
+        except ValueError as e:
+            field = str(e).partition(":")[0]
+            if field in ("preset", *kw, *kw.get("model", {})):
+                raise ValueError(f"variants: {v}: {e}" if field != "preset" else str(e)) from e
+            raise ValueError(f"model.{e}") from e
+    out_dir = output_folder("out", out, "sweep", overwrite, own=is_sweep)
+    return out_dir, parsed
+
+
 def _status(run_dir: Path) -> dict:
     """A run's status.json ({} if there is none, or if it cannot be read: the run is then resumed)."""
     f = run_dir / "status.json"
@@ -171,22 +217,6 @@ def _status(run_dir: Path) -> dict:
 
 def _done(run_dir: Path) -> bool:
     return _status(run_dir).get("status") in ("finished", "diverged")
-
-
-def read_results(sweep_dir: str | Path) -> list[dict]:
-    """A sweep's results.csv as rows with numbers for numbers (None where empty), plus ``dir``: the run
-    directory under ``sweep_dir`` (``run_dir`` is the path on the machine that ran the sweep)."""
-    sweep_dir = Path(sweep_dir).expanduser()
-    rows = []
-    with open(sweep_dir / "results.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            r["lr"], r["seed"] = float(r["lr"]), int(r["seed"])
-            for key, kind in (("final_val_loss", float), ("best_val_loss", float), ("steps", int), ("tokens", int)):
-                r[key] = kind(r[key]) if r.get(key) else None
-            rel = Path(r["run_dir"])
-            r["dir"] = sweep_dir.joinpath(*rel.parts[-2:])
-            rows.append(r)
-    return rows
 
 
 def _best_from(sweep_dir: Path, variants: list[str]) -> dict[str, float]:
