@@ -47,7 +47,7 @@ class ModelConfig:
     n_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     d_ff: Optional[int] = None
-    attention: str = "mha"
+    attention: str = "mea"
     head_norm: Optional[bool] = None
     max_seq_len: int = 256
     rope_theta: float = 10000.0

@@ -28,8 +28,7 @@ class MEAConfig(PretrainedConfig):
     """Configuration of :class:`MEAForCausalLM`: the fields of :class:`mea.ModelConfig`, validated by it.
 
     Build one from a core config with :meth:`from_model_config`, get the core config back with
-    :meth:`to_model_config`. Omitted fields take ``ModelConfig``'s defaults (but ``attention``, which is
-    ``"mea"`` for this model type), and derived ones
+    :meth:`to_model_config`. Omitted fields take ``ModelConfig``'s defaults (``attention="mea"``), and derived ones
     (``head_dim``, ``n_kv_heads``, ``d_ff``, ``head_norm``) are stored resolved.
     """
 
@@ -53,7 +52,6 @@ class MEAConfig(PretrainedConfig):
             if hf_name in kwargs and field != "tie_word_embeddings":
                 kwargs[field] = kwargs.pop(hf_name)
         fields = {k: kwargs.pop(k) for k in _MODEL_FIELDS if k in kwargs}
-        fields.setdefault("attention", "mea")  # model type "mea" means MEA attention unless told otherwise
         tie = _TIE_DEFAULT if tie_word_embeddings is None else bool(tie_word_embeddings)
         resolved = ModelConfig(**fields, tie_embeddings=tie)  # raises ValueError naming a bad field
         for k in _MODEL_FIELDS:

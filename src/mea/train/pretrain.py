@@ -67,7 +67,6 @@ def resolve_model_config(preset: str, attention: Optional[str], n_kv_heads: Opti
             if key in over and over[key] != val:
                 raise ValueError(f"{key}: --{key} {val!r} and --model.{key} {over[key]!r} disagree; give one")
             over[key] = val
-    over.setdefault("attention", "mea")
     over.pop("name", None)
     cfg = ModelConfig.from_preset(preset, **over)
     if cfg.max_seq_len < seq_len:
