@@ -63,6 +63,7 @@ COMMANDS = {
     "study-lr-scaling": ("mea.study.lr_scaling", "main"),
     "study-compression": ("mea.study.compression_table", "compression_table"),
     "study-report": ("mea.study.report", "main"),
+    "study-scratch": ("mea.study.scratch", "COMMANDS"),
 }
 
 
