@@ -756,7 +756,7 @@ def plan(configs: str = CONFIGS, tokens_per_s: Optional[dict[str, float]] = None
     import yaml
 
     tps = {**TOKENS_PER_S, **(tokens_per_s or {})}
-    rows = []
+    rows, fit = [], {}
     order = ("pilot", "stability", "main", "m125")  # the order they run in
     for f in sorted(Path(configs).glob("*.yaml"), key=lambda f: (next((i for i, o in enumerate(order)
                                                                         if f.stem.startswith(o)), len(order)), f.stem)):
@@ -770,12 +770,18 @@ def plan(configs: str = CONFIGS, tokens_per_s: Optional[dict[str, float]] = None
         held = _held_out_tokens(data.get("corpus", "prose"), data.get("eval_split", "val"))
         eval_tokens = evals * min(tr.get("eval_batches", 10) * batch * seq, held // seq * seq)
         n = _config_runs(conf)
-        work = n * ((tokens + eval_tokens / 3) / tps[conf["preset"]] + run_overhead_s)
-        if tokens / tps[conf["preset"]] > command_s / 4:  # long runs: one block, cut into commands
-            t = block_overhead_s + work
+        per_run = (tokens + eval_tokens / 3) / tps[conf["preset"]] + run_overhead_s
+        work = n * per_run
+
+        def block_time(k: int) -> float:  # k long runs sharing one block, resumed at each command's end
+            t = block_overhead_s + k * per_run
             for _ in range(10):
-                t = block_overhead_s + work + resume_s * max(0, math.ceil((t - block_overhead_s) / command_s) - 1)
-            blocks, gpu_s = 1, t
+                t = block_overhead_s + k * per_run + resume_s * max(0, math.ceil((t - block_overhead_s) / command_s) - 1)
+            return t
+
+        if tokens / tps[conf["preset"]] > command_s / 4:  # long runs: one block, cut into commands
+            blocks, gpu_s = 1, block_time(n)
+            fit[(conf["preset"], tokens)] = max([k for k in range(1, 9) if block_time(k) <= block_s], default=0)
         else:
             usable = block_s - block_overhead_s - (block_s // command_s) * resume_s
             blocks = math.ceil(work / usable)
@@ -795,6 +801,9 @@ def plan(configs: str = CONFIGS, tokens_per_s: Optional[dict[str, float]] = None
     print("\n".join(lines))
     print(f"(tokens/s: {', '.join(f'{k} {v:,.0f}' for k, v in tps.items())}; {run_overhead_s:g} s per run, "
           f"{block_overhead_s:g} s per block, {resume_s:g} s per {command_s:g}-s command boundary)")
+    for (preset, tokens), k in fit.items():
+        print(f"a block of <= {block_s / 60:.0f} min fits {k} run(s) of {tokens / 1e6:.1f}M tokens at {preset}: block "
+              "configs whose runs add up to that can share one block, each `mea sweep --config ...` in parallel")
     return rows
 
 
