@@ -84,6 +84,7 @@ def test_mea_logits_are_those_of_mha_with_the_folded_keys():
     assert got == pytest.approx(want, rel=1e-5) and min(got) > 1.0
 
 
+@torch.no_grad()
 def test_max_attention_logits_reads_only_the_causal_scores_of_the_first_rows():
     m = _model(attention="mha")
     ids = torch.randint(0, 64, (3, 10))

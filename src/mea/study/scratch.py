@@ -692,6 +692,7 @@ def declare(pilot: str = "runs/study/scratch/pilot", out: str = CHOICES, allow_e
     _atomic(Path(out), head + yaml.safe_dump(declared, sort_keys=False))
     table = ["| variant | spec | lr | head_norm_init | pilot loss (select) |", "|---|---|---|---|---|"]
     names = {spec: lab for lab, spec in VARIANTS.items()}
+    names.update({spec: f"{names[src]} at {SCALED_PRESET}" for spec, src in SCALED.items()})
     for spec, d in declared.items():
         table.append(f"| {names.get(spec, spec)} | `{spec}` | {d['lr']:.3g} | {d['model'].get('head_norm_init', '-')} | "
                      f"{d.get('select_loss', '-')} |")
