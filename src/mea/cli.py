@@ -75,6 +75,7 @@ COMMANDS = {
     "study-lr-scaling": ("mea.study.lr_scaling", "main"),
     "study-compression": ("mea.study.compression_table", "compression_table"),
     "study-report": ("mea.study.report", "main"),
+    "study-scratch": ("mea.study.scratch", "COMMANDS"),
 }
 
 
@@ -153,26 +154,15 @@ def _parser_message(message: str, command: str) -> str:
 
 def _config_paths(argv: list[str]) -> list[str]:
     """``--config NAME``: a file that exists as given, else a config shipped with mea (``small``,
-    ``small.yaml``, ``configs/small.yaml``, ``study/lr_sweep``), so that the shipped configs work from
-    any directory."""
-    from pathlib import Path
+    ``small.yaml``, ``configs/small.yaml``, ``study/lr_sweep``; see ``runtime.config_path``)."""
+    from .runtime import config_path
 
-    configs = Path(__file__).resolve().parent / "configs"
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
-            j, value, prefix = i + 1, out[i + 1], ""
+            out[i + 1] = str(config_path(out[i + 1]))
         elif arg.startswith("--config="):
-            j, value, prefix = i, arg[len("--config="):], "--config="
-        else:
-            continue
-        if Path(value).expanduser().exists():
-            continue
-        name = value[len("configs/"):] if value.startswith("configs/") else value
-        for cand in (configs / name, configs / f"{name}.yaml"):
-            if cand.is_file():
-                out[j] = prefix + str(cand)
-                break
+            out[i] = "--config=" + str(config_path(arg[len("--config="):]))
     return out
 
 

@@ -136,6 +136,24 @@ def output_file(field: str, path: PathLike, command: str, overwrite: bool = Fals
     return p
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def config_path(value: PathLike) -> Path:
+    """A config file named on the command line or in another config: the file as given where it exists,
+    else the one shipped with mea under that name (``small``, ``small.yaml``, ``configs/small.yaml``,
+    ``study/scratch/declared.yaml``), so that the shipped configs work from any directory; else the path
+    as given (its reader says that it is missing)."""
+    p = Path(value).expanduser()
+    if p.exists():
+        return p
+    name = str(value)[len("configs/"):] if str(value).startswith("configs/") else str(value)
+    for cand in (SHIPPED_CONFIGS / name, SHIPPED_CONFIGS / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    return p
+
+
 def empty_folder(path: PathLike) -> Path:
     """Make ``path`` an empty folder (what ``--overwrite true`` asks of a command that writes its folder
     as it goes): what was there is moved aside in one rename, then deleted."""

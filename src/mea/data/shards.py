@@ -18,6 +18,8 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "mea-tokens-v1"
+# Splits never trained on: ``val`` reports results, ``select`` (where a corpus has it) chooses settings.
+HELD_OUT = ("val", "select")
 DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in 16 bits; half the bytes of int32
 
 
@@ -189,7 +191,7 @@ class TokenDataset:
 
     Args:
         path: a directory written by :func:`mea.data.prepare.prepare_data`.
-        split: ``train`` or ``val``.
+        split: ``train``, ``val`` or, where the corpus has one, ``select``.
     """
 
     def __init__(self, path: os.PathLike, split: str = "train"):
@@ -205,9 +207,9 @@ class TokenDataset:
         self.num_tokens = int(sum(len(s) for s in self.shards))
         if self.num_tokens < 2:
             raise ValueError(f"split {split!r} of {self.path} holds {self.num_tokens} tokens: too few to "
-                             f"{'validate' if split == 'val' else 'train'} on" +
+                             f"{'validate' if split in HELD_OUT else 'train'} on" +
                              ("; documents are split whole, and a corpus of one document has no validation text: "
-                              "give several files (or documents) when preparing it" if split == "val" else ""))
+                              "give several files (or documents) when preparing it" if split in HELD_OUT else ""))
         self.vocab_size = int(self.manifest.get("tokenizer", {}).get("vocab_size", 0)) or None
         self._perm_cache: dict = {}
 

@@ -569,6 +569,13 @@ CORPORA: dict[str, dict[str, float]] = {
 }
 
 
+# corpus name -> tokens held out from training per held-out split (``val``, ``select``), drawn from every
+# source in proportion to its share of the training stream (``mea.data.prepare.quota_splits``). Part of
+# the corpus's request, like RECIPES: a corpus built under another rule is rebuilt. A corpus not listed
+# holds out ``val_fraction`` of its documents for ``val`` alone (``prose``, as it always has).
+HOLDOUT: dict[str, dict[str, int]] = {"mix": {"val": 1_100_000, "select": 1_100_000}}
+
+
 def corpus_sources(corpus: str) -> dict[str, float]:
     """The {source: weight} map of a named corpus; a clear error for an unknown name."""
     if corpus not in CORPORA:

@@ -12,10 +12,13 @@ class DataConfig:
         corpus: a built-in corpus name (``prose``, ``mix``), prepared on first use, or the path of a
             directory written by ``mea prepare-data``.
         seq_len: tokens per training sequence (the model's context in training).
+        eval_split: the held-out split the validation loss is measured on: ``val`` (reported results)
+            or ``select`` (choosing settings: learning rates, initial scales), where the corpus has one.
     """
 
     corpus: str = "prose"
     seq_len: int = 128
+    eval_split: str = "val"
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:

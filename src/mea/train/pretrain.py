@@ -22,6 +22,7 @@ from ..runtime import resolve_device
 from . import distributed as D
 from .config import DataConfig, TrainConfig, lr_at
 from .metrics import MetricsLog, plot_loss
+from .monitor import attention_logit_record
 
 # Dense bf16 peak of the accelerators we report MFU on (vendor datasheets). Matched against the device
 # name longest key first, so "L40S" is not taken for "L4", nor an "H100 PCIe" for the SXM "H100".
@@ -45,7 +46,7 @@ def _open_data(data: DataConfig):
 
     with about("data.corpus"):  # a damaged shard
         path = corpus_dir(data.corpus)
-        return TokenDataset(path, "train"), TokenDataset(path, "val")
+        return TokenDataset(path, "train"), TokenDataset(path, data.eval_split)
 
 
 def _data_in_model_tokens(data: DataConfig, init_from: str, verbose: bool) -> DataConfig:
@@ -434,6 +435,8 @@ def _train(r: _Run) -> dict:
         if done % train.eval_every == 0 or done == train.max_steps:
             val_loss = evaluate_loss(fwd, val_ds, data, train.batch_size, train.eval_batches, dev, autocast, info)
             rec.update({"step": done, "tokens": tokens, "val_loss": val_loss})
+            rec.update(attention_logit_record(net, val_ds, train.batch_size, data.seq_len, dev, autocast,
+                                              info.is_main and r.parallel != "fsdp"))
         if rec and info.is_main:
             log.write(rec)
             if "val_loss" in rec:

@@ -5,6 +5,9 @@ a ``mea pretrain`` subprocess pinned to one GPU; small models leave a GPU idle e
 share it well). The sweep is resumable: finished or diverged runs are kept, interrupted ones resume
 from their checkpoints. ``lrs_from`` takes each variant's best learning rate from an earlier sweep
 (and links its finished runs instead of training them again): the convergence experiment.
+``points`` lists grid points one by one (each variant its own rates and seeds), ``choices`` reads each
+variant's declared learning rate and model settings from a file (``mea study-scratch declare``), and
+``until_diverged`` climbs the learning-rate grid of each variant until every seed diverges.
 Results: ``results.csv``, a plot of final validation loss against learning rate per variant, and the
 loss curves at each variant's best rate.
 """
@@ -64,11 +67,54 @@ def run_name(variant: str, lr: float, seed: int) -> str:
     return f"{safe}/lr{lr:.2e}_s{seed}"
 
 
+def read_choices(path: str | Path) -> dict[str, dict]:
+    """A choices file: ``{variant spec: {lr: RATE, model: {setting: value}, ...}}`` (other keys are notes)."""
+    import yaml
+
+    from ..runtime import config_path
+
+    f = config_path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"choices: {f} not found (it is written once the settings are chosen, e.g. by "
+                                "`mea study-scratch declare` after the pilot sweep)")
+    got = yaml.safe_load(f.read_text()) or {}
+    if not isinstance(got, dict):
+        raise ValueError(f"choices: {f} must map variant specs to {{lr, model}}, got {type(got).__name__}")
+    for v, entry in got.items():
+        if not isinstance(entry, dict) or isinstance(entry.get("lr"), bool) \
+                or not isinstance(entry.get("lr"), (int, float)) or not entry["lr"] > 0 \
+                or not isinstance(entry.get("model", {}), dict):
+            raise ValueError(f"choices: {f}: {v!r} needs a positive lr and an optional model mapping, got {entry!r}")
+    return got
+
+
+def _points(points: list[dict], seeds: list[int], declared: dict) -> list[tuple[str, float, list[int]]]:
+    """(variant, lr, seeds) of each explicit grid point."""
+    out = []
+    for i, p in enumerate(points):
+        extra = set(p) - {"variant", "lr", "lr_mult", "seeds"} if isinstance(p, dict) else None
+        if extra is None or extra or "variant" not in p:
+            raise ValueError(f"points[{i}]: expected {{variant, seeds, lr or lr_mult}}, got {p!r}")
+        if "lr" in p and "lr_mult" in p:
+            raise ValueError(f"points[{i}]: give lr or lr_mult (a multiple of the declared rate), not both")
+        if "lr" in p:
+            lr = float(p["lr"])
+        elif p["variant"] in declared:
+            lr = declared[p["variant"]]["lr"] * float(p.get("lr_mult", 1.0))
+        else:
+            raise ValueError(f"points[{i}]: {p['variant']!r} has no lr, and no choices file declares one for it")
+        if not lr > 0:
+            raise ValueError(f"points[{i}]: the learning rate must be positive, got {lr!r}")
+        out.append((p["variant"], lr, list(p.get("seeds", seeds))))
+    return out
+
+
 def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: list[float] = [1e-3, 3e-3, 1e-2],
           seeds: list[int] = [0], preset: str = "tiny", model: Optional[dict] = None, data: DataConfig = DataConfig(),
           train: TrainConfig = TrainConfig(), gpus: Optional[list[int]] = None, procs_per_gpu: int = 1,
           device: str = "auto", compile: bool = False, lrs_from: Optional[str] = None,
-          deadline_s: Optional[float] = None, overwrite: bool = False) -> str:
+          deadline_s: Optional[float] = None, points: Optional[list[dict]] = None, choices: Optional[str] = None,
+          until_diverged: bool = False, overwrite: bool = False) -> str:
     """Train every (variant, learning rate, seed); collect final validation losses and plot them.
 
     Args:
@@ -90,20 +136,45 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
             continued later by running it again.
         overwrite: replace what OUT holds (an earlier sweep, or a folder mea sweep did not write) instead
             of continuing it.
+        points: explicit grid points instead of ``variants`` x ``lrs`` x ``seeds``, in the order given:
+            each ``{variant: SPEC, seeds: [...], lr: RATE}``, or ``lr_mult: M`` for M times the rate
+            ``choices`` declares for the variant (no ``lr`` and no ``lr_mult``: the declared rate).
+        choices: a file of settings declared per variant spec, ``{SPEC: {lr: RATE, model: {...}}}``
+            (``mea study-scratch declare`` writes one from a pilot sweep). Every variant trained must be
+            in it: its model settings apply to the variant's runs, its rate to points without ``lr``.
+        until_diverged: train ``lrs`` in increasing order, all variants at one rate before the next, and
+            stop a variant after the first rate at which every one of its seeds diverged.
     """
+    if points and (lrs_from or until_diverged):
+        raise ValueError("points: explicit grid points go without lrs_from and until_diverged")
     t_start = time.time()
     out_dir, parsed = _check_arguments(out, variants, lrs, seeds, preset, model, data, gpus, procs_per_gpu, device,
-                                       lrs_from, deadline_s, overwrite)
-    best = _best_from(Path(lrs_from), variants) if lrs_from else {}
-    # Jobs go LR-major, so a sweep cut short by its deadline still covers every variant at the first rates.
+                                       lrs_from, deadline_s, overwrite, points)
+    declared = read_choices(choices) if choices else {}
+    if choices:
+        wanted = [p.get("variant") for p in points if isinstance(p, dict)] if points else variants
+        missing = sorted({str(v) for v in wanted} - set(declared))
+        if missing:
+            raise ValueError(f"choices: {choices} declares nothing for {', '.join(missing)}")
+    if points:
+        grid = _points(points, seeds, declared)
+    else:
+        best = _best_from(Path(lrs_from), variants) if lrs_from else {}
+        rates = sorted(lrs) if until_diverged else lrs
+        # LR-major, so a sweep cut short by its deadline still covers every variant at the first rates.
+        grid = [(v, best[v] if lrs_from else rates[i], seeds) for i in range(1 if lrs_from else len(rates))
+                for v in variants]
+    parsed.update({v: parse_variant(v) for v, _, _ in grid if v not in parsed})
     jobs = []
-    for lr_i in range(1 if lrs_from else len(lrs)):
-        for v in variants:
-            lr = best[v] if lrs_from else lrs[lr_i]
-            for seed in seeds:
-                kw = dict(parsed[v])
-                kw["model"] = {**(model or {}), **kw.get("model", {})}
-                jobs.append((v, lr, seed, out_dir / run_name(v, lr, seed), kw))
+    for v, lr, point_seeds in grid:
+        for seed in point_seeds:
+            kw = dict(parsed[v])
+            kw["model"] = {**(model or {}), **kw.get("model", {})}
+            for key, val in declared.get(v, {}).get("model", {}).items():
+                if key in kw["model"] and kw["model"][key] != val:
+                    raise ValueError(f"choices: {v!r} declares {key}={val!r}, the sweep sets {kw['model'][key]!r}")
+                kw["model"][key] = val
+            jobs.append((v, lr, seed, out_dir / run_name(v, lr, seed), kw))
     seen: dict[Path, float] = {}
     unique = []
     for job in jobs:
@@ -126,25 +197,27 @@ def sweep(out: str = "runs/sweep", variants: list[str] = ["mha", "mea"], lrs: li
             if diffs:
                 raise ValueError(f"out: {run_dir} finished with other settings ({'; '.join(diffs[:3])}); use the "
                                  "settings it ran with, another --out, or --overwrite true to replace the sweep")
-    todo = [j for j in jobs if not _done(j[3])]
-    print(f"sweep: {len(jobs)} runs, {len(jobs) - len(todo)} already done", file=sys.stderr)
     deadline = t_start + deadline_s if deadline_s else None
-    if gpus:
-        _run_parallel(todo, preset, data, train, [g for _ in range(procs_per_gpu) for g in gpus], compile, deadline)
-    else:
-        from tqdm.auto import tqdm
-
-        from .pretrain import pretrain
-
-        for v, lr, seed, run_dir, kw in tqdm(todo, desc="sweep", dynamic_ncols=True):
-            if deadline and time.time() > deadline:
-                print("sweep: deadline reached; run the sweep again to continue", file=sys.stderr)
-                break
-            tr = dataclasses.replace(train, lr=lr, seed=seed)
-            resume = (run_dir / "config.yaml").exists()
-            pretrain(out=str(run_dir), preset=preset, data=data, train=tr, resume=resume, device=device,
-                     compile=compile, progress=False, **kw)
-    rows = collect(jobs)
+    # until_diverged: one round per rate, lowest first, whose outcome decides which variants climb on
+    rounds = [[j for j in jobs if j[1] == lr] for lr in sorted({j[1] for j in jobs})] if until_diverged else [jobs]
+    listed, stopped = [], set()
+    for i, rnd in enumerate(rounds):
+        rnd = [j for j in rnd if j[0] not in stopped]
+        if not rnd:
+            break
+        listed += rnd
+        todo = [j for j in rnd if not _done(j[3])]
+        print(f"sweep: {len(rnd)} runs" + (f" at lr {rnd[0][1]:.3g}" if until_diverged else "")
+              + f", {len(rnd) - len(todo)} already done", file=sys.stderr)
+        if todo and deadline and time.time() > deadline:
+            # the later rounds stay listed as missing: the sweep is not complete, and a rerun continues it
+            listed += [j for r in rounds[i + 1:] for j in r if j[0] not in stopped]
+            print("sweep: deadline reached; run the sweep again to continue", file=sys.stderr)
+            break
+        _train_jobs(todo, preset, data, train, gpus, procs_per_gpu, device, compile, deadline)
+        stopped |= {v for v in {j[0] for j in rnd}
+                    if all(_status(j[3]).get("status") == "diverged" for j in rnd if j[0] == v)}
+    rows = collect(listed)
     csv_path = out_dir / "results.csv"
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=FIELDS)
@@ -162,16 +235,21 @@ def is_sweep(path: Path) -> bool:
 
 
 def _check_arguments(out, variants, lrs, seeds, preset, model, data: DataConfig, gpus, procs_per_gpu, device, lrs_from,
-                     deadline_s, overwrite) -> tuple[Path, dict[str, dict[str, Any]]]:
-    """Every argument, checked before any run starts; returns the sweep folder and the parsed variants."""
+                     deadline_s, overwrite, points=None) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Every argument, checked before any run starts; returns the sweep folder and the parsed variants
+    (those of ``points`` where grid points are given)."""
     from ..data.prepare import check_corpus
     from ..runtime import check_gpus, output_folder, resolve_device
     from .pretrain import resolve_model_config
 
-    for name, given in (("variants", variants), ("seeds", seeds), ("lrs", lrs or lrs_from)):
+    if points:
+        variants = [str(p.get("variant")) for p in points if isinstance(p, dict)]
+        if not variants:
+            raise ValueError("points: needs at least one grid point {variant: SPEC, ...}")
+    for name, given in (("variants", variants), ("seeds", seeds), ("lrs", points or lrs or lrs_from)):
         if not given:
             raise ValueError(f"{name}: needs at least one entry")
-    bad = [lr for lr in lrs if not lr > 0] if not lrs_from else []
+    bad = [lr for lr in lrs if not lr > 0] if not (lrs_from or points) else []
     if bad:
         raise ValueError(f"lrs: learning rates must be positive, got {bad[0]}")
     if procs_per_gpu < 1:
@@ -201,6 +279,24 @@ def _check_arguments(out, variants, lrs, seeds, preset, model, data: DataConfig,
             raise ValueError(f"model.{e}") from e
     out_dir = output_folder("out", out, "sweep", overwrite, own=is_sweep)
     return out_dir, parsed
+
+
+def _train_jobs(todo, preset, data, train, gpus, procs_per_gpu, device, compile, deadline) -> None:
+    if gpus:
+        _run_parallel(todo, preset, data, train, [g for _ in range(procs_per_gpu) for g in gpus], compile, deadline)
+        return
+    from tqdm.auto import tqdm
+
+    from .pretrain import pretrain
+
+    for v, lr, seed, run_dir, kw in tqdm(todo, desc="sweep", dynamic_ncols=True):
+        if deadline and time.time() > deadline:
+            print("sweep: deadline reached; run the sweep again to continue", file=sys.stderr)
+            break
+        tr = dataclasses.replace(train, lr=lr, seed=seed)
+        resume = (run_dir / "config.yaml").exists()
+        pretrain(out=str(run_dir), preset=preset, data=data, train=tr, resume=resume, device=device,
+                 compile=compile, progress=False, **kw)
 
 
 def _status(run_dir: Path) -> dict:
