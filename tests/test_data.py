@@ -744,8 +744,8 @@ def test_prepare_files_with_holdout_val_and_select(tmp_path, tok):
     prepare_data(files=[str(d)], out=str(tmp_path / "b"), holdout={"val": 4000, "select": 3000})
     for f in ("train_0000.bin", "val_0000.bin", "select_0000.bin"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
-    # the user's holdout is a setting: another one needs force; a bad one is named
-    with pytest.raises(ValueError, match="force"):
+    # the user's holdout is a setting: another one needs --overwrite; a bad one is named
+    with pytest.raises(ValueError, match="--overwrite true"):
         prepare_data(files=[str(d)], out=str(tmp_path / "a"), holdout={"val": 5000})
     for bad in ({"select": 10}, {"val": 0}, {"val": 10, "test": 5}):
         with pytest.raises(ValueError, match="^holdout: "):

@@ -147,6 +147,15 @@ CASES = [
     ("study-report", "invalid path", ["--runs", "{tmp}/text.txt", "--out", "{tmp}/new"], "runs"),
     ("study-report", "bad value", ["--tolerance", "-1", "--out", "{tmp}/new"], "tolerance"),
     ("study-report", "existing target", ["--runs", "{tmp}/nothing", "--out", "{user}"], "out"),
+    # study-scratch (report, declare, plan)
+    ("study-scratch", "missing path", ["report", "--runs", "{tmp}/nothing", "--out", "{tmp}/new"], "runs"),
+    ("study-scratch", "invalid path", ["report", "--runs", "{tmp}/text.txt", "--out", "{tmp}/new"], "runs"),
+    ("study-scratch", "existing target", ["report", "--runs", "{tmp}", "--out", "{user}"], "out"),
+    ("study-scratch", "missing path", ["declare", "--pilot", "{tmp}/nothing", "--out", "{tmp}/new.yaml"], "pilot"),
+    ("study-scratch", "existing target", ["declare", "--pilot", "{tmp}/nothing", "--out", "{user}/config.json"], "out"),
+    ("study-scratch", "bad value", ["plan", "--run_overhead_s", "-1"], "run_overhead_s"),
+    ("study-scratch", "bad value", ["plan", "--tokens_per_s", "{{small: 0}}"], "tokens_per_s.small"),
+    ("study-scratch", "missing path", ["plan", "--configs", "{tmp}/nothing"], "configs"),
     # info
     ("info", "bad value", ["--n_kv_heads", "0"], "n_kv_heads"),
     ("info", "bad value", ["--preset", "huge"], "preset"),
@@ -234,7 +243,7 @@ def test_every_command_meets_every_fault_that_applies_to_it():
     covered = {(c, f) for c, f, _, _ in CASES}
     assert {c for c, _ in covered} == set(COMMANDS) | {"info"}
     for cmd in ("prepare-data", "pretrain", "sweep", "evaluate", "evaluate-many", "export-hf", "import-gguf",
-                "convert", "generate", "study-lr-scaling", "study-compression", "study-report"):
+                "convert", "generate", "study-lr-scaling", "study-compression", "study-report", "study-scratch"):
         assert (cmd, "existing target") in covered and (cmd, "bad value") in covered, cmd
     for cmd in ("pretrain", "evaluate", "export-hf", "convert", "generate", "study-compression"):
         assert (cmd, "corrupt checkpoint") in covered, cmd

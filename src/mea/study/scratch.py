@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -61,10 +60,10 @@ def note(msg: str) -> None:
 
 
 def _atomic(path: Path, text: str) -> None:
+    from ..runtime import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -599,15 +598,23 @@ def selection_records(runs: list[dict], sweep: str = "pilot") -> list[dict]:
             for r in runs if r["sweep"] == sweep and r["split"] == "select" and r["status"] in ("finished", "diverged")]
 
 
-def report(runs: str = "runs/study/scratch", out: str = "docs/study/scratch") -> dict:
+def report(runs: str = "runs/study/scratch", out: str = "docs/study/scratch", overwrite: bool = False) -> dict:
     """Summarize the study's finished runs: summary.json, stability.json, selection.json, report.md, plots.
 
     Args:
         runs: the study's run directory (one sweep directory per config).
-        out: where the files go (docs/study/scratch in the repository).
+        out: where the files go (docs/study/scratch in the repository); a report written there before is
+            replaced, a folder holding anything else is refused.
+        overwrite: write into OUT even when mea study-scratch report did not write it.
     """
-    all_runs = read_runs(runs)
-    dest = Path(out)
+    from ..runtime import holding, output_folder
+
+    root = Path(runs).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs: {root} " + ("is a file" if root.exists() else "does not exist")
+                                + "; give the study's run directory (one sweep folder per config)")
+    dest = output_folder("out", out, "study-scratch report", overwrite, own=holding("report.md", "summary.json"))
+    all_runs = read_runs(root)
     summary = {"records": summary_records(all_runs)}
     stab = stability_records(all_runs)
     sel = selection_records(all_runs)
@@ -651,6 +658,14 @@ def declare(pilot: str = "runs/study/scratch/pilot", out: str = CHOICES, allow_e
     """
     import yaml
 
+    from ..runtime import output_file
+
+    if Path(out).is_dir() or (Path(out).exists()
+                              and not Path(out).read_text(errors="replace").startswith("# Declared by `mea study-scratch")):
+        output_file("out", out, "study-scratch declare")  # a file declare did not write is refused
+    if not (Path(pilot).expanduser() / "results.csv").is_file():
+        raise FileNotFoundError(f"pilot: {pilot} holds no results.csv; give the pilot sweep's folder "
+                                "(mea sweep --config study/scratch/pilot writes it)")
     rows = read_results(pilot)
     groups: dict[str, list] = {}
     for r in rows:
@@ -758,6 +773,17 @@ def plan(configs: str = CONFIGS, tokens_per_s: Optional[dict[str, float]] = None
     """
     import yaml
 
+    if not Path(configs).is_dir():
+        raise FileNotFoundError(f"configs: {configs} is not a folder of study configs")
+    for name, v in (("run_overhead_s", run_overhead_s), ("block_overhead_s", block_overhead_s), ("resume_s", resume_s)):
+        if not v >= 0:
+            raise ValueError(f"{name}: must be >= 0 seconds, got {v}")
+    for name, v in (("command_s", command_s), ("block_s", block_s)):
+        if not v > 0:
+            raise ValueError(f"{name}: must be > 0 seconds, got {v}")
+    for preset, v in (tokens_per_s or {}).items():
+        if not v > 0:
+            raise ValueError(f"tokens_per_s.{preset}: must be > 0, got {v}")
     tps = {**TOKENS_PER_S, **(tokens_per_s or {})}
     rows, fit = [], {}
     order = ("pilot", "stability", "main", "m125")  # the order they run in
