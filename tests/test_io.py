@@ -199,7 +199,6 @@ SIBLINGS = {"train", "eval", "convert"}
 # Remove an edge here when its import goes; a listed edge that no longer exists fails the test.
 KNOWN_TO_FIX = {
     ("mea.eval.many", "mea.train.sweep"),           # read_results: a sweep's results.csv, read by eval
-    ("mea.convert.convert", "mea.train.config"),    # parse_device
 }
 
 

@@ -52,7 +52,7 @@ def info(preset: str = "tiny", n_kv_heads: Optional[int] = None, prompt: str = "
 # name -> (module, function). Each command module keeps its heavy imports (transformers, lm-eval)
 # inside its functions, so building the parser stays fast.
 COMMANDS = {
-    "prepare-data": ("mea.data.prepare", "prepare_data"),
+    "prepare-data": ("mea.convert.self_data", "prepare_data"),
     "pretrain": ("mea.train.pretrain", "pretrain"),
     "sweep": ("mea.train.sweep", "sweep"),
     "evaluate": ("mea.eval.evaluate", "evaluate"),

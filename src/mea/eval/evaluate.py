@@ -186,7 +186,7 @@ def format_report(run: dict) -> str:
 def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 16,
              device: str = "auto", perplexity: bool = True, out: Optional[str] = None, dtype: str = "auto",
              num_fewshot: int = 0, corpus: str = "prose", ppl_seq_len: Optional[int] = None,
-             ppl_batches: Optional[int] = None, name: Optional[str] = None) -> dict:
+             ppl_batches: Optional[int] = None, name: Optional[str] = None, examples: bool = False) -> dict:
     """Score a model on zero-shot benchmarks (lm-evaluation-harness, local data) and validation perplexity.
 
     Prints a markdown table shaped like the paper's (acc and acc_norm per task and their average)
@@ -208,6 +208,9 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         ppl_seq_len: perplexity window (default: the model's context, at most 1024).
         ppl_batches: score at most this many perplexity batches (default: the whole split).
         name: the row label in the tables (default: the model folder's name).
+        examples: also keep each example's scores (``examples`` in results.json: per task the
+            document ids and acc / acc_norm of each), for paired comparisons of two models
+            (:mod:`mea.eval.paired`).
 
     Returns:
         The results dict that results.json holds.
@@ -250,8 +253,12 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
             lm = HFLM(pretrained=hf, tokenizer=tok, backend="causal", batch_size=batch_size, device=dev)
             res = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=TaskManager(include_path=task_dir, include_defaults=False),
-                                  log_samples=False, bootstrap_iters=1000)
+                                  log_samples=examples, bootstrap_iters=1000)
         run["tasks"] = summarize(res, names)
+        if examples:
+            from .paired import per_example
+
+            run["examples"] = per_example(res, names)
         import torch
         import transformers
 
