@@ -31,12 +31,15 @@ def heldout_batches(tokenizer_dir: Optional[Path], corpus: str = "prose", split:
     return validation_batches(ds, batch_size, seq_len, math.ceil(tokens / (batch_size * seq_len)))
 
 
-def _same_tokenizer(a: Optional[Path], b: Optional[Path]) -> bool:
-    from ..data.windows import vocab_fingerprint
+def _vocabulary(tokenizer_dir: Optional[Path]) -> dict:
+    """token -> id of a model's tokenizer (None: mea's GPT-2, which a saved folder may also carry)."""
+    if tokenizer_dir is None:
+        from ..data.tokenizer import load_tokenizer
 
-    if a is None or b is None:
-        return a is None and b is None
-    return vocab_fingerprint(a / "tokenizer.json") == vocab_fingerprint(b / "tokenizer.json")
+        return load_tokenizer().backend.get_vocab(with_added_tokens=True)
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab(with_added_tokens=True)
 
 
 def heldout_kl(original: Union[str, torch.nn.Module], model: Union[str, torch.nn.Module], corpus: str = "prose",
@@ -67,7 +70,7 @@ def heldout_kl(original: Union[str, torch.nn.Module], model: Union[str, torch.nn
     dtype = torch.float32
     if isinstance(original, (str, Path)) and isinstance(model, (str, Path)):
         tok_o, tok_m = tokenizer_folder(original), tokenizer_folder(model)
-        if not _same_tokenizer(tok_o, tok_m):
+        if _vocabulary(tok_o) != _vocabulary(tok_m):
             raise ValueError(f"model: {model} and the original {original} have different tokenizers; a KL over "
                              "tokens needs the same vocabulary")
         tokenizer_dir = tok_o

@@ -1,0 +1,212 @@
+"""Compression that keeps the model (issue 20): self-generated healing data, KL to the original on
+held-out text, paired comparisons on full test sets, and the final study pipeline."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_convert import byte_llama_folder, byte_tokenizer_folder, save_run, tiny, tiny_corpus
+
+
+# ------------------------------------------------------------------------------------ self-generated data
+def test_generated_corpus_is_a_prepared_corpus_in_the_models_tokens(tmp_path, monkeypatch):
+    """`mea prepare-data --generate_from MODEL --tokens N`: the model's own continuations of corpus prompts,
+    as shards with checksums and a manifest in its tokenizer; the same seed gives the same corpus; a run
+    stopped part-way continues with the batches it had; pretrain reads it as it is."""
+    from mea.convert import self_data
+    from mea.data.shards import TokenDataset, read_manifest
+    from mea.data.windows import corpus_in_model_tokens
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    llama = byte_llama_folder(tmp_path / "llama")  # 260 output ids, a 257-id tokenizer
+    kw = dict(corpus=str(corpus), prompt_len=8, continuation_len=16, batch_size=3, device="cpu", progress=False)
+    calls, stop = [], {"at": None}
+    real = self_data._Writer.prompts
+
+    def counting(self, *a, **k):  # one call per generated batch
+        calls.append(1)
+        if len(calls) == stop["at"]:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(self_data._Writer, "prompts", counting)
+    out = Path(self_data.generate_corpus(str(llama), 150, out=str(tmp_path / "gen"), **kw))
+    batches = len(calls)
+    m = read_manifest(out)
+    assert m["tokenizer"]["vocab_size"] == 257 and m["tokenizer"]["eos_token_id"] == 256
+    assert m["request"]["tokens"] == 150 and m["request"]["temperature"] == 1.0
+    assert 150 <= m["splits"]["train"]["tokens"] < 150 + 3 * 25 and m["splits"]["val"]["tokens"] > 0
+    g = m["generated"]
+    assert g["prompts"] == m["splits"]["train"]["docs"] + m["splits"]["val"]["docs"] == 3 * batches
+    assert g["prompt_tokens"] == 8 * g["prompts"]  # every prompt re-encodes to its full length here
+    ids = np.concatenate([np.asarray(s) for s in TokenDataset(out, "train").shards])  # checks the sha256 too
+    # every document ends in the separator (a prompt may hold one too, where its window crossed a document end)
+    assert ids.max() < 257 and ids[-1] == 256 and (ids == 256).sum() >= m["splits"]["train"]["docs"]
+    assert corpus_in_model_tokens(str(out), llama) == str(out)  # the model reads it without re-tokenizing
+
+    # Stopped in the third batch: the next call generates only what is missing, and the corpus is the same.
+    calls.clear()
+    stop["at"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        self_data.generate_corpus(str(llama), 150, out=str(tmp_path / "again"), **kw)
+    assert not (tmp_path / "again").exists() and len(list((tmp_path / ".again.partial").glob("train_*.npz"))) == 2
+    calls.clear()
+    stop["at"] = None
+    self_data.generate_corpus(str(llama), 150, out=str(tmp_path / "again"), **kw)
+    assert len(calls) == batches - 2
+    for f in out.glob("*.bin"):
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes()
+    assert not (tmp_path / ".again.partial").exists()
+    # Asked again: the finished corpus is returned; other settings at the same place are an error.
+    assert self_data.generate_corpus(str(llama), 150, out=str(tmp_path / "gen"), **kw) == str(out)
+    with pytest.raises(ValueError, match="other settings"):
+        self_data.generate_corpus(str(llama), 151, out=str(tmp_path / "gen"), **kw)
+
+
+def test_prepare_data_command_reaches_both_paths(tmp_path):
+    """The `prepare-data` command: without generate_from it is data.prepare's; with it, prompts come from
+    --corpus only; a GPT-2 mea model never samples the ids its embedding pads past the tokenizer."""
+    from mea.convert.self_data import prepare_data
+    from mea.data.shards import TokenDataset
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"Document {i} says something about rivers and fields. " * 8)
+    prepared = prepare_data(files=[str(docs)], out=str(tmp_path / "prepared"), val_fraction=0.3)
+    assert TokenDataset(prepared, "train").num_tokens > 0
+    run = save_run(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=1, d_model=32, vocab_size=50304), tmp_path / "run")
+    with torch.no_grad():  # make the padded ids (50257 ..) the likeliest: they must still never be written
+        run_model = __import__("mea.io.load", fromlist=["load_model"]).load_model(run)
+        run_model.model.embed_tokens.weight[50257:] = 5 * run_model.model.embed_tokens.weight[:47].sign()
+    save_run(run_model, tmp_path / "run2")
+    out = prepare_data(generate_from=str(tmp_path / "run2"), tokens=60, out=str(tmp_path / "gen"), corpus=prepared,
+                       prompt_len=4, continuation_len=12, batch_size=2, device="cpu")
+    ds = TokenDataset(out, "train")
+    assert max(int(s.max()) for s in ds.shards) <= 50256
+    with pytest.raises(ValueError, match="files: with generate_from"):
+        prepare_data(generate_from=str(run), tokens=10, files=[str(docs)])
+    with pytest.raises(ValueError, match="tokens: generate_from needs"):
+        prepare_data(generate_from=str(run))
+    with pytest.raises(ValueError, match="tokens: only with generate_from"):
+        prepare_data(tokens=10, files=[str(docs)])
+
+
+def test_a_corpus_with_every_split_is_read_in_the_models_tokens(tmp_path):
+    """`mix` in the model's own tokenizer is the same re-tokenization as any corpus: every split (train,
+    val and a held-out select split) keeps its documents' text, and pretrain reads the copy."""
+    from mea.data.shards import FORMAT, MANIFEST, ShardWriter, TokenDataset
+    from mea.data.tokenizer import load_tokenizer
+    from mea.data.windows import corpus_in_model_tokens
+
+    gpt2 = load_tokenizer()
+    path = tmp_path / "mixlike"
+    path.mkdir()
+    splits, texts = {}, {}
+    for split, n in (("train", 12), ("val", 3), ("select", 3)):
+        w = ShardWriter(path, split)
+        texts[split] = [f"{split} document {i}: the weather turned, and the ships stayed in port." for i in range(n)]
+        for t in texts[split]:
+            w.write(gpt2.encode(t) + [gpt2.eos_token_id])
+        splits[split] = {"shards": w.close(), "tokens": w.num_tokens}
+    (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "complete": True, "splits": splits,
+                                             "tokenizer": {"name": "gpt2", "vocab_size": 50257}}))
+    tok_dir = byte_tokenizer_folder(tmp_path / "tok")
+    re = corpus_in_model_tokens(str(path), tok_dir, verbose=False)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    for split in ("train", "val", "select"):
+        ids = np.concatenate([np.asarray(s) for s in TokenDataset(re, split).shards]).tolist()
+        docs = tok.decode(ids, skip_special_tokens=False).split("<|endoftext|>")
+        assert docs[:-1] == texts[split] and docs[-1] == ""
+
+
+# ------------------------------------------------------------------------------------ KL to the original
+def test_token_kl_and_window_kl():
+    from mea.models.kl import token_kl, window_kl
+
+    p, q = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    want = (p.softmax(-1) * (p.log_softmax(-1) - q.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(token_kl(p, q), want)
+    assert token_kl(p, p).abs().max() < 1e-6
+    a, b = tiny("mha", n_heads=4, n_kv_heads=4), tiny("mha", n_heads=4, n_kv_heads=4)
+    batches = [torch.randint(0, 97, (2, 9)) for _ in range(2)]
+    same = window_kl(a, a, batches)
+    assert same.n_tokens == 2 * 2 * 8 and abs(same.mean_kl) < 1e-6 and same.ppl == pytest.approx(same.ppl_original)
+    diff = window_kl(a, b, batches)
+    assert diff.mean_kl > 1e-4 and diff.ppl != pytest.approx(diff.ppl_original)
+
+
+def test_heldout_kl_of_a_conversion(tmp_path):
+    """KL(original || converted) on held-out windows: 0 for a conversion that keeps every head, positive
+    for a compression; different tokenizers are an error."""
+    from mea.convert.convert import convert
+    from mea.eval.kl import heldout_kl
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    run = save_run(tiny("gqa", n_heads=4, n_kv_heads=2, n_layers=2, d_model=32, vocab_size=50304), tmp_path / "run")
+    convert(str(run), 2, init="mean-pool", out=str(tmp_path / "same"), calib_tokens=0)
+    convert(str(run), 1, init="mean-pool", out=str(tmp_path / "kv1"), calib_tokens=0)
+    kw = dict(corpus=str(corpus), tokens=64, seq_len=16, batch_size=2, device="cpu", progress=False)
+    same = heldout_kl(str(run), str(tmp_path / "same"), **kw)
+    assert same["n_tokens"] == 64 and abs(same["kl"]) < 1e-5 and same["split"] == "val"
+    assert same["ppl"] == pytest.approx(same["ppl_original"], rel=1e-4)
+    kv1 = heldout_kl(str(run), str(tmp_path / "kv1"), **kw)
+    assert kv1["kl"] > 1e-5 and math.isfinite(kv1["ppl"])
+    llama = byte_llama_folder(tmp_path / "llama")
+    with pytest.raises(ValueError, match="different tokenizers"):
+        heldout_kl(str(run), str(llama), **kw)
+
+
+# ------------------------------------------------------------------------------------ paired comparisons
+def _examples(scores: dict) -> dict:
+    return {t: {"doc_id": list(range(len(v))), "acc": v, **({"acc_norm": v} if t != "winogrande" else {})}
+            for t, v in scores.items()}
+
+
+def test_paired_standard_errors():
+    from mea.eval.paired import accuracies, paired_delta
+
+    a = _examples({"piqa": [1, 0, 1, 1, 0, 1], "winogrande": [1, 1, 0, 0]})
+    b = _examples({"piqa": [1, 1, 1, 0, 0, 1], "winogrande": [1, 1, 0, 1]})
+    res = paired_delta(a, b)
+    d = np.array([0, 1, 0, -1, 0, 0], dtype=float)
+    assert res["tasks"]["piqa"]["delta"] == pytest.approx(d.mean())
+    assert res["tasks"]["piqa"]["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(6))
+    assert res["tasks"]["winogrande"]["metric"] == "acc" and res["tasks"]["piqa"]["metric"] == "acc_norm"
+    assert res["delta"] == pytest.approx((0 + 0.25) / 2)
+    assert res["se"] == pytest.approx(math.hypot(res["tasks"]["piqa"]["se"], res["tasks"]["winogrande"]["se"]) / 2)
+    assert accuracies(b) == {"piqa": pytest.approx(4 / 6), "winogrande": 0.75}
+    # Identical answers: no difference and no spread, whatever the accuracies' own standard errors.
+    assert paired_delta(a, a)["se"] == 0.0
+    with pytest.raises(ValueError, match="not the same ones"):
+        paired_delta(a, _examples({"piqa": [1, 0, 1], "winogrande": [1, 1, 0, 0]}))
+    with pytest.raises(ValueError, match="arc_easy"):
+        paired_delta(a, b, tasks=["arc_easy"])
+
+
+def test_evaluate_keeps_each_examples_score(tmp_path):
+    """`mea evaluate --examples true` keeps every scored example (and without a limit scores the whole local
+    test set: the task definitions' document counts)."""
+    from mea.eval.data import TEST_SETS
+    from mea.eval.evaluate import evaluate
+    from mea.eval.paired import accuracies
+    from mea.io.hf import save_hf
+
+    folder = save_hf(tiny("mha", n_heads=4, n_kv_heads=4, n_layers=1, d_model=32, vocab_size=50304),
+                     tmp_path / "hf", tokenizer="gpt2")
+    run = evaluate(str(folder), tasks="piqa,winogrande", limit=4, batch_size=4, device="cpu", perplexity=False,
+                   examples=True, out=str(tmp_path / "out"))
+    ex = run["examples"]
+    assert ex["piqa"]["doc_id"] == [0, 1, 2, 3] and "acc_norm" in ex["piqa"] and "acc_norm" not in ex["winogrande"]
+    acc = accuracies(ex)
+    assert acc["piqa"] == pytest.approx(run["tasks"]["piqa"]["acc_norm"])
+    assert acc["winogrande"] == pytest.approx(run["tasks"]["winogrande"]["acc"])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["examples"] == json.loads(json.dumps(ex))
+    assert {t: n for t, (_, _, n) in TEST_SETS.items()} == {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}
