@@ -210,3 +210,102 @@ def test_evaluate_keeps_each_examples_score(tmp_path):
     assert acc["winogrande"] == pytest.approx(run["tasks"]["winogrande"]["acc"])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["examples"] == json.loads(json.dumps(ex))
     assert {t: n for t, (_, _, n) in TEST_SETS.items()} == {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}
+
+
+# ------------------------------------------------------------------------------------ the final study
+def test_results_layout_is_the_issues():
+    from mea.study.compression_final import RECORD_FIELDS, TASKS, check_results
+
+    assert TASKS == ("piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
+    assert RECORD_FIELDS == ("method", "init", "cache_fraction", "healing_tokens", "objective", "data", "seed",
+                             "zero_shot", "examples", "avg", "delta_vs_original", "delta_se", "kl_heldout")
+    zs = {t: 0.5 for t in TASKS}
+    rec = {"method": "mea", "init": "query", "cache_fraction": 0.5, "healing_tokens": 100, "objective": "distill",
+           "data": "mix", "seed": 0, "zero_shot": zs, "examples": {t: 10 for t in TASKS}, "avg": 0.5,
+           "delta_vs_original": 0.0, "delta_se": 0.01, "kl_heldout": 0.1}
+    good = {"meta": {}, "original": {"zero_shot": zs, "avg": 0.5}, "records": [rec]}
+    check_results(good)
+    with pytest.raises(ValueError, match="fields"):
+        check_results({**good, "records": [{**rec, "ppl": 3.0}]})
+    with pytest.raises(ValueError, match="other tasks"):
+        check_results({**good, "records": [{**rec, "zero_shot": {"piqa": 0.5}}]})
+    with pytest.raises(ValueError, match="top-level"):
+        check_results({**good, "extra": 1})
+
+
+@pytest.mark.slow
+def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
+    """convert -> heal -> evaluate for three kinds of row on a tiny random LLaMA-style model (CPU): a
+    query-aware MEA conversion at half the cache by budget, two seeds; GQA at one stored head healed on
+    the original's own text with a learning-rate sweep chosen by KL. The results file has the issue's
+    layout, GQA's mixing stays GQA's while healing, a second call redoes nothing, and the doc's table is
+    built from the file."""
+    import inspect
+
+    from mea.convert.heads import layer_mixes
+    from mea.io.load import load_model
+    from mea.layers.attention import mixing_init
+    from mea.study import compression_final as mod
+    from mea.train.pretrain import pretrain
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    src = save_run(tiny("gqa", n_heads=4, n_kv_heads=2, n_layers=2, d_model=32, vocab_size=50304, max_seq_len=64),
+                   tmp_path / "llama")
+    distill = "distill_from" in inspect.signature(pretrain).parameters
+    rows = [
+        mod.Row(name="mea-half", method="mea", init="query", kv_budget=0.5, objective="distill" if distill else "lm",
+                data=str(corpus), tokens=64, lr=1e-3, mixing_lr_mult=10.0, seeds=[0, 1]),
+        mod.Row(name="gqa-kv1", method="gqa", init="mean-pool", kv_heads=1, objective="lm", data="self", tokens=64,
+                lr=[1e-3, 3e-3], seeds=[0]),
+    ]
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Results\n\n{mod.TABLE_BEGIN}\nold\n{mod.TABLE_END}\n\nAfter.\n")
+    kw = dict(out=str(tmp_path / "study"), results=str(tmp_path / "results.json"), name="tiny", corpus=str(corpus),
+              calib_tokens=128, calib_seq_len=16, sensitivity_tokens=32, heal_batch_size=2, heal_seq_len=16,
+              self_data_prompt_len=4, self_data_continuation_len=12, self_data_batch_size=2, heldout_tokens=32,
+              select_tokens=32, kl_seq_len=16, tasks=["piqa", "winogrande"], limit=2, eval_batch_size=2,
+              device="cpu", doc=str(doc))
+    res = mod.compression_final(str(src), rows, **kw)
+    mod.check_results(res)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
+    recs = res["records"]
+    assert [(r["method"], r["init"], r["seed"], r["data"]) for r in recs] == [
+        ("mea", "query", 0, str(corpus)), ("mea", "query", 1, str(corpus)), ("gqa", "mean-pool", 0, "self")]
+    for r in recs:
+        assert r["cache_fraction"] == 0.5 and r["healing_tokens"] == 64 and r["examples"] == {"piqa": 2, "winogrande": 2}
+        assert r["avg"] == pytest.approx(sum(r["zero_shot"].values()) / 2)
+        assert r["delta_vs_original"] == pytest.approx(r["avg"] - res["original"]["avg"])
+        assert r["delta_se"] >= 0 and math.isfinite(r["kl_heldout"]) and r["kl_heldout"] > 0
+    meta = res["meta"]
+    assert meta["metric"] == {"piqa": "acc_norm", "winogrande": "acc"} and len(meta["details"]) == 3
+    assert meta["details"][0]["layer_kv_heads"] == [1, 1] and meta["details"][0]["kv_budget"] == 0.5
+    sweep = meta["sweeps"]["gqa-kv1"]
+    assert sweep["split"] == "val" and [r["lr"] for r in sweep["runs"]] == [1e-3, 3e-3]  # no select split here
+    assert sweep["chosen"]["lr"] == min(sweep["runs"], key=lambda r: r["kl"])["lr"] == meta["details"][2]["lr"]
+    # GQA heals as GQA: its mixing is still the 0/1 replication; MEA's moved.
+    gqa = load_model(meta["details"][2]["run"])
+    for layer in gqa.model.layers:
+        for m in layer_mixes(layer.self_attn):
+            assert torch.equal(m, mixing_init(1, 4))
+    conv = load_model(meta["details"][0]["conversion"])
+    healed = load_model(meta["details"][0]["run"])
+    assert not torch.equal(conv.model.layers[0].self_attn.k_mix, healed.model.layers[0].self_attn.k_mix)
+    text = doc.read_text()
+    assert text.startswith("# Results\n") and text.endswith("\n\nAfter.\n") and "old" not in text
+    assert "| tiny | 100% | original |" in text and text.count("| tiny | 50% |") == 3
+
+    # A second call redoes nothing (no conversion, healing or scoring) and writes the same records.
+    def refuse(*a, **k):
+        raise AssertionError("called again")
+
+    import mea.convert.convert
+    import mea.eval.evaluate
+    import mea.train.pretrain
+
+    monkeypatch.setattr(mea.train.pretrain, "pretrain", refuse)
+    monkeypatch.setattr(mea.eval.evaluate, "evaluate", refuse)
+    monkeypatch.setattr(mea.convert.convert, "convert_loaded", refuse)
+    again = mod.compression_final(str(src), rows, **kw)
+    assert again["records"] == res["records"] and again["meta"]["sweeps"] == res["meta"]["sweeps"]
+    with pytest.raises(ValueError, match="other settings"):
+        mod.compression_final(str(src), rows, **{**kw, "heldout_tokens": 64})

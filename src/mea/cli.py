@@ -62,6 +62,7 @@ COMMANDS = {
     "convert": ("mea.convert.convert", "convert"),
     "study-lr-scaling": ("mea.study.lr_scaling", "main"),
     "study-compression": ("mea.study.compression_table", "compression_table"),
+    "study-compression-final": ("mea.study.compression_final", "compression_final"),
     "study-report": ("mea.study.report", "main"),
 }
 

@@ -34,7 +34,7 @@ class TrainConfig:
         weight_decay: decoupled weight decay of the matrices (AdamW).
         decay_mixing: also decay MEA/talking-heads mixing matrices (off: they start as identity).
         mixing_lr_mult: peak lr of the mixing matrices = lr x this; they are tiny and start at
-            identity/replication, so at fine-tuning rates Adam barely moves them.
+            identity/replication, so at fine-tuning rates Adam barely moves them. 0 freezes them.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         eps: AdamW epsilon.
@@ -81,8 +81,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr: must be positive, got {self.lr}")
-        if not self.mixing_lr_mult > 0:  # also rejects NaN
-            raise ValueError(f"train.mixing_lr_mult: must be positive, got {self.mixing_lr_mult}")
+        if not self.mixing_lr_mult >= 0:  # also rejects NaN; 0 freezes the mixing (GQA healed as GQA)
+            raise ValueError(f"train.mixing_lr_mult: must be >= 0 (0 freezes the mixing), got {self.mixing_lr_mult}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
