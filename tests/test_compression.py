@@ -257,6 +257,8 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
                 data=str(corpus), tokens=64, lr=1e-3, mixing_lr_mult=10.0, seeds=[0, 1]),
         mod.Row(name="gqa-kv1", method="gqa", init="mean-pool", kv_heads=1, objective="lm", data="self", tokens=64,
                 lr=[1e-3, 3e-3], seeds=[0]),
+        mod.Row(name="gqa-kv1-corpus", method="gqa", kv_heads=1, objective="lm", data=str(corpus), tokens=64,
+                lr_from="gqa-kv1"),
     ]
     doc = tmp_path / "doc.md"
     doc.write_text(f"# Results\n\n{mod.TABLE_BEGIN}\nold\n{mod.TABLE_END}\n\nAfter.\n")
@@ -270,20 +272,22 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
     recs = res["records"]
     assert [(r["method"], r["init"], r["seed"], r["data"]) for r in recs] == [
-        ("mea", "query", 0, str(corpus)), ("mea", "query", 1, str(corpus)), ("gqa", "mean-pool", 0, "self")]
+        ("mea", "query", 0, str(corpus)), ("mea", "query", 1, str(corpus)), ("gqa", "mean-pool", 0, str(corpus)),
+        ("gqa", "mean-pool", 0, "self")]
     for r in recs:
         assert r["cache_fraction"] == 0.5 and r["healing_tokens"] == 64 and r["examples"] == {"piqa": 2, "winogrande": 2}
         assert r["avg"] == pytest.approx(sum(r["zero_shot"].values()) / 2)
         assert r["delta_vs_original"] == pytest.approx(r["avg"] - res["original"]["avg"])
         assert r["delta_se"] >= 0 and math.isfinite(r["kl_heldout"]) and r["kl_heldout"] > 0
     meta = res["meta"]
-    assert meta["metric"] == {"piqa": "acc_norm", "winogrande": "acc"} and len(meta["details"]) == 3
+    assert meta["metric"] == {"piqa": "acc_norm", "winogrande": "acc"} and len(meta["details"]) == 4
     assert meta["details"][0]["layer_kv_heads"] == [1, 1] and meta["details"][0]["kv_budget"] == 0.5
     sweep = meta["sweeps"]["gqa-kv1"]
     assert sweep["split"] == "val" and [r["lr"] for r in sweep["runs"]] == [1e-3, 3e-3]  # no select split here
-    assert sweep["chosen"]["lr"] == min(sweep["runs"], key=lambda r: r["kl"])["lr"] == meta["details"][2]["lr"]
+    chosen = min(sweep["runs"], key=lambda r: r["kl"])["lr"]
+    assert sweep["chosen"]["lr"] == chosen == meta["details"][3]["lr"] == meta["details"][2]["lr"]  # and lr_from
     # GQA heals as GQA: its mixing is still the 0/1 replication; MEA's moved.
-    gqa = load_model(meta["details"][2]["run"])
+    gqa = load_model(meta["details"][3]["run"])
     for layer in gqa.model.layers:
         for m in layer_mixes(layer.self_attn):
             assert torch.equal(m, mixing_init(1, 4))
@@ -292,7 +296,7 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
     assert not torch.equal(conv.model.layers[0].self_attn.k_mix, healed.model.layers[0].self_attn.k_mix)
     text = doc.read_text()
     assert text.startswith("# Results\n") and text.endswith("\n\nAfter.\n") and "old" not in text
-    assert "| tiny | 100% | original |" in text and text.count("| tiny | 50% |") == 3
+    assert "| tiny | 100% | original |" in text and text.count("| tiny | 50% |") == 4
 
     # A second call redoes nothing (no conversion, healing or scoring) and writes the same records.
     def refuse(*a, **k):
@@ -307,5 +311,9 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(mea.convert.convert, "convert_loaded", refuse)
     again = mod.compression_final(str(src), rows, **kw)
     assert again["records"] == res["records"] and again["meta"]["sweeps"] == res["meta"]["sweeps"]
+    # One row's own command keeps the other rows' records in the file.
+    assert mod.compression_final(str(src), rows[2:], **kw)["records"] == res["records"]
+    with pytest.raises(ValueError, match="lr_from nothing"):
+        mod.compression_final(str(src), [mod.Row(name="x", kv_heads=1, objective="lm", lr_from="nothing")], **kw)
     with pytest.raises(ValueError, match="other settings"):
         mod.compression_final(str(src), rows, **{**kw, "heldout_tokens": 64})

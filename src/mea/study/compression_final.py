@@ -25,8 +25,10 @@ kept, so that its difference from the original has a paired standard error
 nats per token; everything else about a record, such as its learning rates, per-task differences
 and held-out perplexity, under ``meta["details"]`` in the same order).
 
-Everything is kept under ``--out`` as it finishes (conversions, healing runs, scores), so a call that
-was stopped continues where it was, and the results file is rewritten after every record.
+Everything is kept under ``--out`` as it finishes (conversions, healing runs, scores, records), so a
+call that was stopped continues where it was. The results file is rewritten after every record from
+every record under ``--out``: one command per headline row (a shared settings file plus that row's
+file, ``--config`` twice) adds its records to the same file.
 
     mea study-compression-final --config configs/compression/final_smollm2.yaml
     python -m mea.study.compression_final table benchmarks/results/compression_final.json
@@ -72,6 +74,8 @@ class Row:
         mixing_lr_mult: the mixing's lr multiplier (mea); a list sweeps it.
         seeds: healing seeds (data order), one record each.
         sweep_tokens: healing tokens of each sweep run (default: tokens).
+        lr_from: take lr and mixing_lr_mult from what this other row's sweep chose (in the same --out):
+            a comparison of data or objective at the settings of a headline row.
     """
 
     name: str
@@ -87,6 +91,7 @@ class Row:
     mixing_lr_mult: Union[float, list[float]] = 300.0
     seeds: list[int] = field(default_factory=lambda: [0])
     sweep_tokens: Optional[int] = None
+    lr_from: Optional[str] = None
 
     def check(self) -> None:
         where = f"rows: {self.name}:"
@@ -105,6 +110,8 @@ class Row:
         for v in _values(self.lr):
             if not v > 0:
                 raise ValueError(f"{where} lr must be positive, got {v}")
+        if self.lr_from is not None and self.is_sweep():
+            raise ValueError(f"{where} lr_from takes another row's choice; give no lr or mixing_lr_mult list")
 
     def lrs(self) -> list[float]:
         return _values(self.lr)
@@ -205,10 +212,9 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
     self_rows = [r for r in rows if r.data == SELF_DATA]
     if self_rows:
         self_dir = study.self_data(self_data_tokens or max(max(r.tokens, r.sweep_tokens or 0) for r in self_rows))
-    state = {"original": original, "records": [], "details": [], "sweeps": {}}
 
     def write() -> dict:
-        res = _results(name or Path(model).name, model, settings, original, state)
+        res = _results(name or Path(model).name, model, settings, original, out_dir)
         _write_json(Path(results), res)
         if doc:
             write_doc_table(doc, [results])
@@ -219,15 +225,16 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
         conv = study.convert(row)
         lr, mix = row.lrs()[0], row.mixing()[0]
         if row.is_sweep():
-            lr, mix, sweep = study.sweep(row, conv, data)
-            state["sweeps"][row.name] = sweep
+            lr, mix = study.sweep(row, conv, data)
+        elif row.lr_from is not None:
+            lr, mix = study.chosen(row.lr_from)
+            mix = 0.0 if row.method == "gqa" else mix
         for seed in row.seeds:
             run = study.heal(row, conv, data, lr, mix, seed, row.tokens)
             scores = study.zero_shot(run, out_dir / "eval" / run.name)
             kl = study.kl(run, heldout_split, heldout_tokens)
             rec, detail = _record(row, conv, run, scores, original, kl, lr, mix, seed, study.tokens(row.tokens))
-            state["records"].append(rec)
-            state["details"].append(detail)
+            _write_json(out_dir / "records" / f"{row.name}-s{seed}.json", {"record": rec, "detail": detail})
             write()
     return write()
 
@@ -334,7 +341,7 @@ class _Study:
             raise RuntimeError(f"{run}: healing did not finish (status: {(run / 'status.json').read_text().strip()})")
         return run
 
-    def sweep(self, row: Row, conv: Path, data: str) -> tuple[float, float, dict]:
+    def sweep(self, row: Row, conv: Path, data: str) -> tuple[float, float]:
         """Heal every (lr, mixing lr) of ``row`` once (first seed, ``sweep_tokens``) and keep the one with the
         lowest KL to the original on the select split."""
         split = self.select_split()
@@ -345,9 +352,18 @@ class _Study:
                 runs.append({"lr": lr, "mixing_lr_mult": mix, "run": str(run),
                              "kl": self.kl(run, split, self.s["select_tokens"])["kl"]})
         best = min(runs, key=lambda r: r["kl"])
-        return best["lr"], best["mixing_lr_mult"], {"split": split, "tokens": self.tokens(row.sweep_tokens or row.tokens)[1],
-                                                    "runs": runs, "chosen": {"lr": best["lr"],
-                                                                             "mixing_lr_mult": best["mixing_lr_mult"]}}
+        _write_json(self.out / "sweeps" / f"{row.name}.json", {
+            "split": split, "tokens": self.tokens(row.sweep_tokens or row.tokens)[1], "seed": row.seeds[0],
+            "runs": runs, "chosen": {"lr": best["lr"], "mixing_lr_mult": best["mixing_lr_mult"]}})
+        return best["lr"], best["mixing_lr_mult"]
+
+    def chosen(self, name: str) -> tuple[float, float]:
+        """(lr, mixing lr multiplier) that row ``name``'s sweep chose."""
+        f = self.out / "sweeps" / f"{name}.json"
+        if not f.is_file():
+            raise ValueError(f"rows: lr_from {name}: that row's sweep has not run in {self.out}; run it first")
+        c = json.loads(f.read_text())["chosen"]
+        return c["lr"], c["mixing_lr_mult"]
 
     def select_split(self) -> str:
         from ..data.prepare import corpus_dir
@@ -421,8 +437,17 @@ def _record(row: Row, conv: Path, run: Path, scores: dict, original: dict, kl: d
     return rec, detail
 
 
-def _results(name: str, model: str, settings: dict, original: dict, state: dict) -> dict:
+def _results(name: str, model: str, settings: dict, original: dict, out_dir: Path) -> dict:
+    """The results file from every record and sweep finished under ``out_dir`` (by any call: each headline
+    row's own command adds its records), ordered by cache fraction (largest first), method (mea, gqa),
+    init, objective, data, tokens, row and seed."""
     from ..eval.paired import accuracies, task_metric
+
+    saved = [json.loads(f.read_text()) for f in sorted((out_dir / "records").glob("*.json"))]
+    saved.sort(key=lambda x: (-x["record"]["cache_fraction"], METHODS.index(x["record"]["method"]), x["record"]["init"],
+                              x["record"]["objective"], x["record"]["data"], x["record"]["healing_tokens"],
+                              x["detail"]["row"], x["record"]["seed"]))
+    sweeps = {f.stem: json.loads(f.read_text()) for f in sorted((out_dir / "sweeps").glob("*.json"))}
 
     tasks = list(original["settings"]["tasks"])
     orig = accuracies(original["examples"], tasks)
@@ -437,11 +462,11 @@ def _results(name: str, model: str, settings: dict, original: dict, state: dict)
         "original_examples": {t: len(original["examples"][t]["doc_id"]) for t in tasks},
         "settings": settings,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "details": state["details"],
-        "sweeps": state["sweeps"],
+        "details": [x["detail"] for x in saved],
+        "sweeps": sweeps,
     }
     return {"meta": meta, "original": {"zero_shot": orig, "avg": sum(orig.values()) / len(orig)},
-            "records": state["records"]}
+            "records": [x["record"] for x in saved]}
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
