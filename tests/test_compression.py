@@ -317,3 +317,53 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
         mod.compression_final(str(src), [mod.Row(name="x", kv_heads=1, objective="lm", lr_from="nothing")], **kw)
     with pytest.raises(ValueError, match="other settings"):
         mod.compression_final(str(src), rows, **{**kw, "heldout_tokens": 64})
+
+
+def test_compare_inits_reports_kl_before_healing(tmp_path):
+    """KL(original || converted) per token on held-out text before healing, per init, from one calibration."""
+    from mea.study.compression_final import compare_inits
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    src = save_run(tiny("gqa", n_heads=4, n_kv_heads=2, n_layers=2, d_model=32, vocab_size=50304, max_seq_len=64),
+                   tmp_path / "run")
+    rows = compare_inits(str(src), kv_budget=0.5, inits=["svd", "query"], out=str(tmp_path / "inits"),
+                         corpus=str(corpus), calib_tokens=128, calib_seq_len=16, sensitivity_tokens=32,
+                         heldout_tokens=64, kl_seq_len=16, batch_size=4, device="cpu")
+    assert [r["init"] for r in rows] == ["svd", "query"]
+    for r in rows:
+        assert r["cache_fraction"] == 0.5 and sum(r["layer_kv_heads"]) == 2 and r["kl"] > 0 and r["ppl"] > 1
+    assert rows[1]["k_logit_rel_err"] is not None and rows[0]["v_out_rel_err"] is not None
+    saved = json.loads((tmp_path / "inits" / "inits.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["kv_budget"] == 0.5
+
+
+def test_final_study_configs_name_real_options():
+    """Every shipped config of the final study parses: the shared files name options of the command, every
+    row file's rows are valid rows, and every row file names the shared file it goes with."""
+    import inspect
+    from pathlib import Path as P
+
+    import yaml
+
+    from mea.study.compression_final import Row, compression_final
+
+    root = P(__file__).resolve().parents[1] / "configs" / "compression"
+    params = set(inspect.signature(compression_final).parameters)
+    for base in ("final_smollm2.yaml", "final_own.yaml"):
+        conf = yaml.safe_load((root / base).read_text())
+        assert set(conf) <= params and "rows" not in conf, base
+    rows = sorted((root / "rows").glob("*.yaml"))
+    assert len(rows) >= 12
+    names = []
+    for f in rows:
+        text = f.read_text()
+        base = "final_own.yaml" if f.name.startswith("own") else "final_smollm2.yaml"
+        assert f"--config configs/compression/{base} --config configs/compression/rows/{f.name}" in text
+        for r in yaml.safe_load(text)["rows"]:
+            row = Row(**r)
+            row.check()
+            names.append((base, row.name))
+            assert row.objective == "distill" or row.name.endswith("-lm")
+    assert len(set(names)) == len(names)
+    gen = yaml.safe_load((root / "self_smollm2.yaml").read_text())
+    assert gen["tokens"] == 100_000_000 and gen["generate_from"]

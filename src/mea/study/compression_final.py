@@ -9,7 +9,7 @@ sensitivity), a healing objective (``distill``: KL to the original model, ``mea 
 the original writes itself, ``mea prepare-data --generate_from``), a token budget, learning rates and
 seeds. A row whose ``lr`` or ``mixing_lr_mult`` is a list is a sweep: every combination heals once
 (first seed, ``sweep_tokens``), the one with the lowest KL to the original on the corpus's
-``select`` split is kept, and the row's seeds heal with it.
+``select`` split is kept (a run that diverged is left out), and the row's seeds heal with it.
 
 Each record is scored on the full local test sets of six zero-shot tasks with every example's score
 kept, so that its difference from the original has a paired standard error
@@ -231,6 +231,9 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
             mix = 0.0 if row.method == "gqa" else mix
         for seed in row.seeds:
             run = study.heal(row, conv, data, lr, mix, seed, row.tokens)
+            if _status(run) != "finished":
+                raise RuntimeError(f"rows: {row.name}: healing {run} did not finish ({_status(run)}); see its "
+                                   "status.json and metrics")
             scores = study.zero_shot(run, out_dir / "eval" / run.name)
             kl = study.kl(run, heldout_split, heldout_tokens)
             rec, detail = _record(row, conv, run, scores, original, kl, lr, mix, seed, study.tokens(row.tokens))
@@ -303,7 +306,7 @@ class _Study:
 
     # ---------------------------------------------------------------- heal
     def heal(self, row: Row, conv: Path, data: str, lr: float, mix: float, seed: int, tokens: int) -> Path:
-        """A finished healing run of ``conv`` (resumed if an earlier call left it unfinished)."""
+        """A healing run of ``conv`` that finished or diverged (resumed if an earlier call left it unfinished)."""
         import inspect
 
         from ..train.config import DataConfig, TrainConfig
@@ -317,7 +320,7 @@ class _Study:
         if saved.is_file() and json.loads(saved.read_text()) != spec:
             raise ValueError(f"rows: {row.name}: {run} was healed with other settings ({saved.read_text().strip()}); "
                              "rename the row or delete the run")
-        if _finished(run):
+        if _status(run) in ("finished", "diverged"):
             return run
         train = dict(max_steps=steps, batch_size=self.s["heal_batch_size"], grad_accum=self.s["heal_grad_accum"],
                      lr=lr, mixing_lr_mult=mix, warmup_steps=max(1, round(self.s["warmup_fraction"] * steps)),
@@ -337,8 +340,6 @@ class _Study:
         pretrain(out=str(run), init_from=str(conv), data=DataConfig(corpus=data, seq_len=self.s["heal_seq_len"]),
                  train=TrainConfig(**train), resume=(run / "config.yaml").is_file(), device=self.device,
                  progress=True, **extra)
-        if not _finished(run):
-            raise RuntimeError(f"{run}: healing did not finish (status: {(run / 'status.json').read_text().strip()})")
         return run
 
     def sweep(self, row: Row, conv: Path, data: str) -> tuple[float, float]:
@@ -349,9 +350,13 @@ class _Study:
         for lr in row.lrs():
             for mix in row.mixing():
                 run = self.heal(row, conv, data, lr, mix, row.seeds[0], row.sweep_tokens or row.tokens)
-                runs.append({"lr": lr, "mixing_lr_mult": mix, "run": str(run),
-                             "kl": self.kl(run, split, self.s["select_tokens"])["kl"]})
-        best = min(runs, key=lambda r: r["kl"])
+                # a run that diverged is out of the running (too high a rate), not the end of the sweep
+                kl = self.kl(run, split, self.s["select_tokens"])["kl"] if _status(run) == "finished" else None
+                runs.append({"lr": lr, "mixing_lr_mult": mix, "run": str(run), "status": _status(run), "kl": kl})
+        done = [r for r in runs if r["kl"] is not None]
+        if not done:
+            raise RuntimeError(f"rows: {row.name}: every run of the sweep diverged ({[r['run'] for r in runs]})")
+        best = min(done, key=lambda r: r["kl"])
         _write_json(self.out / "sweeps" / f"{row.name}.json", {
             "split": split, "tokens": self.tokens(row.sweep_tokens or row.tokens)[1], "seed": row.seeds[0],
             "runs": runs, "chosen": {"lr": best["lr"], "mixing_lr_mult": best["mixing_lr_mult"]}})
@@ -404,9 +409,9 @@ class _Study:
         return res
 
 
-def _finished(run: Path) -> bool:
+def _status(run: Path) -> Optional[str]:
     f = run / "status.json"
-    return f.is_file() and json.loads(f.read_text()).get("status") == "finished"
+    return json.loads(f.read_text()).get("status") if f.is_file() else None
 
 
 def _record(row: Row, conv: Path, run: Path, scores: dict, original: dict, kl: dict, lr: float, mix: float, seed: int,
