@@ -367,3 +367,17 @@ def test_final_study_configs_name_real_options():
     assert len(set(names)) == len(names)
     gen = yaml.safe_load((root / "self_smollm2.yaml").read_text())
     assert gen["tokens"] == 100_000_000 and gen["generate_from"]
+
+
+def test_freeze_mixing_leaves_the_mixing_out_of_the_optimizer():
+    """--train.freeze_mixing: the mixing matrices are in no optimizer group (GQA healed as GQA); the others are."""
+    from mea.train.config import TrainConfig
+    from mea.train.optim import param_groups
+
+    model = tiny("mea", n_heads=4, n_kv_heads=2)
+    mixing = {id(p) for n, p in model.named_parameters() if n.endswith(("k_mix", "v_mix"))}
+    for mult in (1.0, 10.0):
+        groups = param_groups(model, TrainConfig(freeze_mixing=True, mixing_lr_mult=mult))
+        held = {id(p) for g in groups for p in g["params"]}
+        assert len(groups) == 2 and not held & mixing
+        assert held == {id(p) for p in model.parameters()} - mixing

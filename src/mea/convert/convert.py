@@ -121,16 +121,17 @@ def query_weights(attn, stats: AttentionStats) -> tuple[Tensor, Tensor]:
     i (times the head norm's gain where there is one): the value error that reaches the residual stream.
     The input-side weights are the layer's input second moment (keys) and ``stats.attn_input`` (values)."""
     h, d = attn.n_heads, attn.head_dim
-    wo = attn.o_proj.weight.detach().double().view(-1, h, d).permute(1, 0, 2)  # (h, D, d)
+    wo = attn.o_proj.weight.detach().cpu().double().view(-1, h, d).permute(1, 0, 2)  # (h, D, d)
     if attn.head_norm is not None:
-        wo = wo * attn.head_norm.weight.detach().double().view(h, 1, d)
+        wo = wo * attn.head_norm.weight.detach().cpu().double().view(h, 1, d)
     return rope_plane_average(stats.query.double()), wo.transpose(1, 2) @ wo
 
 
 def fit_layer(attn, kv_heads: int, init: str, cov: Optional[Tensor] = None,
               stats: Optional[AttentionStats] = None) -> LayerFit:
-    """Fit one layer's keys and values with ``kv_heads`` component heads (``init``: module ``heads``)."""
-    wk, wv = effective_head_weights(attn)
+    """Fit one layer's keys and values with ``kv_heads`` component heads (``init``: module ``heads``), on
+    the CPU in float64 wherever the layer is."""
+    wk, wv = (w.cpu() for w in effective_head_weights(attn))
     d, D = attn.head_dim, wk.shape[-1]
     if init == "query":
         lk, lv = query_weights(attn, stats)

@@ -71,7 +71,8 @@ class Row:
         data: healing corpus: a name or prepared directory (mix, prose), or self (the original's own text).
         tokens: healing tokens (whole steps of batch x seq_len x grad_accum).
         lr: peak learning rate; a list sweeps it.
-        mixing_lr_mult: the mixing's lr multiplier (mea); a list sweeps it.
+        mixing_lr_mult: the mixing's lr multiplier (mea; gqa's frozen mixing is recorded as 0); a list
+            sweeps it.
         seeds: healing seeds (data order), one record each.
         sweep_tokens: healing tokens of each sweep run (default: tokens).
         lr_from: take lr and mixing_lr_mult from what this other row's sweep chose (in the same --out):
@@ -322,8 +323,11 @@ class _Study:
                              "rename the row or delete the run")
         if _status(run) in ("finished", "diverged"):
             return run
+        # gqa: the mixing stays GQA's replication (mix is 0, the label of a frozen mixing)
+        frozen = row.method == "gqa"
         train = dict(max_steps=steps, batch_size=self.s["heal_batch_size"], grad_accum=self.s["heal_grad_accum"],
-                     lr=lr, mixing_lr_mult=mix, warmup_steps=max(1, round(self.s["warmup_fraction"] * steps)),
+                     lr=lr, mixing_lr_mult=1.0 if frozen else mix, freeze_mixing=frozen,
+                     warmup_steps=max(1, round(self.s["warmup_fraction"] * steps)),
                      seed=seed, log_every=max(1, steps // 100), eval_every=steps, eval_batches=8,
                      save_every=max(1, steps // 4), keep_checkpoints=1)
         extra = {}

@@ -34,7 +34,9 @@ class TrainConfig:
         weight_decay: decoupled weight decay of the matrices (AdamW).
         decay_mixing: also decay MEA/talking-heads mixing matrices (off: they start as identity).
         mixing_lr_mult: peak lr of the mixing matrices = lr x this; they are tiny and start at
-            identity/replication, so at fine-tuning rates Adam barely moves them. 0 freezes them.
+            identity/replication, so at fine-tuning rates Adam barely moves them.
+        freeze_mixing: leave the MEA/talking-heads mixing matrices as they start (not optimized): a
+            mean-pooled conversion then heals as GQA, its mixing GQA's 0/1 replication.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         eps: AdamW epsilon.
@@ -60,6 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     decay_mixing: bool = False
     mixing_lr_mult: float = 1.0
+    freeze_mixing: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -81,8 +84,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr: must be positive, got {self.lr}")
-        if not self.mixing_lr_mult >= 0:  # also rejects NaN; 0 freezes the mixing (GQA healed as GQA)
-            raise ValueError(f"train.mixing_lr_mult: must be >= 0 (0 freezes the mixing), got {self.mixing_lr_mult}")
+        if not self.mixing_lr_mult > 0:  # also rejects NaN
+            raise ValueError(f"train.mixing_lr_mult: must be positive, got {self.mixing_lr_mult}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
