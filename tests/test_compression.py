@@ -66,6 +66,13 @@ def test_generated_corpus_is_a_prepared_corpus_in_the_models_tokens(tmp_path, mo
     assert self_data.generate_corpus(str(llama), 150, out=str(tmp_path / "gen"), **kw) == str(out)
     with pytest.raises(ValueError, match="other settings"):
         self_data.generate_corpus(str(llama), 151, out=str(tmp_path / "gen"), **kw)
+    # A damaged shard names the command that writes the corpus again.
+    shard = tmp_path / "again" / "train_0000.bin"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"mea prepare-data --generate_from {llama.resolve()} --tokens 150"):
+        TokenDataset(tmp_path / "again", "train")
 
 
 def test_prepare_data_command_reaches_both_paths(tmp_path):
