@@ -846,3 +846,137 @@ def test_retokenizing_reads_gpt2_documents_whatever_corpus_it_is_given(tmp_path)
     text = Tokenizer.from_file(str(other / "tokenizer.json")).decode(
         corpus_windows(other, "val", 64, 16, corpus=str(gpt2_dir)).flatten().tolist())
     assert "endoftext" not in text
+
+
+# ------------------------------------------------------------------------------------ query-aware fit
+def exact_logit_errors(model, new, ids):
+    """Per layer, ||S - S_hat|| / ||S|| of the post-RoPE attention logits q_i . k_i over every causal pair of
+    the windows ``ids``, both models' layers fed the original model's layer inputs."""
+    from mea.layers.rope import apply_rope
+
+    seen = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model.hidden_states(ids)
+    for hk in hooks:
+        hk.remove()
+    errs = []
+    for i, (lo, ln) in enumerate(zip(model.model.layers, new.model.layers)):
+        x, a = seen[i]
+        B, L, D = x.shape
+
+        def logits(attn):
+            h, d = attn.n_heads, attn.head_dim
+            wk, _ = effective_head_weights(attn)
+            q = apply_rope(attn.q_proj(x).detach().view(B, L, h, d).transpose(1, 2).double(), a.cos.double(), a.sin.double())
+            k = apply_rope(torch.einsum("blD,hcD->bhlc", x.double(), wk), a.cos.double(), a.sin.double())
+            return (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), 0)
+
+        s, s_hat = logits(lo.self_attn), logits(ln.self_attn)
+        errs.append(float((s - s_hat).norm() / s.norm()))
+    return errs
+
+
+def test_query_aware_fit_lowers_the_logit_error():
+    """The query init fits the attention logits: on the calibration text it was fitted on, its logit error
+    (measured exactly, post-RoPE, over all causal pairs) is below svd's in every layer, and its own
+    objective (reported as k_logit_rel_err / v_out_rel_err) is never above activation's or mean-pool's,
+    where its alternating least squares starts."""
+    from mea.convert.calibration import collect_statistics
+
+    model = tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=2)
+    ids = torch.randint(0, 97, (4, 32))
+    covs, stats, _ = collect_statistics(model, [ids], attention=True, progress=False)
+    assert torch.allclose(covs[0], input_covariances(model, [ids], progress=False)[0][0])
+    conv = {init: compress_model(model, 1, init, "all", covs, stats) for init in ("svd", "activation", "mean-pool", "query")}
+    q_err, svd_err = exact_logit_errors(model, conv["query"][0], ids), exact_logit_errors(model, conv["svd"][0], ids)
+    assert all(q < s for q, s in zip(q_err, svd_err)), (q_err, svd_err)
+    for other in ("activation", "mean-pool"):
+        for rq, ro in zip(conv["query"][1], conv[other][1]):
+            assert rq["k_logit_rel_err"] <= ro["k_logit_rel_err"] + 1e-9
+            assert rq["v_out_rel_err"] <= ro["v_out_rel_err"] + 1e-9
+    with pytest.raises(ValueError, match="attention statistics"):
+        compress_model(model, 1, "query", "all", covs)
+
+
+def test_weighted_fit_with_identity_weights_is_the_activation_fit():
+    from mea.convert.heads import fit_weighted, rebuilt_heads, relative_weighted_error, rope_plane_average
+
+    h, hk, d, D = 6, 2, 4, 12
+    w = torch.randn(h, d, D, dtype=torch.float64)
+    x = anisotropic_inputs(500, D)
+    cov = x.T @ x
+    eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
+    wc, mix = fit_weighted(w, hk, eye, cov)
+    ac, am = fit_components(w, hk, "activation", cov)
+    assert relative_weighted_error(w, rebuilt_heads(mix, wc), eye, cov) == pytest.approx(
+        relative_error(w, rebuilt_heads(am, ac), cov), rel=1e-9)
+    torch.testing.assert_close(mix @ mix.T, (h / hk) * torch.eye(hk, dtype=torch.float64))
+    # RoPE's average of a query moment: each rotation plane (c, c + d/2) keeps its energy, nothing else.
+    s = torch.tensor([[4.0, 1.0, 2.0, 0.5], [1.0, 2.0, 0.3, 3.0], [2.0, 0.3, 6.0, 1.0], [0.5, 3.0, 1.0, 8.0]])
+    assert torch.equal(rope_plane_average(s), torch.diag(torch.tensor([5.0, 5.0, 5.0, 5.0])))
+
+
+# ------------------------------------------------------------------------------------ a cache budget
+def test_allocate_heads_is_the_exact_optimum():
+    import itertools
+
+    from mea.convert.convert import allocate_heads
+
+    g = torch.Generator().manual_seed(3)
+    current = [3, 3, 2, 3, 1]
+    costs = {l: {h: float(torch.rand(1, generator=g)) * (current[l] - h) for h in range(1, current[l])}
+             for l in range(5) if current[l] > 1}
+    for total in range(5, sum(current) + 1):
+        got = allocate_heads(costs, current, total)
+        assert sum(got) == total and all(1 <= a <= c for a, c in zip(got, current))
+        best = min(sum(costs.get(l, {}).get(a, 0.0) for l, a in enumerate(alloc))
+                   for alloc in itertools.product(*[range(1, c + 1) for c in current]) if sum(alloc) == total)
+        assert sum(costs.get(l, {}).get(a, 0.0) for l, a in enumerate(got)) == pytest.approx(best)
+
+
+def test_kv_budget_meets_the_budget_exactly_from_measured_sensitivity(tmp_path):
+    """`mea convert --kv_budget 0.5`: the stored heads sum to exactly half; a layer whose KV heads are one
+    head repeated loses nothing at h' = 1 (KL 0), so the budget takes its heads first; conversion.json
+    keeps the per-layer measurements."""
+    model = tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=4, vocab_size=50304, max_seq_len=64)
+    d = model.config.head_dim
+    with torch.no_grad():
+        for w in (model.model.layers[2].self_attn.k_proj.weight, model.model.layers[2].self_attn.v_proj.weight):
+            w.copy_(w[:d].repeat(3, 1))  # three copies of one head: rank one
+    run = save_run(model, tmp_path / "run")
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_TEXT)
+    report = convert(str(run), kv_budget=0.5, init="activation", out=str(tmp_path / "half"), calib_tokens=128,
+                     calib_seq_len=32, calib_text=str(text), sensitivity_tokens=64)
+    budget = report["kv_budget"]
+    assert budget["heads"] == 6 and sum(report["layer_kv_heads"]) == 6 and report["kv_heads"] is None
+    assert report["layer_kv_heads"][2] == 1 and budget["sensitivity"]["2"]["1"] < 1e-7
+    assert all(budget["sensitivity"][str(l)]["1"] > 1e-5 for l in (0, 1, 3))
+    assert report["kv_bytes_per_token_after"] * 2 == report["kv_bytes_per_token_before"]
+    assert report["cache_fraction"] == 0.5
+    saved = json.loads((tmp_path / "half" / "conversion.json").read_text())
+    assert saved["kv_budget"]["layer_kv_heads"] == report["layer_kv_heads"]
+    from mea.io.load import load_model
+
+    conv = load_model(tmp_path / "half")
+    assert [conv.config.kv_heads_at(i) for i in range(4)] == report["layer_kv_heads"]
+    # The summed per-layer KL the allocation minimized is no more than that of uniform heads' equal share.
+    uniform = sum(budget["sensitivity"][str(l)].get(str(h), 0.0) for l, h in enumerate([2, 1, 2, 1]))
+    assert budget["predicted_kl"] <= uniform + 1e-12
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(kv_budget=0.2), "smallest feasible budget is 0.3333"),   # 2 of 12 heads < one per layer
+    (dict(kv_budget=1.0), "must lie in"),
+    (dict(kv_budget=0.5, kv_heads=2), "not both"),
+    (dict(), "one of them"),
+    (dict(kv_budget=0.5, calib_tokens=0), "calib_tokens"),
+])
+def test_bad_budgets_write_nothing(tmp_path, kwargs, msg):
+    run = save_run(tiny("gqa", n_heads=6, n_kv_heads=3, n_layers=4), tmp_path / "run")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=msg):
+        convert(str(run), out=str(out), calib_tokens=kwargs.pop("calib_tokens", 64), **kwargs)
+    assert not out.exists()

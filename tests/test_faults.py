@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 # Devices no machine has: a name that is none, an index past any box's GPUs; plain cuda where there is none.
 BAD_DEVICES = ["gpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
 LONG_PROMPT = "word " * 80  # more tokens than the tiny run's context of 64
+ROWS = "[{{name: a, kv_heads: 1}}]"  # one valid row of study-compression-final (braces doubled for format)
 
 # (command, fault class, argv, the option the error must name). In argv: {tmp} is this test's folder,
 # {user} a folder of the user's (config.json, notes.txt), {run}/{corpus} the session's tiny run and
@@ -37,6 +38,12 @@ CASES = [
     ("prepare-data", "bad value", ["--sources", "[nope]", "--out", "{tmp}/new"], "sources"),
     ("prepare-data", "existing target", ["--files", "[{tmp}/text.txt]", "--out", "{user}"], "out"),
     ("prepare-data", "existing target", ["--files", "[{tmp}/text.txt]", "--out", "{corpus}"], "out"),
+    ("prepare-data", "missing path", ["--generate_from", "{tmp}/nothing", "--tokens", "100"], "generate_from"),
+    ("prepare-data", "invalid path", ["--generate_from", "{user}", "--tokens", "100"], "generate_from"),
+    ("prepare-data", "bad value", ["--generate_from", "{run}"], "tokens"),
+    ("prepare-data", "bad value", ["--generate_from", "{run}", "--tokens", "100", "--temperature", "0"], "temperature"),
+    ("prepare-data", "existing target", ["--generate_from", "{run}", "--tokens", "100", "--corpus", "{corpus}", "--out",
+                                      "{user}"], "out"),
     # pretrain
     ("pretrain", "missing path", ["--out", "{tmp}/new", "--data.corpus", "{tmp}/no/corpus"], "data.corpus"),
     ("pretrain", "missing path", ["--out", "{tmp}/new", "--init_from", "{tmp}/nothing"], "init_from"),
@@ -103,15 +110,19 @@ CASES = [
     ("import-gguf", "bad value", ["--sha256", "xyz"], "sha256"),
     ("import-gguf", "existing target", ["--out", "{user}"], "out"),
     # convert
-    ("convert", "missing path", ["{tmp}/nothing", "1"], "model"),
-    ("convert", "invalid path", ["{tmp}/text.txt", "1"], "model"),
-    ("convert", "missing path", ["{run}", "1", "--calib_text", "{tmp}/nothing.txt"], "calib_text"),
-    ("convert", "bad value", ["{run}", "0"], "kv_heads"),
-    ("convert", "bad value", ["{run}", "3", "--calib_tokens", "0"], "kv_heads"),
-    ("convert", "bad value", ["{run}", "1", "--init", "bogus"], "init"),
-    ("convert", "bad value", ["{run}", "1", "--layers", "5", "--calib_tokens", "0"], "layers"),
-    ("convert", "existing target", ["{run}", "1", "--calib_tokens", "0", "--out", "{user}"], "out"),
-    ("convert", "corrupt checkpoint", ["{bad_run}", "1", "--calib_tokens", "0", "--out", "{tmp}/new"], "model"),
+    ("convert", "missing path", ["{tmp}/nothing", "--kv_heads", "1"], "model"),
+    ("convert", "invalid path", ["{tmp}/text.txt", "--kv_heads", "1"], "model"),
+    ("convert", "missing path", ["{run}", "--kv_heads", "1", "--calib_text", "{tmp}/nothing.txt"], "calib_text"),
+    ("convert", "bad value", ["{run}", "--kv_heads", "0"], "kv_heads"),
+    ("convert", "bad value", ["{run}", "--kv_heads", "3", "--calib_tokens", "0"], "kv_heads"),
+    ("convert", "bad value", ["{run}", "--kv_heads", "1", "--init", "bogus"], "init"),
+    ("convert", "bad value", ["{run}", "--kv_heads", "1", "--layers", "5", "--calib_tokens", "0"], "layers"),
+    ("convert", "existing target", ["{run}", "--kv_heads", "1", "--calib_tokens", "0", "--out", "{user}"], "out"),
+    ("convert", "bad value", ["{run}", "--kv_heads", "1", "--kv_budget", "0.5"], "kv_heads"),
+    ("convert", "bad value", ["{run}", "--kv_budget", "0"], "kv_budget"),
+    ("convert", "bad value", ["{run}", "--kv_budget", "0.5", "--calib_tokens", "0"], "calib_tokens"),
+    ("convert", "corrupt checkpoint", ["{bad_run}", "--kv_heads", "1", "--calib_tokens", "0", "--out", "{tmp}/new"],
+     "model"),
     # generate
     ("generate", "missing path", ["{tmp}/nothing", "--prompt", "hi"], "model"),
     ("generate", "missing path", ["{run}", "--prompts", "{tmp}/nothing.jsonl"], "prompts"),
@@ -143,6 +154,16 @@ CASES = [
     ("study-compression", "existing target", ["{run}", "--corpus", "{corpus}", "--out", "{user}"], "out"),
     ("study-compression", "corrupt checkpoint", ["{bad_run}", "--kv_heads", "[1]", "--inits", "[svd]", "--corpus",
                                                  "{corpus}", "--out", "{tmp}/new"], "model"),
+    # study-compression-final
+    ("study-compression-final", "missing path", ["{tmp}/nothing", ROWS], "model"),
+    ("study-compression-final", "bad value", ["{run}", "[{{name: a, kv_heads: 1, method: mla}}]"], "rows"),
+    ("study-compression-final", "bad value", ["{run}", ROWS, "--distill_alpha", "2"], "distill_alpha"),
+    ("study-compression-final", "missing path", ["{run}", ROWS, "--corpus", "{tmp}/nothing"], "corpus"),
+    ("study-compression-final", "existing target", ["{run}", ROWS, "--out", "{user}"], "out"),
+    ("study-compression-final", "existing target", ["{run}", ROWS, "--out", "{tmp}/new", "--results",
+                                                    "{user}/config.json"], "results"),
+    ("study-compression-final", "invalid path", ["{run}", ROWS, "--out", "{tmp}/new", "--doc",
+                                                 "{tmp}/text.txt"], "doc"),
     # study-report
     ("study-report", "invalid path", ["--runs", "{tmp}/text.txt", "--out", "{tmp}/new"], "runs"),
     ("study-report", "bad value", ["--tolerance", "-1", "--out", "{tmp}/new"], "tolerance"),
@@ -166,9 +187,10 @@ DEVICE_CASES = [
     ("sweep", ["--out", "{tmp}/new", "--data.corpus", "{corpus}"]),
     ("evaluate", ["{run}", "--tasks", "", "--corpus", "{corpus}"]),
     ("evaluate-many", ["--models", "[{run}]", "--out", "{tmp}/new"]),
-    ("convert", ["{run}", "1", "--calib_tokens", "0", "--out", "{tmp}/new"]),
+    ("convert", ["{run}", "--kv_heads", "1", "--calib_tokens", "0", "--out", "{tmp}/new"]),
     ("generate", ["{run}", "--prompt", "hi"]),
     ("study-compression", ["{run}", "--out", "{tmp}/new"]),
+    ("study-compression-final", ["{run}", ROWS, "--out", "{tmp}/new"]),
 ]
 CASES += [(cmd, "bad device", argv + ["--device", dev], "device") for cmd, argv in DEVICE_CASES for dev in BAD_DEVICES]
 
@@ -243,7 +265,8 @@ def test_every_command_meets_every_fault_that_applies_to_it():
     covered = {(c, f) for c, f, _, _ in CASES}
     assert {c for c, _ in covered} == set(COMMANDS) | {"info"}
     for cmd in ("prepare-data", "pretrain", "sweep", "evaluate", "evaluate-many", "export-hf", "import-gguf",
-                "convert", "generate", "study-lr-scaling", "study-compression", "study-report", "study-scratch"):
+                "convert", "generate", "study-lr-scaling", "study-compression", "study-report", "study-scratch",
+                "study-compression-final"):
         assert (cmd, "existing target") in covered and (cmd, "bad value") in covered, cmd
     for cmd in ("pretrain", "evaluate", "export-hf", "convert", "generate", "study-compression"):
         assert (cmd, "corrupt checkpoint") in covered, cmd

@@ -63,7 +63,7 @@ def info(preset: str = "tiny", n_kv_heads: Optional[int] = None, knock: Optional
 # name -> (module, function). Each command module keeps its heavy imports (transformers, lm-eval)
 # inside its functions, so building the parser stays fast.
 COMMANDS = {
-    "prepare-data": ("mea.data.prepare", "prepare_data"),
+    "prepare-data": ("mea.convert.self_data", "prepare_data"),
     "pretrain": ("mea.train.pretrain", "pretrain"),
     "sweep": ("mea.train.sweep", "sweep"),
     "evaluate": ("mea.eval.evaluate", "evaluate"),
@@ -74,6 +74,7 @@ COMMANDS = {
     "generate": ("mea.generate", "generate"),
     "study-lr-scaling": ("mea.study.lr_scaling", "main"),
     "study-compression": ("mea.study.compression_table", "compression_table"),
+    "study-compression-final": ("mea.study.compression_final", "compression_final"),
     "study-report": ("mea.study.report", "main"),
     "study-scratch": ("mea.study.scratch", "COMMANDS"),
 }

@@ -117,6 +117,9 @@ def rebuild_hint(path: os.PathLike, manifest: dict) -> str:
         return (f"it is a copy of {manifest['source']} re-tokenized for a model: delete {d}, and the next "
                 "command that needs it (mea pretrain --init_from, mea convert, mea evaluate) re-tokenizes it")
     req = manifest.get("request") or {}
+    if req.get("generate_from"):  # text a model wrote (mea.convert.self_data)
+        return (f"rebuild it with: mea prepare-data --generate_from {req['generate_from']} --tokens {req['tokens']} "
+                f"--corpus {req['corpus']} --out {d} --overwrite true")
     if req.get("files"):
         what = "--files '[" + ", ".join(req["files"]) + "]'"
     elif str(req.get("hf_dataset") or ""):

@@ -54,7 +54,6 @@ def load_for_eval(model: str, device: str = "cpu", dtype=None) -> tuple[Any, Any
     import mea  # noqa: F401  (registers model_type "mea" with the Auto classes)
 
     from ..io.hf import load_tokenizer_for
-
     from ..io.load import check_model_path
 
     path = check_model_path("model", model)
@@ -177,7 +176,8 @@ def format_report(run: dict) -> str:
 def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None, batch_size: int = 16,
              device: str = "auto", perplexity: bool = True, out: Optional[str] = None, dtype: str = "auto",
              num_fewshot: int = 0, corpus: str = "prose", ppl_seq_len: Optional[int] = None,
-             ppl_batches: Optional[int] = None, name: Optional[str] = None, overwrite: bool = False) -> dict:
+             ppl_batches: Optional[int] = None, name: Optional[str] = None, overwrite: bool = False,
+             examples: bool = False) -> dict:
     """Score a model on zero-shot benchmarks (lm-evaluation-harness, local data) and validation perplexity.
 
     Prints a markdown table shaped like the paper's (acc and acc_norm per task and their average)
@@ -200,6 +200,9 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
         ppl_batches: score at most this many perplexity batches (default: the whole split).
         name: the row label in the tables (default: the model folder's name).
         overwrite: replace what ``out`` holds when it is not an earlier evaluation's results.
+        examples: also keep each example's scores (``examples`` in results.json: per task the
+            document ids and acc / acc_norm of each), for paired comparisons of two models
+            (:mod:`mea.eval.paired`).
 
     Returns:
         The results dict that results.json holds.
@@ -259,8 +262,12 @@ def evaluate(model: str, tasks: str = DEFAULT_TASKS, limit: Optional[int] = None
             with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
                 res = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=TaskManager(include_path=task_dir, include_defaults=False),
-                                      log_samples=False, bootstrap_iters=1000)
+                                      log_samples=examples, bootstrap_iters=1000)
         run["tasks"] = summarize(res, names)
+        if examples:
+            from .paired import per_example
+
+            run["examples"] = per_example(res, names)
         import torch
         import transformers
 

@@ -44,6 +44,8 @@ class TrainConfig:
         decay_mixing: also decay MEA/talking-heads mixing matrices (off: they start as identity).
         mixing_lr_mult: peak lr of the mixing matrices = lr x this; they are tiny and start at
             identity/replication, so at fine-tuning rates Adam barely moves them.
+        freeze_mixing: leave the MEA/talking-heads mixing matrices as they start (not optimized): a
+            mean-pooled conversion then heals as GQA, its mixing GQA's 0/1 replication.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         eps: AdamW epsilon.
@@ -73,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     decay_mixing: bool = False
     mixing_lr_mult: float = 1.0
+    freeze_mixing: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

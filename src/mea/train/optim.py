@@ -29,6 +29,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         is_mix = name.split(".")[-1] in _MIXING
+        if is_mix and cfg.freeze_mixing:  # kept as it starts (GQA healed as GQA)
+            continue
         if is_mix and separate_mix:
             mixing.append(p)
         elif p.dim() >= 2 and id(p) not in norm_params and not (is_mix and not cfg.decay_mixing):
