@@ -72,7 +72,7 @@ def test_prompts_file_from_an_export_and_a_converted_model(tiny_run, tmp_path, c
     assert [r["completion"] for r in got] == [greedy(tiny_run, p, 6) for p in prompts]
     assert all(0 < r["new_tokens"] <= 6 for r in got)
     capfd.readouterr()
-    main(["convert", str(tiny_run), "1", "--calib_tokens", "0", "--out", str(tmp_path / "conv"), "--device", "cpu"])
+    main(["convert", str(tiny_run), "--kv_heads", "1", "--calib_tokens", "0", "--out", str(tmp_path / "conv"), "--device", "cpu"])
     capfd.readouterr()
     main(["generate", str(tmp_path / "conv"), "--prompts", str(tmp_path / "p.jsonl"), "--max_new_tokens", "4",
           "--device", "cpu"])
