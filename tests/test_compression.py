@@ -243,25 +243,22 @@ def test_results_layout_is_the_issues():
 @pytest.mark.slow
 def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
     """convert -> heal -> evaluate for three kinds of row on a tiny random LLaMA-style model (CPU): a
-    query-aware MEA conversion at half the cache by budget, two seeds; GQA at one stored head healed on
+    query-aware MEA conversion at half the cache by budget, matched to the original's attention outputs,
+    distilled, two seeds; GQA at one stored head healed on
     the original's own text with a learning-rate sweep chosen by KL. The results file has the issue's
     layout, GQA's mixing stays GQA's while healing, a second call redoes nothing, and the doc's table is
     built from the file."""
-    import inspect
-
     from mea.convert.heads import layer_mixes
     from mea.io.load import load_model
     from mea.layers.attention import mixing_init
     from mea.study import compression_final as mod
-    from mea.train.pretrain import pretrain
 
     corpus = tiny_corpus(tmp_path / "corpus")
     src = save_run(tiny("gqa", n_heads=4, n_kv_heads=2, n_layers=2, d_model=32, vocab_size=50304, max_seq_len=64),
                    tmp_path / "llama")
-    distill = "distill_from" in inspect.signature(pretrain).parameters
     rows = [
-        mod.Row(name="mea-half", method="mea", init="query", kv_budget=0.5, objective="distill" if distill else "lm",
-                data=str(corpus), tokens=64, lr=1e-3, mixing_lr_mult=10.0, seeds=[0, 1]),
+        mod.Row(name="mea-half", method="mea", init="query", kv_budget=0.5, objective="distill",
+                data=str(corpus), tokens=64, lr=1e-3, mixing_lr_mult=10.0, seeds=[0, 1], match_steps=4),
         mod.Row(name="gqa-kv1", method="gqa", init="mean-pool", kv_heads=1, objective="lm", data="self", tokens=64,
                 lr=[1e-3, 3e-3], seeds=[0]),
         mod.Row(name="gqa-kv1-corpus", method="gqa", kv_heads=1, objective="lm", data=str(corpus), tokens=64,
@@ -279,7 +276,7 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
     recs = res["records"]
     assert [(r["method"], r["init"], r["seed"], r["data"]) for r in recs] == [
-        ("mea", "query", 0, str(corpus)), ("mea", "query", 1, str(corpus)), ("gqa", "mean-pool", 0, str(corpus)),
+        ("mea", "query+match", 0, str(corpus)), ("mea", "query+match", 1, str(corpus)), ("gqa", "mean-pool", 0, str(corpus)),
         ("gqa", "mean-pool", 0, "self")]
     for r in recs:
         assert r["cache_fraction"] == 0.5 and r["healing_tokens"] == 64 and r["examples"] == {"piqa": 2, "winogrande": 2}
@@ -289,6 +286,7 @@ def test_compression_final_end_to_end_tiny(tmp_path, monkeypatch):
     meta = res["meta"]
     assert meta["metric"] == {"piqa": "acc_norm", "winogrande": "acc"} and len(meta["details"]) == 4
     assert meta["details"][0]["layer_kv_heads"] == [1, 1] and meta["details"][0]["kv_budget"] == 0.5
+    assert meta["details"][0]["match"]["steps"] == 4 and meta["details"][2]["match"] is None
     sweep = meta["sweeps"]["gqa-kv1"]
     assert sweep["split"] == "val" and [r["lr"] for r in sweep["runs"]] == [1e-3, 3e-3]  # no select split here
     chosen = min(sweep["runs"], key=lambda r: r["kl"])["lr"]
@@ -341,14 +339,21 @@ def test_compare_inits_reports_kl_before_healing(tmp_path):
         assert r["cache_fraction"] == 0.5 and sum(r["layer_kv_heads"]) == 2 and r["kl"] > 0 and r["ppl"] > 1
     assert rows[1]["k_logit_rel_err"] is not None and rows[0]["v_out_rel_err"] is not None
     saved = json.loads((tmp_path / "inits" / "inits.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["kv_budget"] == 0.5
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["kv_budget"] == 0.5 and saved["match"] is None
+    # With matching: each init twice, the second matched (its attention output error reported, lower).
+    rows = compare_inits(str(src), kv_heads=1, inits=["mean-pool"], out=str(tmp_path / "inits_m"),
+                         corpus=str(corpus), calib_tokens=128, calib_seq_len=16, heldout_tokens=64, kl_seq_len=16,
+                         batch_size=4, device="cpu", match_steps=20, match_lr=3e-3)
+    assert [r["init"] for r in rows] == ["mean-pool", "mean-pool+match"]
+    assert rows[0]["out_rel_err_after"] is None
+    assert rows[1]["out_rel_err_after"] <= rows[1]["out_rel_err_before"]
+    assert json.loads((tmp_path / "inits_m" / "inits.json").read_text())["match"]["steps"] == 20
 
 
 def test_final_study_configs_name_real_options():
     """Every shipped config of the final study parses: the shared files name options of the command, every
     row file's rows are valid rows, and every row file names the shared file it goes with."""
     import inspect
-    from pathlib import Path as P
 
     import yaml
 

@@ -980,3 +980,88 @@ def test_bad_budgets_write_nothing(tmp_path, kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         convert(str(run), out=str(out), calib_tokens=kwargs.pop("calib_tokens", 64), **kwargs)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ attention-output matching
+def _matching_setup(seed=0):
+    torch.manual_seed(seed)
+    src = tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=61)
+    windows = torch.randint(0, 61, (40, 24), generator=torch.Generator().manual_seed(seed))
+    new, _ = compress_model(src, 1, "mean-pool")
+    return src, new, windows
+
+
+def test_matching_lowers_each_layers_held_out_output_error_and_trains_only_what_conversion_changed():
+    """Matching trains k_proj, v_proj and the mixes of the compressed layers toward the original layer's
+    attention output: the held-out error goes down in every layer; queries, o_proj, the MLPs, the
+    embeddings and the original model are untouched."""
+    from mea.convert.match import match_attention
+
+    src, new, windows = _matching_setup()
+    src_before = {k: v.clone() for k, v in src.state_dict().items()}
+    new_before = {k: v.clone() for k, v in new.state_dict().items()}
+    rows = match_attention(src, new, windows, [0, 1], steps=60, lr=3e-3, mixing_lr_mult=10.0, batch_size=8,
+                           progress=False)
+    assert [r["layer"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["kept"] and r["out_rel_err_after"] == r["out_rel_err_trained"]
+        assert r["out_rel_err_after"] < 0.9 * r["out_rel_err_before"], r  # (h' = 1 of 4 random heads: ~0.84 -> ~0.68)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, src_before[k]), k
+    changed = {k for k, v in new.state_dict().items() if not torch.equal(v, new_before[k])}
+    trained = {f"model.layers.{i}.self_attn.{n}" for i in (0, 1)
+               for n in ("k_proj.weight", "v_proj.weight", "k_mix", "v_mix")}
+    assert changed == trained
+    assert all(p.requires_grad for p in new.parameters())  # flags restored
+    # The reported error is the model's: recompute layer 1's held-out error from the trained weights.
+    from mea.convert.match import _rel_err, layer_inputs
+
+    xs, a = layer_inputs(src, windows, [1], 8, torch.device("cpu"))
+    held = xs[1][-max(1, windows.shape[0] // 16):]
+    err = _rel_err(new.model.layers[1].self_attn.eval(), src.model.layers[1].self_attn, held, a, 8, "cpu")
+    assert err == pytest.approx(rows[1]["out_rel_err_after"], rel=1e-6)
+
+
+def test_matching_that_makes_a_layer_worse_keeps_the_fit():
+    """A learning rate far too high ruins the weights: the held-out error rises, and the layer keeps
+    its closed-form fit, bit for bit."""
+    from mea.convert.match import match_attention
+
+    src, new, windows = _matching_setup(1)
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    rows = match_attention(src, new, windows, [0], steps=5, lr=50.0, mixing_lr_mult=10.0, progress=False)
+    assert not rows[0]["kept"] and rows[0]["out_rel_err_trained"] > rows[0]["out_rel_err_before"]
+    assert rows[0]["out_rel_err_after"] == rows[0]["out_rel_err_before"]
+    for k, v in new.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_convert_with_matching_reports_it_and_the_folder_holds_the_matched_model(tmp_path):
+    """`mea convert --match_steps N`: conversion.json has each compressed layer's output error before and
+    after and the settings; the folder's model is the matched one (its error is the reported one)."""
+    from mea.io.load import load_model
+
+    src = tiny("mha", n_heads=4, n_kv_heads=4, n_layers=2, d_model=32, vocab_size=50304)
+    run = save_run(src, tmp_path / "run")
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_TEXT)
+    plain = convert(str(run), 1, init="mean-pool", layers="1", out=str(tmp_path / "plain"), calib_tokens=512,
+                    calib_seq_len=32, calib_text=str(text), device="cpu")
+    report = convert(str(run), 1, init="mean-pool", layers="1", out=str(tmp_path / "matched"), calib_tokens=512,
+                     calib_seq_len=32, calib_text=str(text), device="cpu", match_steps=30, match_lr=3e-3)
+    assert report["match"] == {"steps": 30, "lr": 3e-3, "mixing_lr_mult": 10.0}
+    r0, r1 = report["per_layer"]
+    assert "out_rel_err_before" not in r0 and "match" not in plain
+    assert r1["out_rel_err_after"] < r1["out_rel_err_before"]
+    saved = json.loads((tmp_path / "matched" / "conversion.json").read_text())
+    assert saved["per_layer"] == report["per_layer"]
+    a = load_model(tmp_path / "plain", dtype=torch.float32).model.layers[1].self_attn
+    b = load_model(tmp_path / "matched", dtype=torch.float32).model.layers[1].self_attn
+    assert not torch.equal(a.k_proj.weight, b.k_proj.weight) and torch.equal(a.q_proj.weight, b.q_proj.weight)
+    with pytest.raises(ValueError, match="match_steps"):
+        convert(str(run), 1, out=str(tmp_path / "x"), calib_tokens=512, calib_seq_len=32, calib_text=str(text),
+                match_steps=-1)
+    with pytest.raises(ValueError, match="calib_tokens"):
+        convert(str(run), 1, out=str(tmp_path / "x"), calib_tokens=32, calib_seq_len=32, calib_text=str(text),
+                match_steps=5)
+    assert not (tmp_path / "x").exists()

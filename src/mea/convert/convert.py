@@ -434,8 +434,9 @@ def weak_heads(k_mix: Tensor, v_mix: Tensor, threshold: float = WEAK_MIX) -> lis
 
 def format_table(rows: list[dict]) -> str:
     """The per-layer report as a fixed-width table (errors relative, on calibration text when known)."""
+    matched = any("out_rel_err_after" in r for r in rows)
     head = (f"{'layer':>5} {'heads':>7} {'K err':>8} {'V err':>8} {'K err(W)':>9} {'V err(W)':>9} "
-            f"{'attn params':>19} {'KV B/token':>12} {'weak':>4}")
+            f"{'attn params':>19} {'KV B/token':>12} {'weak':>4}" + (f" {'out err fit -> matched':>23}" if matched else ""))
     lines = [head, "-" * len(head)]
 
     def pct(x):
@@ -447,6 +448,8 @@ def format_table(rows: list[dict]) -> str:
             f"{pct(r['v_rel_err'])} {pct(r['k_rel_err_weights']):>9} {pct(r['v_rel_err_weights']):>9} "
             f"{r['attn_params_before']:>9,}->{r['attn_params_after']:<9,} "
             f"{r['kv_bytes_per_token_before']:>5}->{r['kv_bytes_per_token_after']:<6} {len(r.get('weak_heads', [])):>4}"
+            + (f" {pct(r['out_rel_err_before']):>11} -> {pct(r['out_rel_err_after']):<8}"
+               if matched and "out_rel_err_after" in r else "")
         )
     tb = sum(r["kv_bytes_per_token_before"] for r in rows)
     ta = sum(r["kv_bytes_per_token_after"] for r in rows)
@@ -511,7 +514,8 @@ def calibration_tokens(tokenizer_dir: Optional[Path], vocab_size: int, n_tokens:
 def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layers: str = "all",
             out: Optional[str] = None, calib_tokens: int = 65536, calib_seq_len: int = 512,
             calib_text: Optional[str] = None, corpus: str = "prose", batch_size: int = 8, overwrite: bool = False,
-            device: str = "auto", kv_budget: Optional[float] = None, sensitivity_tokens: int = 16384) -> dict:
+            device: str = "auto", kv_budget: Optional[float] = None, sensitivity_tokens: int = 16384,
+            match_steps: int = 0, match_lr: float = 1e-3, match_mixing_lr_mult: float = 10.0) -> dict:
     """Compress a pretrained model's KV cache to fewer stored heads per layer (MEA virtual heads).
 
     Each compressed layer stores h' component heads, and every query head reads its own mix of them
@@ -546,6 +550,11 @@ def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layer
             each layer's h' is chosen from its measured sensitivity (the KL from the original when only
             that layer is compressed to each smaller h') to meet it exactly with the least summed KL.
         sensitivity_tokens: calibration tokens the budget's sensitivity is measured on.
+        match_steps: after the fit, train each compressed layer's k_proj, v_proj and mixing for this
+            many steps to reproduce the original layer's attention output on the calibration windows
+            (``mea.convert.match``; 0: off). Reported per layer as held-out relative errors.
+        match_lr: the matching's learning rate of k_proj and v_proj.
+        match_mixing_lr_mult: the mixing matrices' matching learning rate, as a multiple of match_lr.
 
     Returns:
         The report (also written to OUT/conversion.json).
@@ -566,6 +575,14 @@ def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layer
                          "calib_tokens > 0")
     if sensitivity_tokens < 1:
         raise ValueError(f"sensitivity_tokens: must be >= 1, got {sensitivity_tokens}")
+    if match_steps < 0:
+        raise ValueError(f"match_steps: must be >= 0, got {match_steps}")
+    if match_steps and calib_tokens < 2 * calib_seq_len:
+        raise ValueError(f"calib_tokens: matching trains on calibration windows and holds some out; give at least "
+                         f"2 windows ({2 * calib_seq_len} tokens), got {calib_tokens}")
+    if not match_lr > 0 or not match_mixing_lr_mult > 0:
+        raise ValueError(f"match_lr: the learning rate and match_mixing_lr_mult must be > 0, got {match_lr} and "
+                         f"{match_mixing_lr_mult}")
     if calib_text is not None and not Path(calib_text).is_file():
         raise FileNotFoundError(f"calib_text: {calib_text} is not a file")
     if batch_size < 1:
@@ -601,12 +618,15 @@ def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layer
     check(src.config)
     calib = calibrate(src, tok_dir, calib_tokens, calib_seq_len, calib_text, corpus, batch_size, dev,
                       attention=init == "query")
+    match = (dict(steps=match_steps, lr=match_lr, mixing_lr_mult=match_mixing_lr_mult, batch_size=batch_size,
+                  device=dev) if match_steps else None)
     if kv_budget is None:
-        return convert_loaded(src, tok_dir, kv_heads, init, sel, calib, out_dir, source=str(model), overwrite=overwrite)
+        return convert_loaded(src, tok_dir, kv_heads, init, sel, calib, out_dir, source=str(model), overwrite=overwrite,
+                              match=match)
     fits: dict = {}
     heads, allocation = choose_heads(src, calib, init, sel, kv_budget, sensitivity_tokens, batch_size, dev, fits)
     return convert_loaded(src, tok_dir, heads, init, "all", calib, out_dir, source=str(model), overwrite=overwrite,
-                          allocation=allocation, fits=fits)
+                          allocation=allocation, fits=fits, match=match)
 
 
 @dataclasses.dataclass
@@ -650,13 +670,25 @@ def calibrate(model: Transformer, tokenizer_dir: Optional[Path], calib_tokens: i
 
 def convert_loaded(src: Transformer, tokenizer_dir: Optional[Path], kv_heads: Union[int, list[int]], init: str,
                    layers: Union[str, list[int]], calib: Calibration, out: Union[str, Path], source: str = "",
-                   overwrite: bool = False, allocation: Optional[dict] = None, fits: Optional[dict] = None) -> dict:
+                   overwrite: bool = False, allocation: Optional[dict] = None, fits: Optional[dict] = None,
+                   match: Optional[dict] = None) -> dict:
     """``convert`` for a model already in memory: compress, write the HF folder and the report.
-    ``kv_heads`` as :func:`compress_model` takes it; ``allocation``: a budget's report (:func:`choose_heads`)."""
+    ``kv_heads`` as :func:`compress_model` takes it; ``allocation``: a budget's report (:func:`choose_heads`);
+    ``match``: keyword arguments of :func:`mea.convert.match.match_attention` (``steps``, ``lr``, ...) to
+    train the compressed layers toward the original's attention outputs on the calibration windows."""
     if init == "query" and calib.stats is None:
         raise ValueError("init: 'query' needs the attention statistics of calibration text (calibrate with "
                          "attention=True, calib_tokens > 0)")
+    if match and calib.windows is None:
+        raise ValueError("match_steps: matching trains on calibration windows; give calib_tokens > 0")
     new, rows = compress_model(src, kv_heads, init, layers, calib.covariances, calib.stats, fits)
+    if match:
+        from .match import match_attention
+
+        done = {m["layer"]: m for m in match_attention(src, new, calib.windows,
+                                                       [r["layer"] for r in rows if r["compressed"]], **match)}
+        for r in rows:
+            r.update({k: v for k, v in done.get(r["layer"], {}).items() if k != "layer"})
     report = {
         "source": source,
         "kv_heads": kv_heads if isinstance(kv_heads, int) else None,
@@ -672,6 +704,8 @@ def convert_loaded(src: Transformer, tokenizer_dir: Optional[Path], kv_heads: Un
         "params_after": new.num_params(),
         "per_layer": rows,
     }
+    if match:
+        report["match"] = {k: v for k, v in match.items() if k not in ("device", "batch_size")}
     if allocation is not None:
         report["kv_budget"] = allocation
     out_dir = Path(out)

@@ -75,6 +75,8 @@ class Row:
         sweep_tokens: healing tokens of each sweep run (default: tokens).
         lr_from: take lr and mixing_lr_mult from what this other row's sweep chose (in the same --out):
             a comparison of data or objective at the settings of a headline row.
+        match_steps: attention-output matching after the fit (``mea.convert.match``), steps per compressed
+            layer (0: none); the record's init then reads ``<init>+match``.
     """
 
     name: str
@@ -91,6 +93,7 @@ class Row:
     seeds: list[int] = field(default_factory=lambda: [0])
     sweep_tokens: Optional[int] = None
     lr_from: Optional[str] = None
+    match_steps: int = 0
 
     def check(self) -> None:
         where = f"rows: {self.name}:"
@@ -109,6 +112,8 @@ class Row:
         for v in _values(self.lr):
             if not v > 0:
                 raise ValueError(f"{where} lr must be positive, got {v}")
+        if self.match_steps < 0:
+            raise ValueError(f"{where} match_steps must be >= 0, got {self.match_steps}")
         if self.lr_from is not None and self.is_sweep():
             raise ValueError(f"{where} lr_from takes another row's choice; give no lr or mixing_lr_mult list")
 
@@ -136,7 +141,8 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
                       self_data_batch_size: int = 512, heldout_split: str = "val", select_split: str = "select",
                       heldout_tokens: int = 1_048_576, select_tokens: int = 262_144, kl_seq_len: int = 512,
                       tasks: list[str] = list(TASKS), limit: Optional[int] = None, eval_batch_size: int = 32,
-                      device: str = "auto", doc: Optional[str] = None, overwrite: bool = False) -> dict:
+                      device: str = "auto", doc: Optional[str] = None, overwrite: bool = False,
+                      match_lr: float = 1e-3, match_mixing_lr_mult: float = 10.0) -> dict:
     """Convert, heal and evaluate every row; write the results file (resumable).
 
     Args:
@@ -173,6 +179,8 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
         doc: a markdown file whose results table (between the markers) is rebuilt from ``results``.
         overwrite: start OUT afresh even when it holds an earlier study with other settings, or
             something mea study-compression-final did not write.
+        match_lr: the learning rate of the attention-output matching of rows with ``match_steps``.
+        match_mixing_lr_mult: the mixing matrices' matching learning rate, as a multiple of match_lr.
 
     Returns:
         The results (as written).
@@ -194,6 +202,9 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
         raise ValueError(f"warmup_fraction: must be in [0, 1), got {warmup_fraction}")
     if not distill_temperature > 0:
         raise ValueError(f"distill_temperature: must be > 0, got {distill_temperature}")
+    if not match_lr > 0 or not match_mixing_lr_mult > 0:
+        raise ValueError(f"match_lr: the learning rate and match_mixing_lr_mult must be > 0, got {match_lr} and "
+                         f"{match_mixing_lr_mult}")
     if not 0 <= distill_alpha <= 1:
         raise ValueError(f"distill_alpha: must be in [0, 1], got {distill_alpha}")
     from ..convert.convert import source_tokenizer
@@ -236,7 +247,7 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
                       "batch_size": self_data_batch_size, "tokens": self_data_tokens},
         "heldout_split": heldout_split, "select_split": select_split, "heldout_tokens": heldout_tokens,
         "select_tokens": select_tokens, "kl_seq_len": kl_seq_len, "tasks": tasks, "limit": limit,
-        "tasks_revision": TASKS_REVISION,
+        "tasks_revision": TASKS_REVISION, "match": {"lr": match_lr, "mixing_lr_mult": match_mixing_lr_mult},
     }
     _check_settings(out_dir, settings)
     study = _Study(model, tok_dir, out_dir, settings, dev, eval_batch_size)
@@ -322,20 +333,25 @@ class _Study:
 
         size = f"kv{row.kv_heads}" if row.kv_heads is not None else f"budget{100 * row.kv_budget:g}"
         layers = "" if row.layers == "all" else "-layers" + row.layers.replace(",", "_")
-        path = self.out / "convert" / f"{row.init}-{size}{layers}"
+        matched = f"-match{row.match_steps}" if row.match_steps else ""
+        path = self.out / "convert" / f"{row.init}-{size}{layers}{matched}"
         if (path / REPORT_FILE).is_file() and (path / "config.json").is_file():
             return path
         src, calib = self._source(), self._calibration()
         sel = parse_layers(row.layers, src.config.n_layers)
+        match = None
+        if row.match_steps:
+            match = dict(steps=row.match_steps, lr=self.s["match"]["lr"], mixing_lr_mult=self.s["match"]["mixing_lr_mult"],
+                         device=self.device)
         if row.kv_heads is not None:
             convert_loaded(src, self.tok_dir, row.kv_heads, row.init, sel, calib, path, source=self.model,
-                           overwrite=True)
+                           overwrite=True, match=match)
         else:
             fits: dict = {}
             heads, allocation = choose_heads(src, calib, row.init, sel, row.kv_budget, self.s["sensitivity_tokens"],
                                              device=self.device, fits=fits)
             convert_loaded(src, self.tok_dir, heads, row.init, "all", calib, path, source=self.model, overwrite=True,
-                           allocation=allocation, fits=fits)
+                           allocation=allocation, fits=fits, match=match)
         return path
 
     # ---------------------------------------------------------------- heal
@@ -455,13 +471,14 @@ def _record(row: Row, conv: Path, run: Path, scores: dict, original: dict, kl: d
     report = json.loads((conv / "conversion.json").read_text())
     avg = sum(acc.values()) / len(acc)
     rec = {
-        "method": row.method, "init": row.init, "cache_fraction": report["cache_fraction"],
+        "method": row.method, "init": row.init + ("+match" if row.match_steps else ""),
+        "cache_fraction": report["cache_fraction"],
         "healing_tokens": steps_tokens[1], "objective": row.objective, "data": row.data, "seed": seed,
         "zero_shot": acc, "examples": {t: len(scores["examples"][t]["doc_id"]) for t in tasks}, "avg": avg,
         "delta_vs_original": avg - sum(orig.values()) / len(orig), "delta_se": paired["se"], "kl_heldout": kl["kl"],
     }
     detail = {
-        "row": row.name, "lr": lr, "mixing_lr_mult": mix, "steps": steps_tokens[0],
+        "row": row.name, "lr": lr, "mixing_lr_mult": mix, "steps": steps_tokens[0], "match": report.get("match"),
         "kv_heads": report["kv_heads"], "layer_kv_heads": report["layer_kv_heads"],
         "kv_budget": (report.get("kv_budget") or {}).get("kv_budget"),
         "ppl_heldout": kl["ppl"], "ppl_original_heldout": kl["ppl_original"], "heldout_tokens": kl["n_tokens"],
@@ -598,7 +615,8 @@ def compare_inits(model: str, kv_heads: Optional[int] = None, kv_budget: Optiona
                   out: str = "runs/compression_inits", corpus: str = "prose", calib_tokens: int = 65536,
                   calib_seq_len: int = 512, sensitivity_tokens: int = 16384, heldout_split: str = "val",
                   heldout_tokens: int = 65536, kl_seq_len: int = 512, batch_size: int = 8,
-                  device: str = "auto") -> list[dict]:
+                  device: str = "auto", match_steps: int = 0, match_lr: float = 1e-3,
+                  match_mixing_lr_mult: float = 10.0) -> list[dict]:
     """KL(original || converted) per token on held-out text before any healing, for each init.
 
     One calibration (with the attention statistics) serves every init. Writes OUT/inits.json and prints
@@ -621,6 +639,10 @@ def compare_inits(model: str, kv_heads: Optional[int] = None, kv_budget: Optiona
         kl_seq_len: tokens predicted per window.
         batch_size: windows per forward pass.
         device: auto, cpu, cuda.
+        match_steps: also each init followed by attention-output matching (``mea.convert.match``) for
+            this many steps per layer, as the row ``<init>+match`` (0: not).
+        match_lr: the matching's learning rate.
+        match_mixing_lr_mult: the mixing's matching learning rate as a multiple of match_lr.
     """
     from ..convert.convert import (calibrate, check_request, choose_heads, convert_loaded, parse_layers,
                                    source_tokenizer)
@@ -637,15 +659,20 @@ def compare_inits(model: str, kv_heads: Optional[int] = None, kv_budget: Optiona
                       attention=True)
     out_dir = Path(out).expanduser()
     rows = []
-    for init in inits:
-        path = out_dir / init
+    match = dict(steps=match_steps, lr=match_lr, mixing_lr_mult=match_mixing_lr_mult, batch_size=batch_size,
+                 device=dev)
+    runs = [(init, m) for init in inits for m in ((None, match) if match_steps else (None,))]
+    fits: dict = {}
+    for init, m in runs:
+        label = init + ("+match" if m else "")
+        path = out_dir / label
         if kv_heads is not None:
-            report = convert_loaded(src, tok_dir, kv_heads, init, sel, calib, path, source=model, overwrite=True)
+            report = convert_loaded(src, tok_dir, kv_heads, init, sel, calib, path, source=model, overwrite=True,
+                                    fits=fits, match=m)
         else:
-            fits: dict = {}
             heads, allocation = choose_heads(src, calib, init, sel, kv_budget, sensitivity_tokens, batch_size, dev, fits)
             report = convert_loaded(src, tok_dir, heads, init, "all", calib, path, source=model, overwrite=True,
-                                    allocation=allocation, fits=fits)
+                                    allocation=allocation, fits=fits, match=m)
         kl = heldout_kl(src, load_model(path, dtype=torch.float32), corpus=corpus, split=heldout_split,
                         tokens=heldout_tokens, seq_len=kl_seq_len, batch_size=batch_size, device=dev,
                         tokenizer_dir=tok_dir)
@@ -655,14 +682,17 @@ def compare_inits(model: str, kv_heads: Optional[int] = None, kv_budget: Optiona
             vals = [r[key] for r in comp if r.get(key) is not None]
             return sum(vals) / len(vals) if vals else None
 
-        rows.append({"init": init, "cache_fraction": report["cache_fraction"],
+        rows.append({"init": label, "cache_fraction": report["cache_fraction"],
                      "layer_kv_heads": report["layer_kv_heads"], "k_rel_err": mean("k_rel_err"),
                      "v_rel_err": mean("v_rel_err"), "k_logit_rel_err": mean("k_logit_rel_err"),
-                     "v_out_rel_err": mean("v_out_rel_err"), "kl": kl["kl"], "ppl": kl["ppl"],
+                     "v_out_rel_err": mean("v_out_rel_err"), "out_rel_err_before": mean("out_rel_err_before"),
+                     "out_rel_err_after": mean("out_rel_err_after"), "kl": kl["kl"], "ppl": kl["ppl"],
                      "ppl_original": kl["ppl_original"], "heldout_tokens": kl["n_tokens"]})
         _write_json(out_dir / "inits.json", {"model": model, "kv_heads": kv_heads, "kv_budget": kv_budget,
                                              "layers": layers, "corpus": corpus, "split": heldout_split,
-                                             "calib_tokens": calib.n_tokens, "rows": rows})
+                                             "calib_tokens": calib.n_tokens,
+                                             "match": {k: match[k] for k in ("steps", "lr", "mixing_lr_mult")}
+                                             if match_steps else None, "rows": rows})
     print(inits_table(rows))
     return rows
 
@@ -671,11 +701,14 @@ def inits_table(rows: list[dict]) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    lines = ["| init | cache | K err | V err | logit err | o_proj err | KL (nats/token) | ppl |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| init | cache | K err | V err | logit err | o_proj err | attention output err | KL (nats/token) | ppl |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        out = "-"
+        if r.get("out_rel_err_after") is not None:
+            out = f"{pct(r['out_rel_err_before'])} -> {pct(r['out_rel_err_after'])}"
         lines.append(f"| {r['init']} | {100 * r['cache_fraction']:.0f}% | {pct(r['k_rel_err'])} | {pct(r['v_rel_err'])} | "
-                     f"{pct(r['k_logit_rel_err'])} | {pct(r['v_out_rel_err'])} | {r['kl']:.3f} | {r['ppl']:.2f} |")
+                     f"{pct(r['k_logit_rel_err'])} | {pct(r['v_out_rel_err'])} | {out} | {r['kl']:.3f} | {r['ppl']:.2f} |")
     return "\n".join(lines)
 
 
