@@ -1022,6 +1022,19 @@ def test_matching_lowers_each_layers_held_out_output_error_and_trains_only_what_
     assert err == pytest.approx(rows[1]["out_rel_err_after"], rel=1e-6)
 
 
+def test_matching_without_the_mixing_keeps_a_gqa_conversion_gqa():
+    """mixing_lr_mult 0 trains k_proj and v_proj only: a mean-pool (GQA) conversion keeps its 0/1
+    replication and still gets closer to the original."""
+    from mea.convert.match import match_attention
+
+    src, new, windows = _matching_setup(2)
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    rows = match_attention(src, new, windows, [0, 1], steps=40, lr=3e-3, mixing_lr_mult=0.0, progress=False)
+    assert all(r["out_rel_err_after"] < r["out_rel_err_before"] for r in rows)
+    changed = {k for k, v in new.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("k_proj.weight", "v_proj.weight")}
+
+
 def test_matching_that_makes_a_layer_worse_keeps_the_fit():
     """A learning rate far too high ruins the weights: the held-out error rises, and the layer keeps
     its closed-form fit, bit for bit."""

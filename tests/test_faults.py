@@ -123,6 +123,7 @@ CASES = [
     ("convert", "bad value", ["{run}", "--kv_heads", "1", "--match_steps", "-1"], "match_steps"),
     ("convert", "bad value", ["{run}", "--kv_heads", "1", "--match_steps", "5", "--calib_tokens", "100"], "calib_tokens"),
     ("convert", "bad value", ["{run}", "--kv_heads", "1", "--match_steps", "5", "--match_lr", "0"], "match_lr"),
+    ("convert", "bad value", ["{run}", "--kv_heads", "1", "--match_mixing_lr_mult", "-1"], "match_mixing_lr_mult"),
     ("convert", "bad value", ["{run}", "--kv_budget", "0.5", "--calib_tokens", "0"], "calib_tokens"),
     ("convert", "corrupt checkpoint", ["{bad_run}", "--kv_heads", "1", "--calib_tokens", "0", "--out", "{tmp}/new"],
      "model"),

@@ -515,7 +515,7 @@ def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layer
             out: Optional[str] = None, calib_tokens: int = 65536, calib_seq_len: int = 512,
             calib_text: Optional[str] = None, corpus: str = "prose", batch_size: int = 8, overwrite: bool = False,
             device: str = "auto", kv_budget: Optional[float] = None, sensitivity_tokens: int = 16384,
-            match_steps: int = 0, match_lr: float = 1e-3, match_mixing_lr_mult: float = 10.0) -> dict:
+            match_steps: int = 0, match_lr: float = 3e-3, match_mixing_lr_mult: float = 10.0) -> dict:
     """Compress a pretrained model's KV cache to fewer stored heads per layer (MEA virtual heads).
 
     Each compressed layer stores h' component heads, and every query head reads its own mix of them
@@ -554,7 +554,8 @@ def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layer
             many steps to reproduce the original layer's attention output on the calibration windows
             (``mea.convert.match``; 0: off). Reported per layer as held-out relative errors.
         match_lr: the matching's learning rate of k_proj and v_proj.
-        match_mixing_lr_mult: the mixing matrices' matching learning rate, as a multiple of match_lr.
+        match_mixing_lr_mult: the mixing matrices' matching learning rate, as a multiple of match_lr (0:
+            they stay as fitted, e.g. mean-pool's GQA replication).
 
     Returns:
         The report (also written to OUT/conversion.json).
@@ -580,9 +581,10 @@ def convert(model: str, kv_heads: Optional[int] = None, init: str = "svd", layer
     if match_steps and calib_tokens < 2 * calib_seq_len:
         raise ValueError(f"calib_tokens: matching trains on calibration windows and holds some out; give at least "
                          f"2 windows ({2 * calib_seq_len} tokens), got {calib_tokens}")
-    if not match_lr > 0 or not match_mixing_lr_mult > 0:
-        raise ValueError(f"match_lr: the learning rate and match_mixing_lr_mult must be > 0, got {match_lr} and "
-                         f"{match_mixing_lr_mult}")
+    if not match_lr > 0:
+        raise ValueError(f"match_lr: must be > 0, got {match_lr}")
+    if not match_mixing_lr_mult >= 0:
+        raise ValueError(f"match_mixing_lr_mult: must be >= 0 (0: the mixing stays as fitted), got {match_mixing_lr_mult}")
     if calib_text is not None and not Path(calib_text).is_file():
         raise FileNotFoundError(f"calib_text: {calib_text} is not a file")
     if batch_size < 1:

@@ -71,7 +71,7 @@ def _rel_err(student, teacher, xs: Tensor, a: AttnInputs, batch_size: int, devic
 
 
 def match_attention(original: Transformer, converted: Transformer, windows: Tensor, layers: list[int],
-                    steps: int, lr: float = 1e-3, mixing_lr_mult: float = 10.0, batch_size: int = 8,
+                    steps: int, lr: float = 3e-3, mixing_lr_mult: float = 10.0, batch_size: int = 8,
                     device: Optional[str] = None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Train ``converted``'s compressed ``layers`` (in place) to match ``original``'s attention outputs.
 
@@ -83,7 +83,7 @@ def match_attention(original: Transformer, converted: Transformer, windows: Tens
         steps: optimizer steps per layer (AdamW, no weight decay, cosine decay to zero).
         lr: learning rate of k_proj and v_proj.
         mixing_lr_mult: the mixing matrices' learning rate as a multiple of ``lr`` (their entries are
-            O(1), the projections' O(1 / sqrt(D))).
+            O(1), the projections' O(1 / sqrt(D))); 0 leaves them as they are (a GQA conversion stays GQA).
         batch_size: windows per step.
         device: where it runs (default: where ``converted`` is).
         seed: the order of the windows.
@@ -98,9 +98,10 @@ def match_attention(original: Transformer, converted: Transformer, windows: Tens
 
     if steps < 1:
         raise ValueError(f"match_steps: must be >= 1, got {steps}")
-    if not lr > 0 or not mixing_lr_mult > 0:
-        raise ValueError(f"match_lr: the learning rate and its mixing multiplier must be > 0, got {lr} and "
+    if not lr > 0 or not mixing_lr_mult >= 0:
+        raise ValueError(f"match_lr: the learning rate must be > 0 and its mixing multiplier >= 0, got {lr} and "
                          f"{mixing_lr_mult}")
+    trained = TRAINED if mixing_lr_mult > 0 else TRAINED[:2]
     if windows is None or windows.shape[0] < 2:
         raise ValueError("match_steps: matching needs at least 2 calibration windows (calib_tokens)")
     dev = torch.device(device) if device is not None else next(converted.parameters()).device
@@ -121,13 +122,14 @@ def match_attention(original: Transformer, converted: Transformer, windows: Tens
             train_x, held_x = xs[:-n_hold], xs[-n_hold:]
             before = _rel_err(student, teacher, held_x, a, batch_size, dev)
             named = dict(student.named_parameters())
-            saved = {n: named[n].detach().clone() for n in TRAINED}
+            saved = {n: named[n].detach().clone() for n in trained}
             flags = {n: p.requires_grad for n, p in named.items()}
             for n, p in named.items():
-                p.requires_grad_(n in TRAINED)
-            opt = torch.optim.AdamW([{"params": [named["k_proj.weight"], named["v_proj.weight"]], "lr": lr},
-                                     {"params": [named["k_mix"], named["v_mix"]], "lr": lr * mixing_lr_mult}],
-                                    weight_decay=0.0)
+                p.requires_grad_(n in trained)
+            groups = [{"params": [named["k_proj.weight"], named["v_proj.weight"]], "lr": lr}]
+            if mixing_lr_mult > 0:
+                groups.append({"params": [named["k_mix"], named["v_mix"]], "lr": lr * mixing_lr_mult})
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
             was_training = student.training
             student.train()
@@ -152,7 +154,7 @@ def match_attention(original: Transformer, converted: Transformer, windows: Tens
             kept = after <= before
             if not kept:  # training made the held-out error worse: the closed-form fit stays
                 with torch.no_grad():
-                    for n in TRAINED:
+                    for n in trained:
                         named[n].copy_(saved[n])
             rows.append({"layer": i, "out_rel_err_before": before, "out_rel_err_trained": after,
                          "out_rel_err_after": after if kept else before, "kept": kept})

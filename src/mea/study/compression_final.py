@@ -76,7 +76,8 @@ class Row:
         lr_from: take lr and mixing_lr_mult from what this other row's sweep chose (in the same --out):
             a comparison of data or objective at the settings of a headline row.
         match_steps: attention-output matching after the fit (``mea.convert.match``), steps per compressed
-            layer (0: none); the record's init then reads ``<init>+match``.
+            layer (0: none; gqa: k_proj and v_proj only, the mixing stays GQA's); the record's init then
+            reads ``<init>+match``.
     """
 
     name: str
@@ -142,7 +143,7 @@ def compression_final(model: str, rows: list[Row], out: str = "runs/compression_
                       heldout_tokens: int = 1_048_576, select_tokens: int = 262_144, kl_seq_len: int = 512,
                       tasks: list[str] = list(TASKS), limit: Optional[int] = None, eval_batch_size: int = 32,
                       device: str = "auto", doc: Optional[str] = None, overwrite: bool = False,
-                      match_lr: float = 1e-3, match_mixing_lr_mult: float = 10.0) -> dict:
+                      match_lr: float = 3e-3, match_mixing_lr_mult: float = 10.0) -> dict:
     """Convert, heal and evaluate every row; write the results file (resumable).
 
     Args:
@@ -333,7 +334,7 @@ class _Study:
 
         size = f"kv{row.kv_heads}" if row.kv_heads is not None else f"budget{100 * row.kv_budget:g}"
         layers = "" if row.layers == "all" else "-layers" + row.layers.replace(",", "_")
-        matched = f"-match{row.match_steps}" if row.match_steps else ""
+        matched = f"-match{row.match_steps}{'-frozen' if row.method == 'gqa' else ''}" if row.match_steps else ""
         path = self.out / "convert" / f"{row.init}-{size}{layers}{matched}"
         if (path / REPORT_FILE).is_file() and (path / "config.json").is_file():
             return path
@@ -341,8 +342,8 @@ class _Study:
         sel = parse_layers(row.layers, src.config.n_layers)
         match = None
         if row.match_steps:
-            match = dict(steps=row.match_steps, lr=self.s["match"]["lr"], mixing_lr_mult=self.s["match"]["mixing_lr_mult"],
-                         device=self.device)
+            match = dict(steps=row.match_steps, lr=self.s["match"]["lr"], device=self.device,
+                         mixing_lr_mult=0.0 if row.method == "gqa" else self.s["match"]["mixing_lr_mult"])
         if row.kv_heads is not None:
             convert_loaded(src, self.tok_dir, row.kv_heads, row.init, sel, calib, path, source=self.model,
                            overwrite=True, match=match)
@@ -615,7 +616,7 @@ def compare_inits(model: str, kv_heads: Optional[int] = None, kv_budget: Optiona
                   out: str = "runs/compression_inits", corpus: str = "prose", calib_tokens: int = 65536,
                   calib_seq_len: int = 512, sensitivity_tokens: int = 16384, heldout_split: str = "val",
                   heldout_tokens: int = 65536, kl_seq_len: int = 512, batch_size: int = 8,
-                  device: str = "auto", match_steps: int = 0, match_lr: float = 1e-3,
+                  device: str = "auto", match_steps: int = 0, match_lr: float = 3e-3,
                   match_mixing_lr_mult: float = 10.0) -> list[dict]:
     """KL(original || converted) per token on held-out text before any healing, for each init.
 
