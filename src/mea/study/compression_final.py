@@ -534,10 +534,10 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
+    from ..runtime import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- the table
